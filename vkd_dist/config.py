@@ -1,0 +1,392 @@
+"""One typed configuration tree: dataclasses, loaded from YAML, `key=value` overrides, validated up front.
+
+Load order: dataclass defaults -> `configs/default.yaml` (or --config FILE, which may `include:` others)
+-> command-line overrides. `validate()` runs before any data or model is built, and the resolved tree is
+written as `config.yaml` into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what was expected."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the synthetic corpus built when `data.path` is missing and `data.build_synthetic`."""
+
+    num_train: int = 2000
+    num_val: int = 400
+    num_test: int = 600
+    image_size: int = 128
+    seed: int = 0
+    lesion_contrast: float = 1.0
+    noise: float = 1.0
+    label_noise: float = 0.05
+    prevalence_scale: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    path: str = "data_cache/synthetic-default"
+    build_synthetic: bool = True  # build the synthetic corpus at `path` if it is not there yet
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int = 128  # model input side; shards are pre-resized, this resizes again if different
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    shuffle_buffer: int = 500
+    samples_per_epoch: Optional[int] = None  # virtual epoch length; None = the split's sample count
+    max_text_len: int = 128
+    uncertain: str = "ignore"  # what -1 labels become: ignore (masked) | ones | zeros
+    missing: str = "mask"  # what unmentioned labels become: mask | negative
+    augment: bool = True
+    hflip: bool = False  # off by default: laterality matters in chest X-rays
+    max_rotate_deg: float = 5.0
+    max_translate: float = 0.03
+    scale_range: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    text_features: Optional[str] = None  # sidecar of precomputed text-encoder outputs (frozen-text fast path)
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: str = "vit_small_patch16_224"  # any timm model name
+    image_encoder_kwargs: dict = field(default_factory=dict)  # e.g. depth/embed_dim for tiny ViTs
+    image_weights: Optional[str] = None  # local weights file (.safetensors/.pth/.bin); None = random init
+    in_chans: int = 1  # 1 = grayscale stem; 3 = repeat the channel on the device
+    text_encoder: str = "tiny-bert"  # "tiny-bert" (random init from text_config) or a local HF directory
+    text_config: dict = field(default_factory=dict)  # BertConfig fields for tiny-bert
+    tokenizer: Optional[str] = None  # local tokenizer dir; None = the text_encoder dir, or built from reports
+    vocab_size: int = 3000  # WordPiece vocabulary built from training reports when no tokenizer is given
+    text_pooling: str = "cls"  # cls | mean
+    freeze_text: bool = False
+    text_trainable_layers: Optional[int] = None  # train only the top N layers of the text encoder
+    gradient_checkpointing: bool = False
+    latent_dim: int = 64
+    hidden_dim: int = 256
+    posterior: str = "text"  # q(z|t) = text | q(z|x,t) = image_text
+    num_samples: int = 4  # K Monte Carlo samples of z during training
+    inference: str = "prior_mean"  # prior_mean | mc (mean probability over K prior samples, with spread)
+    dropout: float = 0.1
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "vkd"  # vkd | image_only | text_only | kd
+    beta: float = 1.0
+    beta_schedule: str = "warmup"  # constant | warmup | cyclical
+    beta_warmup_steps: int = 100
+    beta_cycle_steps: int = 500
+    beta_cycle_ramp: float = 0.5  # fraction of each cycle spent ramping up
+    prior_bce_weight: float = 1.0  # BCE on z from the prior, so the deployed path is trained directly
+    pos_weight: Optional[list] = None  # per-label BCE pos_weight (14 floats) or None
+    kd_teacher: Optional[str] = None  # run dir or checkpoint of a text_only run (objective=kd)
+    kd_alpha: float = 0.5
+    kd_temperature: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    seed: int = 0
+    eval_every: int = 200
+    eval_max_batches: Optional[int] = None
+    ckpt_every: int = 200
+    keep_last: int = 2
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
+    compile: bool = False
+    test_at_end: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800
+    zero_stage: Optional[int] = None  # DeepSpeed ZeRO stage when launched with DeepSpeed; None = from the launcher
+    offload_optimizer: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    log_every: int = 20
+    progress: bool = True
+    log_report_text: bool = False  # reports are patient data: never logged unless asked for
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    resume: Optional[str] = None  # None | latest | a checkpoint directory
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.uncertain": ("ignore", "ones", "zeros"),
+    "data.missing": ("mask", "negative"),
+    "model.text_pooling": ("cls", "mean"),
+    "model.posterior": ("text", "image_text"),
+    "model.inference": ("prior_mean", "mc"),
+    "objective.name": ("vkd", "image_only", "text_only", "kd"),
+    "objective.beta_schedule": ("constant", "warmup", "cyclical"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "data.synthetic.num_train", "data.synthetic.image_size", "data.image_size", "data.batch_size",
+    "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
+    "model.num_samples", "model.vocab_size", "optim.grad_accum", "train.max_steps", "train.eval_every",
+    "train.ckpt_every", "train.keep_last", "logging.log_every",
+)
+
+
+# --------------------------------------------------------------------------- conversion
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(base, '__name__', base)})")
+    if _is_dataclass_type(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(base, value, key)
+    origin = typing.get_origin(base) or base
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} ({where} allows: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("image_encoder_kwargs", "text_config"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    merged: dict = {}
+    for inc in raw.pop("include", []) or []:
+        merged = _deep_merge(merged, _read_yaml((path.parent / inc), seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(text) if text.strip() else None
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any, cls: type = Config) -> None:
+    node, node_cls = tree, cls
+    for i, part in enumerate(parts):
+        key = ".".join(parts[: i + 1])
+        fields = {f.name: f for f in dataclasses.fields(node_cls)} if node_cls else {}
+        if node_cls and part not in fields:
+            parent = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown key {key} ({parent} allows: {', '.join(sorted(fields))})")
+        ftype = _unwrap_optional(typing.get_type_hints(node_cls)[part])[0] if node_cls else None
+        last = i == len(parts) - 1
+        if last:
+            # `objective=image_only`: a scalar given for a section with a `name` field sets that name.
+            if _is_dataclass_type(ftype) and not isinstance(value, dict):
+                if "name" not in {f.name for f in dataclasses.fields(ftype)}:
+                    raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.<key>=value")
+                node.setdefault(part, {})["name"] = value
+            elif _is_dataclass_type(ftype) and isinstance(value, dict):
+                node[part] = _deep_merge(node.get(part, {}) or {}, value)
+            else:
+                node[part] = value
+            return
+        if _is_dataclass_type(ftype):
+            node = node.setdefault(part, {})
+            node_cls = ftype
+        else:  # free-form dict field (e.g. model.text_config.hidden_size=128)
+            sub = node.get(part)
+            if sub is None:
+                sub = node[part] = {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{key} is not a mapping")
+            node, node_cls = sub, None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file (default: configs/default.yaml) <- key=value overrides; then validated."""
+    raw = _deep_merge(to_dict(Config()), _read_yaml(Path(path) if path else DEFAULT_CONFIG))
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        _apply_override(raw, parts, value)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(allowed)})")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value!r} must be positive")
+    for key in ("data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "optim.warmup_steps",
+                "objective.beta", "objective.prior_bce_weight", "optim.weight_decay", "data.shuffle_buffer"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if not 0.0 <= cfg.objective.kd_alpha <= 1.0:
+        raise ConfigError(f"objective.kd_alpha={cfg.objective.kd_alpha} must be in [0, 1]")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers")
+    if cfg.model.in_chans not in (1, 3):
+        raise ConfigError(f"model.in_chans={cfg.model.in_chans} is not allowed (allowed: 1, 3)")
+    if cfg.objective.pos_weight is not None and len(cfg.objective.pos_weight) != 14:
+        raise ConfigError(f"objective.pos_weight must list 14 numbers (one per CheXpert label), got {len(cfg.objective.pos_weight)}")
+    if cfg.objective.name == "kd" and not cfg.objective.kd_teacher:
+        raise ConfigError("objective.kd_teacher must name a text_only run directory or checkpoint when objective=kd")
+    if cfg.objective.kd_teacher and not Path(cfg.objective.kd_teacher).exists():
+        raise ConfigError(f"objective.kd_teacher={cfg.objective.kd_teacher}: no such file or directory")
+    if cfg.model.text_trainable_layers is not None and cfg.model.text_trainable_layers < 0:
+        raise ConfigError("model.text_trainable_layers must be >= 0 or null")
+    if cfg.model.image_weights and not Path(cfg.model.image_weights).is_file():
+        raise ConfigError(f"model.image_weights={cfg.model.image_weights}: no such file")
+    if cfg.model.text_encoder != "tiny-bert" and not Path(cfg.model.text_encoder).is_dir():
+        raise ConfigError(
+            f"model.text_encoder={cfg.model.text_encoder!r}: expected 'tiny-bert' or a local Hugging Face "
+            "model directory (nothing is downloaded)")
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={cfg.model.tokenizer}: no such directory")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: expected null, 'latest' or a checkpoint directory")
+    data = Path(cfg.data.path)
+    if not (data / "dataset.json").is_file() and not cfg.data.build_synthetic:
+        raise ConfigError(f"data.path={cfg.data.path}: no dataset.json there (convert data with vkd-data first)")
+    if cfg.data.text_features and not Path(cfg.data.text_features).exists():
+        raise ConfigError(f"data.text_features={cfg.data.text_features}: not found (make it with vkd-data embed-text)")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A saved run's config; checked for shape and types only, since its paths may have moved."""
+    return _build(Config, _deep_merge(to_dict(Config()), raw))

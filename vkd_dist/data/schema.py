@@ -1,0 +1,159 @@
+"""The shard sample schema and dataset.json, shared by every writer (synthetic, converters) and reader.
+
+A sample in a shard tar is three members with one key:
+  <key>.jpg   8-bit grayscale image, pre-resized at shard time. JPEG (quality 95) by default: measured here it
+              decodes ~3x faster than PNG at 256 px (0.23 ms vs 0.62-0.73 ms) and is ~25% smaller; sources such
+              as MIMIC-CXR-JPG are JPEG already. `.png` (lossless) is accepted everywhere as an alternative.
+  <key>.txt   the report text (normalised, UTF-8)
+  <key>.json  {"labels": {<CheXpert name>: 1|0|-1|null, ...}, "patient_id", "study_id", "view", "source", ...}
+Shards live at DIR/<split>/shard-000000.tar; DIR/dataset.json describes them; DIR/rejects.csv lists
+every item a writer skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from vkd_dist.labels import LABELS, check_label_dict
+
+SCHEMA_VERSION = 1
+IMAGE_KEYS = ("jpg", "png")
+SPLITS = ("train", "val", "test")
+JPEG_QUALITY = 95
+
+
+@dataclass
+class Record:
+    """One paired image-report sample, before encoding into a shard."""
+
+    key: str
+    image: np.ndarray  # uint8 [H, W]
+    text: str
+    labels: dict  # CheXpert name -> 1 | 0 | -1 | None
+    patient_id: str
+    study_id: str
+    view: str = ""
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def meta(self) -> dict:
+        return {"labels": check_label_dict(self.labels, where=self.key), "patient_id": str(self.patient_id),
+                "study_id": str(self.study_id), "view": self.view, "source": self.source, **self.extra}
+
+
+@dataclass
+class Reject:
+    """An item a writer could not turn into a sample; it goes into rejects.csv, never silently away."""
+
+    split: str
+    item_id: str
+    reason: str
+    path: str = ""
+
+
+def encode_image(image: np.ndarray, fmt: str = "jpg") -> bytes:
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"expected a uint8 [H, W] grayscale image, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    pil = Image.fromarray(image)
+    if fmt == "jpg":
+        pil.save(buf, "JPEG", quality=JPEG_QUALITY)
+    elif fmt == "png":
+        pil.save(buf, "PNG", compress_level=6)
+    else:
+        raise ValueError(f"unknown image format {fmt!r} (jpg, png)")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Shard image bytes -> uint8 [H, W]. Raises on undecodable data (the reader counts and skips)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode != "L":
+            img = img.convert("L")
+        return np.asarray(img)
+
+
+def to_sample(record: Record, fmt: str = "jpg") -> dict:
+    return {"__key__": record.key, fmt: encode_image(record.image, fmt), "txt": record.text.encode("utf-8"),
+            "json": json.dumps(record.meta(), sort_keys=True).encode("utf-8")}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def empty_label_counts() -> dict:
+    return {name: {"1": 0, "0": 0, "-1": 0, "null": 0} for name in LABELS}
+
+
+def add_label_counts(counts: dict, labels: dict) -> None:
+    for name in LABELS:
+        value = labels.get(name)
+        counts[name]["null" if value is None else str(int(value))] += 1
+
+
+def prevalence(counts: dict, num_samples: int) -> dict:
+    """Fraction of samples labelled positive, per label (uncertain and missing are not positive)."""
+    return {name: (c["1"] / num_samples if num_samples else 0.0) for name, c in counts.items()}
+
+
+def write_dataset_json(out_dir: Path, splits: dict, rejects: int, params: dict, source: str,
+                       label_counts: dict, rejects_by_reason: Optional[dict] = None) -> dict:
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "labels": list(LABELS),
+        "splits": splits,
+        "prevalence": {s: prevalence(label_counts[s], splits[s]["num_samples"]) for s in splits},
+        "label_counts": label_counts,
+        "rejects": rejects,
+        "rejects_by_reason": rejects_by_reason or {},
+        "params": params,
+    }
+    tmp = out_dir / "dataset.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False))
+    os.replace(tmp, out_dir / "dataset.json")
+    return meta
+
+
+@dataclass
+class DatasetInfo:
+    root: Path
+    meta: dict
+
+    def shards(self, split: str) -> list[str]:
+        return [str(self.root / split / s["name"]) for s in self.split(split)["shards"]]
+
+    def num_samples(self, split: str) -> int:
+        return int(self.split(split)["num_samples"])
+
+    def split(self, split: str) -> dict:
+        if split not in self.meta["splits"]:
+            raise KeyError(f"{self.root / 'dataset.json'}: no split {split!r} "
+                           f"(has: {', '.join(self.meta['splits'])})")
+        return self.meta["splits"][split]
+
+
+def read_dataset(root: str | Path) -> DatasetInfo:
+    root = Path(root)
+    path = root / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; make shards with `vkd-data synthetic|mimic-cxr|openi|manifest`")
+    try:
+        meta: Any = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    for key in ("labels", "splits"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key {key!r}")
+    if list(meta["labels"]) != list(LABELS):
+        raise ValueError(f"{path}: 'labels' must be the 14 CheXpert names in order, got {meta['labels']}")
+    return DatasetInfo(root, meta)

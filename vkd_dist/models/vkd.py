@@ -1,0 +1,126 @@
+"""The VKD model: prior p(z|x) from the image, posterior q(z|t) or q(z|x,t) from the report, one classifier
+p(y|z) shared by both paths. Diagonal Gaussians, reparameterised samples, analytic KL(q || p).
+
+Image-only prediction (`predict`) takes images alone: the deployed model never sees a report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vkd_dist.labels import NUM_LABELS
+
+
+@dataclass
+class Gaussian:
+    mu: torch.Tensor  # [B, D]
+    logvar: torch.Tensor  # [B, D]; log sigma^2 (never used as a standard deviation)
+
+    def sample(self, k: int) -> torch.Tensor:
+        """K reparameterised samples [K, B, D]: mu + exp(logvar / 2) * eps."""
+        eps = torch.randn((k, *self.mu.shape), dtype=self.mu.dtype, device=self.mu.device)
+        return self.mu + torch.exp(0.5 * self.logvar) * eps
+
+
+def kl_diag_gaussians(q: Gaussian, p: Gaussian) -> torch.Tensor:
+    """KL(q || p) per sample [B], summed over latent dimensions, computed in fp32."""
+    mq, lq, mp, lp = (t.float() for t in (q.mu, q.logvar, p.mu, p.logvar))
+    return 0.5 * (lp - lq + (lq.exp() + (mq - mp) ** 2) / lp.exp() - 1.0).sum(-1)
+
+
+@dataclass
+class VKDOutput:
+    prior: Optional[Gaussian] = None
+    posterior: Optional[Gaussian] = None
+    post_logits: Optional[torch.Tensor] = None  # [K, B, 14] from z ~ q
+    prior_logits: Optional[torch.Tensor] = None  # [K, B, 14] from z ~ p (or [1, B, 14] from the prior mean)
+
+
+class GaussianHead(nn.Module):
+    """features -> (mu, logvar) of a diagonal Gaussian."""
+
+    def __init__(self, in_dim: int, hidden: int, latent: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.mu = nn.Linear(hidden, latent)
+        self.logvar = nn.Linear(hidden, latent)
+        nn.init.zeros_(self.logvar.weight)
+        nn.init.constant_(self.logvar.bias, -2.0)  # start with small variance so early samples are informative
+
+    def forward(self, features: torch.Tensor) -> Gaussian:
+        h = self.net(features)
+        return Gaussian(self.mu(h), self.logvar(h).clamp(-10.0, 10.0))
+
+
+class VKDModel(nn.Module):
+    """`image_encoder` / `text_encoder` map inputs to feature vectors; either may be None for baselines."""
+
+    def __init__(self, image_encoder: Optional[nn.Module], text_encoder: Optional[nn.Module], *, latent_dim: int,
+                 hidden_dim: int, posterior: str = "text", dropout: float = 0.1, text_dim: Optional[int] = None):
+        super().__init__()
+        self.image_encoder, self.text_encoder, self.posterior_kind = image_encoder, text_encoder, posterior
+        img_dim = image_encoder.out_dim if image_encoder is not None else 0
+        txt_dim = text_encoder.out_dim if text_encoder is not None else (text_dim or 0)
+        self.prior_head = GaussianHead(img_dim, hidden_dim, latent_dim, dropout) if image_encoder is not None else None
+        if txt_dim:
+            post_in = txt_dim + (img_dim if posterior == "image_text" else 0)
+            self.posterior_head = GaussianHead(post_in, hidden_dim, latent_dim, dropout)
+        else:
+            self.posterior_head = None
+        self.classifier = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, NUM_LABELS))
+
+    # -- the two paths --------------------------------------------------------------------------------
+    def prior(self, image: torch.Tensor) -> tuple[Gaussian, torch.Tensor]:
+        feats = self.image_encoder(image)
+        return self.prior_head(feats), feats
+
+    def posterior(self, input_ids=None, attention_mask=None, image_features=None, text_features=None) -> Gaussian:
+        if text_features is None:
+            text_features = self.text_encoder(input_ids, attention_mask)
+        text_features = text_features.to(self.classifier[0].weight.dtype)
+        if self.posterior_kind == "image_text":
+            text_features = torch.cat([text_features, image_features], dim=-1)
+        return self.posterior_head(text_features)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(z)
+
+    # -- training forward -----------------------------------------------------------------------------
+    def forward(self, batch, mode: str = "vkd", num_samples: int = 1) -> VKDOutput:
+        """mode: vkd (both paths, K samples each) | image (prior mean) | text (posterior mean)."""
+        if mode == "image":
+            p, _ = self.prior(batch.image)
+            return VKDOutput(prior=p, prior_logits=self.classify(p.mu)[None])
+        if mode == "text":
+            q = self.posterior(batch.input_ids, batch.attention_mask, text_features=batch.text_features)
+            return VKDOutput(posterior=q, post_logits=self.classify(q.mu)[None])
+        p, img_feats = self.prior(batch.image)
+        q = self.posterior(batch.input_ids, batch.attention_mask, img_feats, batch.text_features)
+        return VKDOutput(prior=p, posterior=q, post_logits=self.classify(q.sample(num_samples)),
+                         prior_logits=self.classify(p.sample(num_samples)))
+
+    # -- deployment -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor, mode: str = "prior_mean", num_samples: int = 16):
+        """Image-only probabilities [B, 14] and, for mode='mc', their spread over K prior samples."""
+        p, _ = self.prior(image)
+        if mode == "prior_mean":
+            return torch.sigmoid(self.classify(p.mu).float()), None
+        probs = torch.sigmoid(self.classify(p.sample(num_samples)).float())
+        return probs.mean(0), probs.std(0)
+
+    @torch.no_grad()
+    def predict_text(self, input_ids, attention_mask, text_features=None):
+        """Report-only probabilities (the text_only teacher / upper bound)."""
+        q = self.posterior(input_ids, attention_mask, text_features=text_features)
+        return torch.sigmoid(self.classify(q.mu).float()), None
+
+    def deploy_state_dict(self) -> dict:
+        """The deployable part: image encoder, prior head and classifier; everything for a text-only model."""
+        if self.image_encoder is None:
+            return self.state_dict()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("text_encoder.", "posterior_head."))}

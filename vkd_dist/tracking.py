@@ -1,0 +1,76 @@
+"""Run logging: TensorBoard scalars/hparams under the run directory, console lines and a progress bar on
+rank 0 only. Report text is never logged unless `logging.log_report_text` is set (reports are patient data)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+
+class RunLogger:
+    def __init__(self, cfg, is_main: bool, total_steps: int, initial_step: int = 0):
+        self.is_main = is_main
+        self.cfg = cfg
+        self.writer = None
+        self.bar: Optional[tqdm] = None
+        if not is_main:
+            return
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(cfg.run_dir) / "tensorboard"))
+        if cfg.logging.progress:
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if v is not None:
+                self.writer.add_scalar(f"{prefix}{k}", float(v), step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.writer is not None:
+            clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+            self.writer.add_hparams(clean, {k: v for k, v in metrics.items() if v is not None},
+                                    run_name="hparams")
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+class Throughput:
+    """Samples/s and the fraction of wall time spent waiting for data, over a logging window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.samples = 0
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"samples_per_s": self.samples / elapsed, "data_wait_frac": self.wait / elapsed}
+        self.reset()
+        return out

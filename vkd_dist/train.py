@@ -1,0 +1,232 @@
+"""`accelerate launch -m vkd_dist.train [--config F] [key=value ...]` (or `python -m vkd_dist.train`, `vkd-train`).
+
+build -> (resume) -> for step: batches -> loss terms -> backward -> optimizer step -> log -> maybe eval ->
+maybe checkpoint -> maybe stop (preemption) ; then export the image-only model and evaluate on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import set_seed
+
+from vkd_dist import checkpoint
+from vkd_dist.config import Config, ConfigError, load_config, save_config
+from vkd_dist.data.pipeline import train_loader
+from vkd_dist.data.schema import read_dataset
+from vkd_dist.distributed import build_accelerator
+from vkd_dist.evaluate import evaluate, load_teacher
+from vkd_dist.metrics import format_table
+from vkd_dist.models.build import build_model
+from vkd_dist.objectives import Objective, lr_lambda
+from vkd_dist.prepare import ensure_dataset, resolve_tokenizer
+from vkd_dist.tracking import RunLogger, Throughput
+
+
+@dataclass
+class TrainResult:
+    step: int
+    preempted: bool = False
+    val: Optional[dict] = None
+    test: Optional[dict] = None
+    run_dir: str = ""
+    checkpoints: list = field(default_factory=list)
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 (SLURM's preemption and time-limit signals); agreed on by all ranks at
+    a step boundary so that they checkpoint together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, install: bool = True):
+        self.requested = False
+        self._previous = {}
+        if install:
+            for sig in self.SIGNALS:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    break
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def _batches(stream, epoch: int, skip: int):
+    """(epoch, index-in-epoch, batch) forever, starting `skip` batches into `epoch`."""
+    while True:
+        index = skip
+        for batch in stream.epoch(epoch, skip):
+            index += 1
+            yield epoch, index, batch
+        epoch, skip = epoch + 1, 0
+
+
+def train(cfg: Config, stop: Optional[StopRequest] = None) -> TrainResult:
+    accelerator = build_accelerator(cfg)
+    run_dir = Path(cfg.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
+
+    # -- data, tokenizer, model -------------------------------------------------------------------------
+    info = ensure_dataset(cfg, accelerator)
+    tokenizer = resolve_tokenizer(cfg, info, accelerator)
+    model = build_model(cfg, len(tokenizer))
+    teacher = load_teacher(cfg, accelerator.device) if cfg.objective.name == "kd" else None
+    objective = Objective(cfg.objective, cfg.model.num_samples, teacher)
+    optimizer = _optimizer(model, cfg)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = lr_lambda(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
+                          accelerator.num_processes, cfg.train.seed)
+
+    # -- resume ------------------------------------------------------------------------------------------
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_macro_auroc": None, "samples": 0}
+    ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume)
+    if ckpt is not None:
+        state.update(checkpoint.load(accelerator, ckpt))
+    step = state["step"]
+    log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, step)
+    if ckpt is not None:
+        log.info(f"resumed from {ckpt} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
+    log.info(f"run {run_dir} | objective {cfg.objective.name} | {accelerator.num_processes} process(es) on "
+             f"{accelerator.device} | {stream.batches_per_epoch} batches/epoch/rank | "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    stop = stop or StopRequest(install=True)
+    batches = _batches(stream, state["epoch"], state["batch_in_epoch"])
+    meter, skipped_by_worker, result = Throughput(), {}, TrainResult(step=step, run_dir=str(run_dir))
+    model.train()
+
+    def save_checkpoint() -> None:
+        path = checkpoint.save(accelerator, run_dir, step, state, cfg.train.keep_last)
+        result.checkpoints.append(str(path))
+
+    while step < cfg.train.max_steps:
+        for group in optimizer.param_groups:  # the schedule is a function of the step: nothing to resume
+            group["lr"] = cfg.optim.lr * schedule(step)
+        terms_sum: dict[str, float] = {}
+        grad_norm = None
+        for _ in range(cfg.optim.grad_accum):
+            t0 = time.perf_counter()
+            state["epoch"], state["batch_in_epoch"], batch = next(batches)
+            meter.wait += time.perf_counter() - t0
+            skipped_by_worker[batch.worker] = batch.skipped
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(model):
+                terms = objective(model, batch, step)
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+            meter.samples += len(batch) * accelerator.num_processes
+        step += 1
+        state["step"], state["samples"] = step, state["samples"] + cfg.data.batch_size * cfg.optim.grad_accum * accelerator.num_processes
+        if not math.isfinite(terms_sum["loss"]):
+            raise FloatingPointError(f"loss is {terms_sum['loss']} at step {step}; lower optim.lr or check the data")
+        log.advance(1, loss=terms_sum["loss"])
+
+        if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
+            scalars = {**terms_sum, "lr": optimizer.param_groups[0]["lr"], **meter.summary(),
+                       "skipped_samples": sum(skipped_by_worker.values())}
+            if grad_norm is not None:
+                scalars["grad_norm"] = float(grad_norm)
+            log.scalars(step, scalars, "train/")
+            log.info(f"step {step:>6} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            report = evaluate(model, cfg, info, cfg.data.val_split, tokenizer, accelerator, cfg.train.eval_max_batches)
+            model.train()
+            result.val = report
+            log.scalars(step, {"macro_auroc": report["macro_auroc"], "micro_auroc": report["micro_auroc"],
+                               "macro_auroc_chexpert5": report["macro_auroc_chexpert5"]}, "val/")
+            log.scalars(step, report["auroc"], "val_auroc/")
+            log.info(f"step {step:>6} val macro AUROC {report['macro_auroc']}")
+            best = state["best_macro_auroc"]
+            if report["macro_auroc"] is not None and (best is None or report["macro_auroc"] > best):
+                state["best_macro_auroc"] = report["macro_auroc"]
+                checkpoint.export_image_model(accelerator, model, run_dir / "best",
+                                              {"step": step, "val": report, "objective": cfg.objective.name})
+        stop_now = stop.agreed(accelerator)
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or stop_now:
+            save_checkpoint()
+        if stop_now:
+            log.info(f"stop requested: checkpointed at step {step}; resume with resume=latest")
+            result.preempted = True
+            break
+
+    result.step = step
+    if not result.preempted:
+        checkpoint.export_image_model(accelerator, model, run_dir / "final",
+                                      {"step": step, "objective": cfg.objective.name})
+        if cfg.train.test_at_end:
+            result.test = evaluate(model, cfg, info, cfg.data.test_split, tokenizer, accelerator)
+            log.scalars(step, {"macro_auroc": result.test["macro_auroc"]}, "test/")
+            log.hparams({"objective": cfg.objective.name, "lr": cfg.optim.lr, "beta": cfg.objective.beta,
+                         "latent_dim": cfg.model.latent_dim, "seed": cfg.train.seed, "max_steps": cfg.train.max_steps},
+                        {"hparam/test_macro_auroc": result.test["macro_auroc"],
+                         "hparam/val_macro_auroc": (result.val or {}).get("macro_auroc")})
+            if accelerator.is_main_process:
+                (run_dir / "test_metrics.json").write_text(json.dumps(result.test, indent=2))
+                log.info(f"test split ({cfg.data.test_split}), image-only inference:\n" + format_table(result.test))
+    log.close()
+    stop.restore()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
+    parser = argparse.ArgumentParser(prog="vkd-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 objective=image_only")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"vkd-train: config error: {exc}", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    return 0 if result.step >= cfg.train.max_steps or result.preempted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
