@@ -15,6 +15,7 @@ its worker's running count, which the trainer reports.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -191,9 +192,8 @@ class _TrainSamples:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         wid, nw = _worker()
-        epoch, skip_total = self.position.epoch.value, self.position.skip_batches.value
-        # DataLoader takes batches from workers in turn; this worker made ceil((skip - wid) / nw) of them.
-        skip = max(0, math.ceil((skip_total - wid) / nw)) * self.batch_size
+        epoch = self.position.epoch.value
+        skip = self.position.skip_batches.value // nw * self.batch_size  # whole rounds: see TrainStream.epoch
         if self.shuffle_buffer > 1:
             src = _shuffle(src, self.shuffle_buffer, min(self.shuffle_buffer, 100),
                            rng=random.Random(f"{self.seed}-{epoch}-{self.rank}-{wid}"))
@@ -214,10 +214,10 @@ def _augment_from(cfg) -> Augment:
                    cfg.brightness, cfg.contrast, cfg.hflip)
 
 
-def _loader(pipeline, num_workers: int, nbatches: Optional[int] = None) -> torch.utils.data.DataLoader:
-    if nbatches is not None:
-        pipeline = pipeline.with_epoch(nbatches=nbatches)
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+def _loader(pipeline, num_workers: int) -> torch.utils.data.DataLoader:
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's
+    # dropout and latent samples would drift from an uninterrupted run's.
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator(),
                          persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
                          prefetch_factor=4 if num_workers > 0 else None)
 
@@ -228,10 +228,22 @@ class TrainStream:
     position: StreamPosition
     batches_per_epoch: int  # per rank; identical on every rank
 
-    def epoch(self, epoch: int, skip_batches: int = 0):
-        """Iterate one epoch's batches (after skipping `skip_batches` already consumed)."""
-        self.position.set(epoch, skip_batches)
-        return self.loader
+    workers: int = 1
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+        """One epoch's batches, after the first `skip_batches` (already consumed by a resumed run).
+
+        DataLoader takes batches from the workers in turn, starting with worker 0, so workers skip whole
+        rounds cheaply before decoding and the last partial round is decoded and dropped here."""
+        whole = skip_batches // self.workers * self.workers
+        self.position.set(epoch, whole)
+        batches = iter(self.loader)
+        for _ in range(skip_batches - whole):
+            next(batches)
+        return batches
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
 
 
 def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
@@ -250,8 +262,20 @@ def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, w
         _TrainSamples(seed, rank, cfg.batch_size, cfg.shuffle_buffer, _augment_from(cfg), position),
         wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing),
                     partial=False),
+        _EpochBatches(per_worker, position),
     )
-    return TrainStream(_loader(pipeline, cfg.num_workers, per_worker), position, per_worker * workers)
+    return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers)
+
+
+class _EpochBatches:
+    """This worker's share of an epoch: `per_worker` batches, less the rounds a resumed run skipped."""
+
+    def __init__(self, per_worker: int, position: StreamPosition):
+        self.per_worker, self.position = per_worker, position
+
+    def __call__(self, src: Iterator[Batch]) -> Iterator[Batch]:
+        _, nw = _worker()
+        yield from itertools.islice(src, self.per_worker - self.position.skip_batches.value // nw)
 
 
 class _EvalShards(IterableDataset):

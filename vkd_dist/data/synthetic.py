@@ -406,5 +406,6 @@ def build_synthetic(out: str | Path, num_train: int, num_val: int, num_test: int
         results[split] = write_split(out, split, jobs, make_record, samples_per_shard=samples_per_shard,
                                      workers=workers, fmt=fmt, progress=progress,
                                      fingerprint=json.dumps(params, sort_keys=True))
-    return finish_dataset(out, results, {**params, **counts, "samples_per_shard": samples_per_shard},
+    sizes = {f"num_{split}": n for split, n in counts.items()}
+    return finish_dataset(out, results, {**params, **sizes, "samples_per_shard": samples_per_shard},
                           source="synthetic")

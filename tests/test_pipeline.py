@@ -1,0 +1,134 @@
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vkd_dist.config import DataConfig
+from vkd_dist.data import pipeline
+from vkd_dist.data.pipeline import eval_loader, train_loader
+from vkd_dist.data.schema import read_dataset
+from vkd_dist.labels import LABELS
+from vkd_dist.models.encoders import report_texts, train_wordpiece
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_data, tmp_path_factory):
+    info = read_dataset(tiny_data)
+    return train_wordpiece(report_texts(info.shards("train")), 300, tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def _cfg(**kw):
+    base = dict(image_size=48, batch_size=8, eval_batch_size=7, num_workers=2, shuffle_buffer=16, max_text_len=64)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_batch_shapes_and_dtypes(tiny_data, tokenizer):
+    stream = train_loader(read_dataset(tiny_data), "train", _cfg(num_workers=0), tokenizer)
+    batch = next(iter(stream.epoch(0)))
+    assert batch.image.dtype == torch.uint8 and tuple(batch.image.shape) == (8, 1, 48, 48)
+    assert batch.input_ids.dtype == torch.long and batch.input_ids.shape == batch.attention_mask.shape
+    assert batch.input_ids.shape[1] <= 64 and (batch.input_ids[:, 0] == tokenizer.cls_token_id).all()
+    assert batch.targets.shape == (8, 14) and batch.targets.dtype == torch.float32
+    assert batch.target_mask.dtype == torch.bool
+    assert (batch.targets[~batch.target_mask] == 0).all()
+    assert len(batch.keys) == 8
+
+
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 1), (1, 3)])
+def test_eval_stream_sees_every_sample_exactly_once(tiny_data, tokenizer, world, workers):
+    info = read_dataset(tiny_data)
+    seen = Counter()
+    for split in ("train", "val"):  # train: 4 shards (enough for 2x2); val: 1 shard (sample-level split)
+        seen.clear()
+        for rank in range(world):
+            for batch in eval_loader(info, split, _cfg(num_workers=workers), tokenizer, rank, world):
+                seen.update(batch.keys)
+        assert len(seen) == info.num_samples(split)
+        assert set(seen.values()) == {1}
+
+
+def test_every_rank_gets_the_same_number_of_steps_with_uneven_shards(tiny_data, tokenizer):
+    info = read_dataset(tiny_data)  # train shards hold 32, 32, 32 and 4 samples
+    counts, keys = [], []
+    for rank in range(2):
+        stream = train_loader(info, "train", _cfg(), tokenizer, rank=rank, world=2, seed=5)
+        for epoch in range(2):
+            batches = list(stream.epoch(epoch))
+            counts.append(len(batches))
+            keys.append([k for b in batches for k in b.keys])
+    assert len(set(counts)) == 1 and counts[0] == stream.batches_per_epoch
+    assert counts[0] * 8 * 2 >= 100  # a virtual epoch covers the split
+    assert keys[0] != keys[1]  # epochs are reshuffled
+    assert set(keys[0]).isdisjoint(keys[2]) or len(set(keys[0]) & set(keys[2])) < len(keys[0]) // 2
+
+
+def test_train_stream_is_deterministic_and_resumes_exactly(tiny_data, tokenizer):
+    info = read_dataset(tiny_data)
+    cfg = _cfg()
+
+    def run(skip):
+        stream = train_loader(info, "train", cfg, tokenizer, rank=0, world=1, seed=9)
+        return list(stream.epoch(1, skip))
+
+    full, again, tail = run(0), run(0), run(3)
+    assert [b.keys for b in full] == [b.keys for b in again]
+    assert [b.keys for b in tail] == [b.keys for b in full[3:]]
+    for a, b in zip(tail, full[3:]):  # the augmentation is seeded by stream position too
+        assert torch.equal(a.image, b.image)
+
+
+def _write_bad_shard(path: Path, good_from: Path):
+    """A tar with good samples, an undecodable image, bad json, a sample without an image, then a cut-off end."""
+    with tarfile.open(good_from) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()[:9]]  # 3 good samples
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for m, data in members:
+            add(tf, m.name, data)
+        good_json = members[2][1] if members[2][0].name.endswith("json") else members[1][1]
+        add(tf, "bad-img.jpg", b"\xff\xd8 not a jpeg")
+        add(tf, "bad-img.txt", b"report")
+        add(tf, "bad-img.json", good_json)
+        add(tf, "bad-json.jpg", members[0][1])
+        add(tf, "bad-json.txt", b"report")
+        add(tf, "bad-json.json", b"{not json")
+        add(tf, "no-img.txt", b"report")
+        add(tf, "no-img.json", good_json)
+    data = buf.getvalue()
+    path.write_bytes(data[: len(data) - 700])  # truncated: the tar ends mid-member
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(tiny_data, tokenizer, tmp_path):
+    info = read_dataset(tiny_data)
+    bad = tmp_path / "val" / "shard-000000.tar"
+    bad.parent.mkdir()
+    _write_bad_shard(bad, Path(info.shards("val")[0]))
+    meta = json.loads((tiny_data / "dataset.json").read_text())
+    meta["splits"]["val"] = {"num_samples": 6, "shards": [{"name": bad.name, "num_samples": 6}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    before = pipeline.SKIPPED.count
+    batches = list(eval_loader(read_dataset(tmp_path), "val", _cfg(num_workers=0), tokenizer))
+    keys = [k for b in batches for k in b.keys]
+    assert len(keys) == 3 and not any(k.startswith(("bad", "no-img")) for k in keys)
+    assert pipeline.SKIPPED.count - before >= 3
+    assert batches[-1].skipped == pipeline.SKIPPED.count
+
+
+def test_label_policy_reaches_the_batch(tiny_data, tokenizer):
+    info = read_dataset(tiny_data)
+    ignore = next(iter(eval_loader(info, "val", _cfg(num_workers=0, uncertain="ignore", missing="mask"), tokenizer)))
+    neg = next(iter(eval_loader(info, "val", _cfg(num_workers=0, uncertain="ones", missing="negative"), tokenizer)))
+    assert ignore.keys == neg.keys
+    assert neg.target_mask.sum() > ignore.target_mask.sum()
+    assert neg.target_mask.all()  # missing -> negative, uncertain -> one: every entry counts
+    assert neg.targets.sum() >= ignore.targets.sum()

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from vkd_dist import checkpoint
+from vkd_dist.config import load_config
+from vkd_dist.evaluate import main as eval_main
+from vkd_dist.labels import LABELS
+from vkd_dist.train import StopRequest, train
+
+
+class StopAfter(StopRequest):
+    """Ask the loop to stop (as a preemption signal would) once `n` steps are done."""
+
+    def __init__(self, n):
+        super().__init__(install=False)
+        self.n, self.calls = n, 0
+
+    def agreed(self, accelerator):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.fixture(scope="module")
+def vkd_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("vkd-run")
+    cfg = load_config(overrides=tiny_overrides(tiny_data, run, **{"train.max_steps": 6, "train.eval_every": 3,
+                                                                  "train.ckpt_every": 3}))
+    return run, train(cfg)
+
+
+def test_tiny_vkd_run_writes_everything(vkd_run):
+    run, result = vkd_run
+    assert result.step == 6 and not result.preempted
+    assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000006"]
+    assert (run / "best" / "model.safetensors").is_file() and (run / "final" / "model.safetensors").is_file()
+    final = load_file(run / "final" / "model.safetensors")
+    assert not any(k.startswith(("text_encoder.", "posterior_head.")) for k in final)  # image-only export
+    assert any(k.startswith("image_encoder.") for k in final)
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["num_samples"] == 60 and set(metrics["auroc"]) == set(LABELS)
+
+
+def test_tensorboard_scalars_read_back(vkd_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = vkd_run
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/bce", "train/kl", "train/beta", "train/lr", "train/grad_norm",
+                "train/samples_per_s", "train/data_wait_frac", "val/macro_auroc", "val_auroc/Cardiomegaly",
+                "test/macro_auroc"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
+    assert [e.step for e in acc.Scalars("val/macro_auroc")] == [3, 6]
+
+
+def test_eval_cli_writes_the_metrics_json(vkd_run, tiny_data, tmp_path):
+    run, result = vkd_run
+    out = tmp_path / "eval.json"
+    assert eval_main(["--run", str(run), "--checkpoint", "final", "--data", str(tiny_data), "--split", "test",
+                      "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["auroc"]) == set(LABELS) and set(report["n"]) == set(LABELS)
+    assert report["auroc"]["No Finding"] is None  # the synthetic reports never negate "No Finding"
+    defined = [v for v in report["auroc"].values() if v is not None]
+    assert report["macro_auroc"] == pytest.approx(sum(defined) / len(defined))
+    five = [report["auroc"][k] for k in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")]
+    assert report["macro_auroc_chexpert5"] == pytest.approx(sum(v for v in five if v is not None) / len([v for v in five if v is not None]))
+    assert 0 <= report["micro_auroc"] <= 1
+    assert report["n"]["Cardiomegaly"] > 0
+    assert report["macro_auroc"] == pytest.approx(result.test["macro_auroc"], abs=1e-6)  # same model, same split
+
+
+def _params(run):
+    return load_file(checkpoint.latest(run) / "model.safetensors")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, workers):
+    common = {"train.max_steps": 8, "train.ckpt_every": 4, "train.test_at_end": False, "data.num_workers": workers}
+    train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "a", **common)))
+    partial = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "b", **common)), stop=StopAfter(3))
+    assert partial.preempted and partial.step == 3
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "b", resume="latest", **common)))
+    assert resumed.step == 8
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    state = json.loads((checkpoint.latest(tmp_path / "b") / "train_state.json").read_text())
+    assert state["step"] == 8
+
+
+@pytest.mark.parametrize("objective", ["image_only", "text_only"])
+def test_baselines_train_in_the_same_trainer(tiny_data, tmp_path, objective):
+    result = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path, objective=objective,
+                                                        **{"train.max_steps": 3})))
+    assert result.step == 3 and result.test["num_samples"] == 60
+    exported = load_file(tmp_path / "final" / "model.safetensors")
+    if objective == "text_only":
+        assert any(k.startswith("text_encoder.") for k in exported)
+    else:
+        assert not any(k.startswith("text_encoder.") for k in exported)
+
+
+def test_kd_distils_from_a_text_only_teacher(tiny_data, tmp_path):
+    teacher = tmp_path / "teacher"
+    train(load_config(overrides=tiny_overrides(tiny_data, teacher, objective="text_only", **{"train.max_steps": 3})))
+    result = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "kd", objective="kd",
+                                                        **{"objective.kd_teacher": str(teacher),
+                                                           "train.max_steps": 3})))
+    assert result.step == 3 and result.test["macro_auroc"] is not None

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, Normal, kl_divergence
+
+from vkd_dist.config import ObjectiveConfig
+from vkd_dist.data.pipeline import Batch
+from vkd_dist.models.vkd import Gaussian, VKDModel, kl_diag_gaussians
+from vkd_dist.objectives import Objective, beta_at, masked_bce
+
+
+def _gauss(b=5, d=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Gaussian(torch.randn(b, d, generator=g), torch.randn(b, d, generator=g))
+
+
+def test_kl_matches_torch_distributions_in_the_right_direction():
+    q, p = _gauss(seed=1), _gauss(seed=2)
+    ours = kl_diag_gaussians(q, p)
+    dist = lambda g: Independent(Normal(g.mu, torch.exp(0.5 * g.logvar)), 1)  # noqa: E731  (std = exp(logvar/2))
+    ref = kl_divergence(dist(q), dist(p))
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert not torch.allclose(ours, kl_divergence(dist(p), dist(q)), atol=1e-3)  # KL(p||q) differs
+    assert torch.allclose(kl_diag_gaussians(q, q), torch.zeros(5), atol=1e-6)
+
+
+def test_reparameterised_samples_have_the_right_moments():
+    torch.manual_seed(0)
+    g = Gaussian(torch.tensor([[1.0, -2.0]]), torch.log(torch.tensor([[0.25, 4.0]])))
+    z = g.sample(20000)
+    assert z.shape == (20000, 1, 2)
+    assert torch.allclose(z.mean(0), g.mu, atol=0.05)
+    assert torch.allclose(z.std(0), torch.tensor([[0.5, 2.0]]), atol=0.05)  # sigma = exp(logvar / 2)
+
+
+def test_masked_bce_by_hand():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    def bce(x, y):
+        return -(y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x))))
+    hand = (bce(2.0, 1) + bce(0.5, 1) + bce(0.0, 0) + bce(3.0, 1)) / 4
+    assert masked_bce(logits, targets, mask).item() == pytest.approx(hand, rel=1e-6)
+    pw = torch.tensor([2.0, 1.0, 3.0])
+    hand_pw = (2 * -math.log(1 / (1 + math.exp(-2.0))) + 3 * -math.log(1 / (1 + math.exp(-0.5))) + bce(0.0, 0)
+               + bce(3.0, 1)) / 4
+    assert masked_bce(logits, targets, mask, pw).item() == pytest.approx(hand_pw, rel=1e-6)
+
+
+def test_k_sample_likelihood_is_the_mean_of_log_likelihoods():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 14)
+    targets = (torch.rand(3, 14) > 0.5).float()
+    mask = torch.rand(3, 14) > 0.3
+    per_sample = torch.stack([masked_bce(logits[k], targets, mask) for k in range(4)])
+    assert masked_bce(logits, targets, mask).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    # ... which is not the likelihood of the mean logit
+    assert masked_bce(logits, targets, mask).item() != pytest.approx(masked_bce(logits.mean(0), targets, mask).item(), rel=1e-3)
+
+
+def test_beta_schedules():
+    warm = ObjectiveConfig(beta=2.0, beta_schedule="warmup", beta_warmup_steps=10)
+    assert [beta_at(s, warm) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+    cyc = ObjectiveConfig(beta=1.0, beta_schedule="cyclical", beta_cycle_steps=10, beta_cycle_ramp=0.5)
+    assert [beta_at(s, cyc) for s in (0, 2, 5, 9, 10, 12)] == pytest.approx([0, 0.4, 1, 1, 0, 0.4])
+    assert beta_at(123, ObjectiveConfig(beta=0.3, beta_schedule="constant")) == 0.3
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, dim, text=False):
+        super().__init__()
+        self.out_dim, self.text = dim, text
+        self.proj = torch.nn.Linear(16 if not text else 5, dim)
+
+    def forward(self, x, mask=None):
+        if self.text:
+            return self.proj(torch.nn.functional.one_hot(x % 5, 5).float().mean(1))
+        return self.proj(x.float().flatten(1)[:, :16])
+
+
+class _Exploding(torch.nn.Module):
+    out_dim = 8
+
+    def forward(self, *a, **k):
+        raise AssertionError("the text encoder must not run at inference")
+
+
+def _batch(b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(image=torch.randint(0, 255, (b, 1, 4, 4), dtype=torch.uint8, generator=g),
+                 input_ids=torch.randint(0, 50, (b, 9), generator=g), attention_mask=torch.ones(b, 9, dtype=torch.long),
+                 targets=(torch.rand(b, 14, generator=g) > 0.5).float(), target_mask=torch.rand(b, 14, generator=g) > 0.2)
+
+
+def test_image_only_inference_never_touches_text():
+    torch.manual_seed(0)
+    model = VKDModel(_Encoder(8), _Exploding(), latent_dim=4, hidden_dim=8).eval()
+    batch = _batch()
+    probs, spread = model.predict(batch.image)
+    assert probs.shape == (6, 14) and spread is None
+    probs_mc, spread_mc = model.predict(batch.image, mode="mc", num_samples=32)
+    assert spread_mc.shape == (6, 14) and (spread_mc >= 0).all()
+    assert torch.allclose(probs_mc, probs, atol=0.1)
+    with pytest.raises(AssertionError, match="must not run"):
+        model(batch, mode="vkd")  # training does use the report
+    model.text_encoder = None  # and the deployed model has no text path at all
+    assert torch.equal(model.predict(batch.image)[0], probs)
+
+
+def test_vkd_loss_terms_are_assembled_as_documented():
+    torch.manual_seed(0)
+    model = VKDModel(_Encoder(8), _Encoder(8, text=True), latent_dim=4, hidden_dim=8, dropout=0.0)
+    cfg = ObjectiveConfig(beta=0.5, beta_schedule="constant", prior_bce_weight=0.7)
+    batch = _batch()
+    torch.manual_seed(1)
+    terms = Objective(cfg, num_samples=3)(model, batch, step=0)
+    torch.manual_seed(1)
+    out = model(batch, mode="vkd", num_samples=3)
+    assert out.post_logits.shape == (3, 6, 14) and out.prior_logits.shape == (3, 6, 14)
+    bce = masked_bce(out.post_logits, batch.targets, batch.target_mask)
+    prior_bce = masked_bce(out.prior_logits, batch.targets, batch.target_mask)
+    kl = kl_diag_gaussians(out.posterior, out.prior).mean()
+    assert terms["loss"].item() == pytest.approx((bce + 0.5 * kl + 0.7 * prior_bce).item(), rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    terms["loss"].backward()
+    assert model.posterior_head.mu.weight.grad is not None and model.prior_head.logvar.weight.grad is not None
+
+
+def test_image_text_posterior_uses_both():
+    model = VKDModel(_Encoder(8), _Encoder(8, text=True), latent_dim=4, hidden_dim=8, posterior="image_text")
+    assert model.posterior_head.net[1].in_features == 16
+    out = model(_batch(), mode="vkd", num_samples=2)
+    assert out.posterior.mu.shape == (6, 4)
