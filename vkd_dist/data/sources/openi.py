@@ -20,7 +20,6 @@ image kinds of vkd_dist/data/images.py (missing_image for a listed id without a 
 
 from __future__ import annotations
 
-import io
 import re
 import tarfile
 import xml.etree.ElementTree as ET

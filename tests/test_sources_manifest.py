@@ -1,0 +1,121 @@
+"""Generic CSV manifest converter with awkward images: 16-bit, RGBA, palette, EXIF-rotated, truncated,
+missing, huge, tiny; label columns and a categorical label column; empty-report policy."""
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vkd_dist.data.cli import main as vkd_data
+from vkd_dist.data.sources import ConvertOptions
+from vkd_dist.data.sources.manifest import convert_manifest, parse_label_cols
+from vkd_dist.labels import LABELS
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("manifest")
+    img = root / "img"
+    img.mkdir()
+    grad = np.linspace(0, 255, 120 * 100).reshape(120, 100).astype(np.uint8)
+    Image.fromarray((grad.astype(np.uint16) * 16)).save(img / "b16.png")
+    Image.fromarray(np.dstack([grad] * 3 + [np.full_like(grad, 255)]), "RGBA").save(img / "rgba.png")
+    Image.fromarray(np.dstack([grad] * 3)).convert("P", palette=Image.ADAPTIVE).save(img / "pal.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(grad).save(img / "exif.jpg", exif=exif)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(buf, "JPEG")
+    (img / "trunc.jpg").write_bytes(buf.getvalue()[:600])
+    Image.new("L", (4300, 3500), 128).save(img / "huge.jpg", quality=50)
+    Image.new("L", (16, 16), 128).save(img / "tiny.png")
+    rows = [  # image, text, patient, labels Cardiomegaly / effusion(=Pleural Effusion), finding
+        ("img/b16.png", "Heart  is\n enlarged.", "P1", "1.0", "", "Cardiomegaly"),
+        ("img/rgba.png", "Small effusion. XXXX XXXX", "P1", "", "1", "Pleural Effusion"),
+        ("img/pal.png", "Normal.", "P2", "0", "0", "No Finding"),
+        ("img/exif.jpg", "Normal.", "P3", "0", "-1", "no finding"),
+        ("img/trunc.jpg", "x", "P4", "0", "0", "No Finding"),
+        ("img/missing.png", "x", "P5", "0", "0", "No Finding"),
+        (str(img / "huge.jpg"), "Big image.", "P6", "", "", "Edema|Cardiomegaly"),
+        ("img/tiny.png", "x", "P7", "", "", ""),
+        ("img/pal.png", "   ", "P8", "", "", ""),  # empty report
+        ("img/pal.png", "bad label", "P9", "yes", "", "Flu"),
+        ("", "no image", "P10", "", "", ""),
+    ]
+    with open(root / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "report", "pid", "Cardiomegaly", "effusion", "finding"])
+        w.writerows(rows)
+    return root / "m.csv"
+
+
+def read_all(out: Path) -> dict:
+    samples = {}
+    for tar_path in sorted(out.glob("*/shard-*.tar")):
+        with tarfile.open(tar_path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {"split": tar_path.parent.name})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def test_label_columns_awkward_images(manifest, tmp_path):
+    meta = convert_manifest(manifest, tmp_path / "o", opts=ConvertOptions(image_size=32, deid="token"),
+                            image_col="path", text_col="report", patient_col="pid",
+                            label_cols="Cardiomegaly,effusion=Pleural Effusion", workers=2, samples_per_shard=2,
+                            progress=False)
+    assert meta["rejects_by_reason"] == {"truncated_image": 1, "missing_image": 1, "too_small": 1,
+                                         "empty_report": 1, "bad_label": 1, "bad_row": 1}
+    samples = read_all(tmp_path / "o")
+    assert sum(s["num_samples"] for s in meta["splits"].values()) == len(samples) == 5
+    keys = {"row-0000001", "row-0000002", "row-0000003", "row-0000004", "row-0000007"}
+    assert set(samples) == keys
+    for s in samples.values():
+        arr = np.asarray(Image.open(io.BytesIO(s["jpg"])))
+        assert arr.shape == (32, 32) and arr.dtype == np.uint8
+    labels = {k: json.loads(v["json"])["labels"] for k, v in samples.items()}
+    assert labels["row-0000001"]["Cardiomegaly"] == 1 and labels["row-0000001"]["Pleural Effusion"] is None
+    assert labels["row-0000004"]["Pleural Effusion"] == -1 and labels["row-0000004"]["Edema"] is None
+    assert samples["row-0000001"]["txt"].decode() == "Heart is enlarged."
+    assert samples["row-0000002"]["txt"].decode() == "Small effusion. [DEID]"
+    assert samples["row-0000001"]["split"] == samples["row-0000002"]["split"]  # same patient, same split
+    b16 = np.asarray(Image.open(io.BytesIO(samples["row-0000001"]["jpg"])))
+    assert b16.max() > 200  # windowed, not shifted to near-black
+    with open(tmp_path / "o" / "rejects.csv") as fh:
+        reasons = {r["item_id"]: r["reason"] for r in csv.DictReader(fh)}
+    assert "column 'Cardiomegaly'" in reasons["row-0000010"] and "'yes'" in reasons["row-0000010"]
+
+
+def test_categorical_keep_empty_and_split_col(manifest, tmp_path):
+    meta = convert_manifest(manifest, tmp_path / "o", opts=ConvertOptions(image_size=32, empty_report="keep",
+                                                                          resize="pad"),
+                            image_col="path", text_col="report", patient_col="pid", label_col="finding",
+                            workers=1, progress=False)
+    samples = read_all(tmp_path / "o")
+    assert "row-0000009" in samples and samples["row-0000009"]["txt"] == b""  # kept, empty text
+    labels = {k: json.loads(v["json"])["labels"] for k, v in samples.items()}
+    assert labels["row-0000003"]["No Finding"] == 1 and labels["row-0000003"]["Cardiomegaly"] == 0
+    assert labels["row-0000004"]["No Finding"] == 1  # case-insensitive
+    assert labels["row-0000007"]["Edema"] == 1 and labels["row-0000007"]["Cardiomegaly"] == 1
+    assert labels["row-0000009"] == {n: None for n in LABELS}
+    assert "'Flu' is not a CheXpert label" in open(tmp_path / "o" / "rejects.csv").read()
+    assert meta["rejects"] == 5
+
+
+def test_cli_and_errors(manifest, tmp_path, capsys):
+    assert vkd_data(["manifest", "--csv", str(manifest), "--out", str(tmp_path / "c"), "--image-col", "path",
+                     "--text-col", "report", "--patient-col", "pid", "--label-col", "finding", "--image-size", "32",
+                     "--workers", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected" in out and "rejects by reason" in out and "Heart" not in out  # no report text in logs
+    with pytest.raises(ValueError, match="missing column"):
+        convert_manifest(manifest, tmp_path / "x", label_col="finding")  # default columns image/text absent
+    with pytest.raises(ValueError, match="'Effusion' is not a CheXpert label"):
+        parse_label_cols("Effusion")
+    with pytest.raises(ValueError, match="exactly one of"):
+        convert_manifest(manifest, tmp_path / "x", image_col="path", text_col="report", patient_col="pid")

@@ -1,0 +1,179 @@
+"""A generic CSV manifest -> shards, for one's own hospital data.
+`vkd-data manifest --csv F --out DIR [--image-col C] [--text-col C] [--label-cols A,B | --label-col C]
+                   [--patient-col C]`
+
+One row = one sample: an image path (relative paths are resolved against --image-root, default the
+CSV's folder), the report text, labels, and a patient id.
+Labels, one of:
+  --label-cols A,B,...  columns holding 1 / 0 / -1 / blank (1.0 / 0.0 / -1.0 accepted). Each is a
+                        CheXpert name, or `column=CheXpert Name` to map a differently named column.
+                        Labels not given are null (missing).
+  --label-col C         one categorical column whose value is a CheXpert name (case-insensitive; several
+                        joined by "|" allowed): those labels are 1, the other 13 are 0; a blank cell
+                        leaves all 14 null.
+Split: --split-col (train / val / validate / test) if given, else a deterministic patient-level hash
+split of --patient-col with --val-frac / --test-frac / --seed (a missing patient column is an error;
+pass --patient-col "" to treat every row as its own patient).
+Key: row-NNNNNNN (the 1-based data row). Text is whitespace-normalised (vkd_dist/data/reports.py).
+Rejects: bad_row (empty image path, unknown split value), bad_label, empty_report and the image kinds.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+from vkd_dist.data.reports import normalise_text
+from vkd_dist.data.schema import Reject
+from vkd_dist.data.sources import (ConvertOptions, add_common_args, build_record, check_fractions, common_kwargs,
+                                   convert, hash_split, open_table, options_from_args, options_params, parse_label,
+                                   require_columns, run_and_report)
+from vkd_dist.labels import LABELS
+
+SOURCE = "manifest"
+SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
+                "test": "test"}
+_BY_LOWER = {n.lower(): n for n in LABELS}
+
+
+def parse_label_cols(spec: str) -> list[tuple[str, str]]:
+    """'A,col=B' -> [(column, CheXpert name)], with a specific error for a name that is not a label."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        col, _, name = part.partition("=")
+        name = (name or col).strip()
+        if name.lower() not in _BY_LOWER:
+            raise ValueError(f"--label-cols: {name!r} is not a CheXpert label (expected one of: {', '.join(LABELS)}; "
+                             "map other column names with column=Label)")
+        out.append((col.strip(), _BY_LOWER[name.lower()]))
+    if not out:
+        raise ValueError(f"--label-cols: no columns in {spec!r}")
+    return out
+
+
+def categorical_labels(value: str, where: str) -> dict:
+    text = value.strip()
+    if not text:
+        return {n: None for n in LABELS}
+    names = [v.strip() for v in text.split("|") if v.strip()]
+    unknown = [v for v in names if v.lower() not in _BY_LOWER]
+    if unknown:
+        raise ValueError(f"{where}: value {unknown[0]!r} is not a CheXpert label name")
+    positive = {_BY_LOWER[v.lower()] for v in names}
+    return {n: int(n in positive) for n in LABELS}
+
+
+def make_record(item: tuple, opts: ConvertOptions):
+    split, key, image, raw_text, labels, patient, study = item
+    text = normalise_text(raw_text, opts.deid, opts.deid_token)
+    return build_record(opts, split=split, key=key, image_path=image, text=text, labels=dict(labels),
+                        patient_id=patient, study_id=study, view="", source=SOURCE)
+
+
+def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = "image", text_col: str = "text",
+         label_cols: Optional[str] = None, label_col: Optional[str] = None, patient_col: str = "patient_id",
+         study_col: Optional[str] = None, split_col: Optional[str] = None, val_frac: float = 0.1,
+         test_frac: float = 0.1, seed: int = 0):
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"--csv {csv_path}: not found")
+    if bool(label_cols) == bool(label_col):
+        raise ValueError("give exactly one of --label-cols A,B,... (one column per label) or --label-col C "
+                         "(one categorical column)")
+    check_fractions(val_frac, test_frac)
+    mapping = parse_label_cols(label_cols) if label_cols else []
+    image_root = Path(image_root) if image_root else csv_path.parent
+    needed = [image_col, text_col, *(c for c, _ in mapping), *([label_col] if label_col else []),
+              *([patient_col] if patient_col else []), *([study_col] if study_col else []),
+              *([split_col] if split_col else [])]
+    items = {s: [] for s in ("train", "val", "test")}
+    rejects: list[Reject] = []
+    rows = 0
+    fh, reader = open_table(csv_path)
+    with fh:
+        require_columns(csv_path, reader, needed)
+        for n, row in enumerate(reader, start=1):
+            rows += 1
+            key = f"row-{n:07d}"
+            line = n + 1
+            patient = (row[patient_col] or "").strip() if patient_col else key
+            patient = patient or key
+            if split_col:
+                raw = (row[split_col] or "").strip().lower()
+                split = SPLIT_VALUES.get(raw)
+                if split is None:
+                    rejects.append(Reject("", key, f"bad_row: {csv_path.name} line {line} column {split_col!r} has "
+                                          f"{raw!r} (expected train, val, validate or test)", ""))
+                    continue
+            else:
+                split = hash_split(patient, val_frac, test_frac, seed)
+            image = (row[image_col] or "").strip()
+            if not image:
+                rejects.append(Reject(split, key, f"bad_row: {csv_path.name} line {line} column {image_col!r} is empty"))
+                continue
+            path = Path(image) if Path(image).is_absolute() else image_root / image
+            try:
+                if mapping:
+                    labels = {n_: None for n_ in LABELS}
+                    for col, name in mapping:
+                        labels[name] = parse_label(row[col], f"{csv_path.name} line {line} column {col!r}")
+                else:
+                    labels = categorical_labels(row[label_col] or "", f"{csv_path.name} line {line} column {label_col!r}")
+            except ValueError as exc:
+                rejects.append(Reject(split, key, f"bad_label: {exc}", str(path)))
+                continue
+            study = (row[study_col] or "").strip() if study_col else key
+            items[split].append((split, key, str(path), row[text_col] or "", tuple(labels.items()), patient,
+                                 study or key))
+    return items, rejects, {"rows": rows, "planned": sum(len(v) for v in items.values())}
+
+
+def convert_manifest(csv_path, out, *, opts: ConvertOptions = ConvertOptions(), image_root=None,
+                     image_col: str = "image", text_col: str = "text", label_cols: Optional[str] = None,
+                     label_col: Optional[str] = None, patient_col: str = "patient_id", study_col: Optional[str] = None,
+                     split_col: Optional[str] = None, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
+                     samples_per_shard: int = 1000, workers: int = 0, progress: bool = True) -> dict:
+    """Convert a CSV manifest into `out`; returns the dataset.json contents."""
+    opts.check()
+    items, rejects, counts = plan(csv_path, image_root=image_root, image_col=image_col, text_col=text_col,
+                                  label_cols=label_cols, label_col=label_col, patient_col=patient_col,
+                                  study_col=study_col, split_col=split_col, val_frac=val_frac, test_frac=test_frac,
+                                  seed=seed)
+    params = {**options_params(opts), "image_col": image_col, "text_col": text_col, "label_cols": label_cols,
+              "label_col": label_col, "patient_col": patient_col, "split_col": split_col,
+              "split": "column" if split_col else "patient-hash",
+              **({} if split_col else {"val_frac": val_frac, "test_frac": test_frac, "seed": seed}), "counts": counts}
+    return convert(out, items, partial(make_record, opts=opts), params, SOURCE, rejects,
+                   samples_per_shard=samples_per_shard, workers=workers, fmt=opts.fmt, progress=progress)
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("manifest", help="convert a generic CSV (image, text, labels, patient) into shards")
+    p.add_argument("--csv", required=True, help="the manifest (.csv or .csv.gz)")
+    p.add_argument("--image-root", help="resolve relative image paths here (default: the CSV's folder)")
+    p.add_argument("--image-col", default="image")
+    p.add_argument("--text-col", default="text")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--label-cols", help="comma-separated label columns (CheXpert names, or column=Label)")
+    g.add_argument("--label-col", help="one categorical column holding a CheXpert label name per row")
+    p.add_argument("--patient-col", default="patient_id", help="patient id for the patient-level split "
+                                                               "('' = every row its own patient)")
+    p.add_argument("--study-col", help="optional study id column")
+    p.add_argument("--split-col", help="optional column with train/val/test; otherwise a patient hash split")
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    opts = options_from_args(args)
+    return run_and_report(lambda: convert_manifest(
+        args.csv, args.out, opts=opts, image_root=args.image_root, image_col=args.image_col, text_col=args.text_col,
+        label_cols=args.label_cols, label_col=args.label_col, patient_col=args.patient_col, study_col=args.study_col,
+        split_col=args.split_col, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
+        **common_kwargs(args)))
