@@ -1,0 +1,536 @@
+"""SLURM launching through submitit: one command for N nodes, checkpoint + requeue on preemption/time-out.
+
+Shape of a job (`launchers/slurm.py` is a thin wrapper around `main()` here):
+- `sbatch` (written by submitit's SlurmExecutor) asks for `--nodes N --ntasks-per-node T` (T = GPUs per node, or
+  processes per node with --cpu) and `--signal=USR2@<delay>` so that the time limit is announced before the kill;
+  `srun --kill-on-bad-exit=1` starts one task per GPU, each running `TrainJob` (pickled under RUN/submitit).
+- `TrainJob` exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, selects DDP or DeepSpeed ZeRO-2/3 for
+  Accelerate, forces `resume=latest` and calls `vkd_dist.train.train(cfg, stop)`.
+- Signals: `stop` (a `StopRequest`) owns SIGTERM/SIGUSR1/SIGUSR2 for the whole run, so submitit's own handler
+  (which would checkpoint from inside a signal handler, mid-step) never fires during training. The training loop
+  lets all ranks agree at a step boundary, writes one atomic checkpoint and returns `preempted=True`.
+- Then rank 0 runs `scontrol requeue $SLURM_JOB_ID` when the signal was USR1/USR2 (preemption notice or time
+  limit; a bare SIGTERM is a cancel, or a PreemptMode=REQUEUE preemption that SLURM requeues by itself) and
+  SLURM_RESTART_COUNT < max_requeues; every rank exits without writing a submitit result, so whoever waits keeps
+  waiting for the requeued run, which re-runs the same pickle with the same run directory and resumes.
+- `wait_job()` follows a job without accounting (no slurmdbd -> no sacct): result files + scontrol/squeue, with
+  a timeout, and reports failures (error result, FAILED/CANCELLED/TIMEOUT state, job gone without a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+STRATEGIES = ("ddp", "deepspeed-zero2", "deepspeed-zero3")
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+JOB_FILE = "slurm_job.json"
+SUBMITIT_DIR = "submitit"
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def _parse_time(text: str) -> int:
+    """SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, as sbatch --time) -> whole minutes (rounded up)."""
+    text = str(text).strip()
+    days, rest = (text.split("-", 1) if "-" in text else ("0", text))
+    parts = [int(p) for p in rest.split(":")]
+    if "-" in text:
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts[:3]
+    return int(days) * 1440 + h * 60 + m + (1 if sec else 0)
+
+
+def _parse_kv(items: list[str], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not key:
+            raise SystemExit(f"slurm launcher: {what} {item!r} is not KEY[=VALUE]")
+        out[key] = value if sep else True
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launchers/slurm.py",
+        description="Launch VKD training on SLURM through submitit (one task per GPU; preemption-safe).",
+        epilog="Positional key=value arguments are training config overrides (as for vkd-train).")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs (= tasks) per node; default 1 on GPU clusters, 0 with --cpu")
+    p.add_argument("--tasks-per-node", type=int, default=None,
+                   help="processes per node (default: --gpus-per-node, or 1 with --cpu)")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="default 8 on GPUs, 1 with --cpu")
+    p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default="24:00:00", help="time limit ([D-]HH:MM:SS or minutes)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    p.add_argument("--config", default=None, help="training YAML (default: configs/default.yaml)")
+    p.add_argument("--job-name", default=None, help="default: vkd-<run dir name>")
+    p.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                   help="local: the same job with submitit's LocalExecutor on this machine (one node)")
+    p.add_argument("--cpu", action="store_true", help="CPU nodes: gloo process group, no GPUs requested")
+    p.add_argument("--max-requeues", type=int, default=5,
+                   help="how many times a preempted/timed-out job requeues itself (SLURM_RESTART_COUNT bound)")
+    p.add_argument("--signal-delay-s", type=int, default=120,
+                   help="USR2 this many seconds before the time limit, so the job checkpoints and requeues")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch parameter passed through, e.g. --sbatch account=abc --sbatch qos=high "
+                        "--sbatch exclusive (repeatable)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run in the sbatch script before srun (e.g. 'module load cuda'); repeatable")
+    p.add_argument("--master-port", type=int, default=None, help="default: derived from the job id")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and training command only")
+    p.add_argument("--wait", action="store_true", help="follow the job, print its final metrics; non-zero on failure")
+    p.add_argument("--wait-timeout", type=float, default=None, help="seconds --wait follows the job (default: forever)")
+    p.add_argument("overrides", nargs="*", help="training config overrides key=value")
+    return p
+
+
+@dataclass
+class LaunchSpec:
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: Optional[float] = None
+    partition: Optional[str] = None
+    timeout_min: int = 1440
+    strategy: str = "ddp"
+    config: Optional[str] = None
+    overrides: list = field(default_factory=list)
+    job_name: str = "vkd"
+    cluster: str = "slurm"
+    cpu: bool = False
+    max_requeues: int = 5
+    signal_delay_s: int = 120
+    sbatch: dict = field(default_factory=dict)
+    setup: list = field(default_factory=list)
+    master_port: Optional[int] = None
+    run_dir: str = ""
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.run_dir) / SUBMITIT_DIR
+
+
+def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
+    """Validate the training config here (fail before queueing) and pin its paths to absolute ones."""
+    from vkd_dist.config import load_config
+
+    if args.nodes < 1:
+        raise SystemExit("slurm launcher: --nodes must be >= 1")
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    run_dir = str(Path(cfg.run_dir).expanduser().resolve())
+    pinned = [f"run_dir={run_dir}"]
+    if not Path(cfg.data.path).is_absolute():
+        pinned.append(f"data.path={Path(cfg.data.path).resolve()}")
+    if args.cpu:
+        pinned.append("dist.backend=gloo")
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (0 if args.cpu else 1)
+    if args.cpu:
+        gpus = 0
+    tasks = args.tasks_per_node or (gpus if gpus > 0 else 1)
+    if gpus and tasks != gpus:
+        raise SystemExit(f"slurm launcher: one task per GPU: --tasks-per-node {tasks} != --gpus-per-node {gpus}")
+    config = str(Path(args.config).resolve()) if args.config else None
+    return LaunchSpec(
+        nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=gpus,
+        cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8), mem_gb=args.mem_gb, partition=args.partition,
+        timeout_min=_parse_time(args.time), strategy=args.strategy, config=config, overrides=overrides + pinned,
+        job_name=args.job_name or f"vkd-{Path(run_dir).name}", cluster=args.cluster, cpu=args.cpu,
+        max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s, sbatch=_parse_kv(args.sbatch, "--sbatch"),
+        setup=list(args.setup), master_port=args.master_port, run_dir=run_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+def _node_addr(name: str) -> str:
+    """An address for a SLURM node name: DNS first, then the NodeAddr slurm.conf gives it."""
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True,
+                             timeout=30).stdout
+        for tok in out.split():
+            if tok.startswith("NodeAddr="):
+                return tok.split("=", 1)[1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    raise RuntimeError(f"cannot resolve the first node {name!r} of the job (no DNS entry, no NodeAddr); "
+                       "set VKD_MASTER_ADDR")
+
+
+def _restart_count() -> int:
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def export_distributed_env(master_port: Optional[int] = None, set_cuda_device: bool = True) -> dict[str, str]:
+    """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for torch.distributed, from submitit's view."""
+    import submitit
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # inherited from the submitting shell, never meaningful here
+    env = submitit.JobEnvironment()
+    if master_port is None:  # the same for every task; differs per attempt of a requeued job
+        rng = random.Random(f"{env.job_id}-{_restart_count()}")
+        master_port = rng.randint(20000, 60000)
+    os.environ["MASTER_PORT"] = str(master_port)
+    dist = submitit.helpers.TorchDistributedEnvironment()
+    dist.master_addr = os.environ.get("VKD_MASTER_ADDR") or _node_addr(dist.master_addr)
+    dist.export(set_cuda_visible_devices=set_cuda_device, overwrite=True)
+    return {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def strategy_env(strategy: str) -> dict[str, str]:
+    if strategy == "ddp":
+        return {"ACCELERATE_USE_DEEPSPEED": "false"}
+    stage = {"deepspeed-zero2": "2", "deepspeed-zero3": "3"}[strategy]
+    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": stage}
+
+
+def _stop_request():
+    from vkd_dist.train import StopRequest
+
+    class SignalRecordingStop(StopRequest):
+        """StopRequest that remembers which signals arrived (USR1/USR2 -> requeue; TERM alone -> don't)."""
+
+        def __init__(self):
+            self.signals: list[int] = []
+            super().__init__(install=True)
+
+        def _handle(self, signum, frame) -> None:
+            self.signals.append(signum)
+            super()._handle(signum, frame)
+
+    return SignalRecordingStop()
+
+
+def _update_job_file(run_dir: Path, **entry: Any) -> None:
+    path = run_dir / JOB_FILE
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        data = {}
+    data.setdefault("attempts", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry})
+    data.update({k: v for k, v in entry.items() if k in ("job_id", "restarts", "status")})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class TrainJob:
+    """The picklable callable each SLURM task runs (one per GPU)."""
+
+    def __init__(self, config: Optional[str], overrides: list[str], strategy: str = "ddp", cpu: bool = False,
+                 max_requeues: int = 5, master_port: Optional[int] = None, cpus_per_task: int = 1):
+        self.config, self.overrides, self.strategy, self.cpu = config, list(overrides), strategy, cpu
+        self.max_requeues, self.master_port, self.cpus_per_task = max_requeues, master_port, cpus_per_task
+
+    def __call__(self) -> dict:
+        stop = _stop_request()  # first thing: from here on a preemption signal can only set a flag
+        import submitit
+
+        job = submitit.JobEnvironment()
+        on_slurm = job.cluster == "slurm"
+        if self.cpu:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, self.cpus_per_task)))
+        os.environ.update(strategy_env(self.strategy))
+        dist = export_distributed_env(self.master_port, set_cuda_device=not self.cpu)
+        restarts = _restart_count()
+
+        from vkd_dist import checkpoint
+        from vkd_dist.config import load_config
+        from vkd_dist.train import train
+
+        cfg = load_config(self.config, self.overrides)
+        run_dir = Path(cfg.run_dir)
+        if cfg.resume in (None, "") or checkpoint.latest(run_dir) is not None:
+            cfg.resume = "latest"  # a requeued attempt continues the run it belongs to
+        rank = int(dist["RANK"])
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="running",
+                             world_size=int(dist["WORLD_SIZE"]), master=f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']}",
+                             resume_from=str(checkpoint.latest(run_dir) or ""))
+            print(f"[vkd-slurm] job {job.job_id} attempt {restarts + 1} | world {dist['WORLD_SIZE']} | master "
+                  f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']} | strategy {self.strategy} | run {run_dir}", flush=True)
+
+        result = train(cfg, stop=stop)  # train() restores the previous (submitit's) handlers when it returns
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):  # late notices must not requeue a finished job
+            signal.signal(sig, signal.SIG_IGN)
+        summary = {"step": result.step, "preempted": result.preempted, "val": result.val, "test": result.test,
+                   "run_dir": result.run_dir, "checkpoints": result.checkpoints, "job_id": job.job_id,
+                   "restarts": restarts}
+        if not result.preempted:
+            if rank == 0:
+                _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="completed", step=result.step)
+            return summary
+
+        # -- preempted: one consistent checkpoint exists; requeue (rank 0) and leave without a result ---------
+        requeue_signal = any(s in (signal.SIGUSR1, signal.SIGUSR2) for s in stop.signals) or not stop.signals
+        if rank != 0:
+            sys.exit(0)  # SystemExit: submitit writes no result file for this task
+        if not on_slurm:
+            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="preempted", step=result.step)
+            print(f"[vkd-slurm] preempted at step {result.step}; not on SLURM, so no requeue: rerun the same "
+                  "command to resume", flush=True)
+            return summary
+        if not requeue_signal:
+            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="terminated", step=result.step)
+            raise RuntimeError(f"job {job.job_id} got SIGTERM (cancelled, or preempted with PreemptMode=REQUEUE, "
+                               f"which requeues by itself); checkpointed at step {result.step}, not requeued")
+        if restarts >= self.max_requeues:
+            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="requeue-limit", step=result.step)
+            raise RuntimeError(f"job {job.job_id} was preempted/timed out at step {result.step} and has already been "
+                               f"requeued {restarts} time(s) (max_requeues={self.max_requeues}); checkpoint kept, "
+                               f"resubmit to continue")
+        _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="requeued", step=result.step)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue terminates this job: finish the call first
+        proc = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scontrol requeue {job.job_id} failed: {proc.stderr.strip()}")
+        print(f"[vkd-slurm] checkpointed at step {result.step}; requeued job {job.job_id} "
+              f"(restart {restarts + 1}/{self.max_requeues})", flush=True)
+        sys.exit(0)
+
+    def __repr__(self) -> str:
+        return f"TrainJob(config={self.config!r}, overrides={self.overrides!r}, strategy={self.strategy!r})"
+
+
+# ------------------------------------------------------------------------------------------------ submission
+def slurm_parameters(spec: LaunchSpec) -> dict[str, Any]:
+    """SlurmExecutor parameters (sbatch names) for this launch."""
+    params: dict[str, Any] = {
+        "job_name": spec.job_name, "nodes": spec.nodes, "ntasks_per_node": spec.tasks_per_node,
+        "cpus_per_task": spec.cpus_per_task, "time": spec.timeout_min, "signal_delay_s": spec.signal_delay_s,
+        "srun_args": ["--kill-on-bad-exit=1"], "additional_parameters": {"requeue": True, **spec.sbatch},
+    }
+    if spec.gpus_per_node:
+        params["gpus_per_node"] = spec.gpus_per_node
+    if spec.partition:
+        params["partition"] = spec.partition
+    if spec.mem_gb:
+        params["mem"] = f"{int(spec.mem_gb * 1024)}MB"
+    if spec.setup:
+        params["setup"] = list(spec.setup)
+    return params
+
+
+def make_job(spec: LaunchSpec) -> TrainJob:
+    return TrainJob(spec.config, spec.overrides, spec.strategy, spec.cpu, spec.max_requeues, spec.master_port,
+                    spec.cpus_per_task)
+
+
+def training_command(spec: LaunchSpec) -> str:
+    """The equivalent plain command one task runs (for --dry-run and for reading logs)."""
+    env = " ".join(f"{k}={v}" for k, v in strategy_env(spec.strategy).items())
+    args = [sys.executable, "-m", "vkd_dist.train"] + (["--config", spec.config] if spec.config else [])
+    args += spec.overrides + ["resume=latest"]
+    world = spec.nodes * spec.tasks_per_node
+    return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with RANK/LOCAL_RANK/WORLD_SIZE={world}/"
+            f"MASTER_ADDR=<first node>/MASTER_PORT from submitit:\n{env} " + " ".join(shlex.quote(a) for a in args))
+
+
+def sbatch_script(spec: LaunchSpec) -> str:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    python = shlex.quote(sys.executable)
+    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(spec.folder))}"
+    return _make_sbatch_string(command=command, folder=spec.folder, **slurm_parameters(spec))
+
+
+def make_executor(spec: LaunchSpec):
+    import submitit
+
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    ex = submitit.AutoExecutor(folder=spec.folder, cluster=spec.cluster, slurm_max_num_timeout=spec.max_requeues)
+    if spec.cluster == "slurm":
+        params = slurm_parameters(spec)
+        generic = {"name": params.pop("job_name"), "nodes": params.pop("nodes"),
+                   "tasks_per_node": params.pop("ntasks_per_node"), "cpus_per_task": params.pop("cpus_per_task"),
+                   "timeout_min": params.pop("time")}
+        if "gpus_per_node" in params:
+            generic["gpus_per_node"] = params.pop("gpus_per_node")
+        ex.update_parameters(**generic, **{f"slurm_{k}": v for k, v in params.items()})
+    else:  # LocalExecutor: one node; all tasks of all "nodes" run here
+        ex.update_parameters(name=spec.job_name, nodes=1, tasks_per_node=spec.nodes * spec.tasks_per_node,
+                             timeout_min=spec.timeout_min, gpus_per_node=spec.gpus_per_node or 0,
+                             local_signal_delay_s=spec.signal_delay_s)
+    return ex
+
+
+def describe(spec: LaunchSpec, job_id: str) -> str:
+    run = Path(spec.run_dir)
+    return "\n".join([
+        f"submitted job {job_id} ({spec.job_name}) on {spec.cluster}: {spec.nodes} node(s) x {spec.tasks_per_node} "
+        f"task(s), strategy {spec.strategy}{', CPU/gloo' if spec.cpu else ''}, max requeues {spec.max_requeues}",
+        f"  run directory : {run}",
+        f"  logs          : {spec.folder}/{job_id}_<task>_log.out|.err  (rank 0: {spec.folder}/{job_id}_0_log.out)",
+        f"  checkpoints   : {run}/checkpoints/step-*",
+        f"  tensorboard   : {run}/tensorboard   (tensorboard --logdir {run}/tensorboard)",
+        f"  metrics       : {run}/test_metrics.json, exports in {run}/best and {run}/final",
+        f"  job state     : {run}/{JOB_FILE}" + (f"; squeue -j {job_id}; scontrol show job {job_id}"
+                                                  if spec.cluster == "slurm" else ""),
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ waiting
+@dataclass
+class JobOutcome:
+    ok: bool
+    state: str
+    message: str = ""
+    result: Optional[dict] = None
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o` as a dict; {} when SLURM no longer knows the job."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if proc.returncode != 0:
+        return {}
+    info = {}
+    for tok in proc.stdout.split():
+        k, sep, v = tok.partition("=")
+        if sep and k not in info:
+            info[k] = v
+    return info
+
+
+def _read_result(path: Path) -> Optional[tuple[str, Any]]:
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        return None
+
+
+def _log_tail(folder: Path, job_id: str, n: int = 3000) -> str:
+    out = []
+    for p in sorted(folder.glob(f"{job_id}_*_log.err")) + sorted(folder.glob(f"{job_id}_*_log.out")):
+        text = p.read_text(errors="replace")[-n:]
+        if text.strip():
+            out.append(f"--- {p.name} (tail)\n{text}")
+    return "\n".join(out[:4])
+
+
+def wait_job(job_id: str, folder: Path, timeout: Optional[float] = None, poll_s: float = 2.0,
+             grace_s: float = 20.0, echo=print) -> JobOutcome:
+    """Follow a SLURM job until it leaves the queue for good; never waits forever on a job SLURM has forgotten."""
+    folder = Path(folder)
+    deadline = None if timeout is None else time.time() + timeout
+    last, gone_since = None, None
+    while True:
+        results = sorted(folder.glob(f"{job_id}_*_result.pkl"))
+        for p in results:  # any task's error is the job's failure
+            res = _read_result(p)
+            if res and res[0] == "error":
+                return JobOutcome(False, "FAILED", f"task {p.name.split('_')[1]} raised:\n{res[1]}")
+        res0 = _read_result(folder / f"{job_id}_0_result.pkl")
+        if res0 and res0[0] == "success":
+            return JobOutcome(True, "COMPLETED", "", res0[1])
+        info = scontrol_job(job_id)
+        state = info.get("JobState", "UNKNOWN")
+        desc = f"{state} (restarts {info.get('Restarts', '?')}, reason {info.get('Reason', '?')})"
+        if desc != last:
+            echo(f"[vkd-slurm] job {job_id}: {desc}")
+            last = desc
+        if state in TERMINAL_STATES or not info:
+            gone_since = gone_since or time.time()
+            if time.time() - gone_since > grace_s:  # no result file appeared (e.g. killed, node lost)
+                why = f"job ended in state {state} (exit code {info.get('ExitCode', '?')}) without a result"
+                return JobOutcome(False, state, why + "\n" + _log_tail(folder, job_id))
+        else:
+            gone_since = None
+        if deadline is not None and time.time() > deadline:
+            return JobOutcome(False, "WAIT_TIMEOUT", f"job {job_id} still {state} after {timeout:.0f}s (not cancelled)")
+        time.sleep(poll_s)
+
+
+def _format_result(result: dict) -> str:
+    lines = [f"final step {result.get('step')} | run {result.get('run_dir')} | requeues {result.get('restarts')}"]
+    for split in ("val", "test"):
+        rep = result.get(split) or {}
+        if rep:
+            lines.append(f"  {split}: macro AUROC {rep.get('macro_auroc')} | micro AUROC {rep.get('micro_auroc')} | "
+                         f"CheXpert-5 {rep.get('macro_auroc_chexpert5')}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vkd_dist.config import ConfigError
+
+    try:
+        spec = spec_from_args(args)
+    except ConfigError as exc:
+        print(f"slurm launcher: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("# ---- sbatch script (submitit writes it to RUN/submitit/<job id>_submission.sh)")
+        print(sbatch_script(spec) if spec.cluster == "slurm" else "# (local cluster: no sbatch script)")
+        print("# ---- training command")
+        print(training_command(spec))
+        return 0
+    ex = make_executor(spec)
+    job = ex.submit(make_job(spec))
+    print(describe(spec, job.job_id), flush=True)
+    if not args.wait:
+        return 0
+    if spec.cluster == "slurm":
+        outcome = wait_job(job.job_id, spec.folder, timeout=args.wait_timeout)
+    else:
+        outcome = _wait_local(job, args.wait_timeout)
+    if outcome.ok:
+        print(_format_result(outcome.result or {}), flush=True)
+        return 0
+    print(f"[vkd-slurm] job {job.job_id} FAILED ({outcome.state}): {outcome.message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _wait_local(job, timeout: Optional[float]) -> JobOutcome:
+    deadline = None if timeout is None else time.time() + timeout
+    while not job.done():
+        if deadline is not None and time.time() > deadline:
+            return JobOutcome(False, "WAIT_TIMEOUT", f"still running after {timeout:.0f}s")
+        time.sleep(1.0)
+    try:
+        results = job.results()
+    except Exception as exc:  # submitit re-raises the task's failure
+        return JobOutcome(False, "FAILED", str(exc))
+    res = results[0] if results else None
+    if not isinstance(res, dict):
+        return JobOutcome(False, "FAILED", "no result from rank 0")
+    if res.get("preempted"):
+        return JobOutcome(False, "PREEMPTED", f"stopped at step {res.get('step')}; rerun to resume", res)
+    return JobOutcome(True, "COMPLETED", "", res)
