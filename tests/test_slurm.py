@@ -201,3 +201,42 @@ def test_slurm_crashing_job_is_reported_failed(cluster, dataset, tmp_path):
     while "JobState=FAILED" not in (state := cluster.run(["scontrol", "show", "job", "-o", job_id]).stdout):
         assert time.time() < deadline, state
         time.sleep(0.5)
+
+
+@pytest.mark.slurm
+def test_slurm_time_limit_checkpoints_requeues_and_bounds_requeues(cluster, dataset, tmp_path):
+    """--time 1 with --signal-delay-s 45: SLURM sends USR2 ahead of the limit; the job checkpoints and requeues
+    once (--max-requeues 1); the second time limit ends it with a reported failure, checkpoint kept."""
+    run = tmp_path / "run"
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--nodes", "2", "--cpu", "--time", "1",
+                             "--signal-delay-s", "45", "--max-requeues", "1", "--wait", "--wait-timeout", "200",
+                             f"run_dir={run}", *tiny(dataset, steps=100000, ckpt_every=50)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(cluster),
+                            cwd=str(REPO))
+    try:
+        job_id, released = None, False
+        deadline = time.time() + 220
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            if job_id is None:
+                files = list((run / "submitit").glob("*_submitted.pkl")) if (run / "submitit").is_dir() else []
+                job_id = files[0].name.split("_")[0] if files else None
+                continue
+            if not released:
+                info = cluster.run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
+                if "JobState=PENDING" in info and "Restarts=1" in info:
+                    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+                    released = True
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, f"{out}\n{err}"
+    assert "max_requeues=1" in err, err
+    info = json.loads((run / "slurm_job.json").read_text())
+    assert [a["status"] for a in info["attempts"]] == ["running", "requeued", "running", "requeue-limit"], info
+    first, second = info["attempts"][1]["step"], info["attempts"][3]["step"]
+    assert 0 < first < second
+    assert (run / "checkpoints" / f"step-{second:08d}").is_dir()
+    print(f"time limit: checkpoints at steps {first} and {second}; {time.time() - t0:.1f}s")

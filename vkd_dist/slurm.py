@@ -319,6 +319,15 @@ class TrainJob:
               f"(restart {restarts + 1}/{self.max_requeues})", flush=True)
         sys.exit(0)
 
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit calls this only for a signal that lands outside train() (while starting or finishing), where
+        the StopRequest is not installed: nothing to save then; requeue within the same bound, or give up."""
+        import submitit
+
+        if _restart_count() >= self.max_requeues:
+            return None  # submitit then records an error result: the job is reported failed
+        return submitit.helpers.DelayedSubmission(self)
+
     def __repr__(self) -> str:
         return f"TrainJob(config={self.config!r}, overrides={self.overrides!r}, strategy={self.strategy!r})"
 
