@@ -240,3 +240,18 @@ def test_slurm_time_limit_checkpoints_requeues_and_bounds_requeues(cluster, data
     assert 0 < first < second
     assert (run / "checkpoints" / f"step-{second:08d}").is_dir()
     print(f"time limit: checkpoints at steps {first} and {second}; {time.time() - t0:.1f}s")
+
+
+@pytest.mark.distributed
+def test_slurm_launcher_local_cluster_two_tasks(dataset, tmp_path):
+    """--cluster local: the same TrainJob under submitit's LocalExecutor (2 gloo ranks on this machine)."""
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--cluster", "local", "--tasks-per-node", "2", "--cpu",
+                           "--time", "5", "--wait", "--wait-timeout", "150", f"run_dir={run}",
+                           *tiny(dataset, steps=4, ckpt_every=2)], capture_output=True, text=True, env=env,
+                          timeout=180, cwd=str(REPO))
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert "final step 4" in proc.stdout and (run / "test_metrics.json").is_file()
+    assert (run / "checkpoints" / "step-00000004").is_dir()
+    assert "2 process(es)" in next((run / "submitit").glob("*_0_log.out")).read_text()

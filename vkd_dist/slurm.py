@@ -389,8 +389,7 @@ def make_executor(spec: LaunchSpec):
         ex.update_parameters(**generic, **{f"slurm_{k}": v for k, v in params.items()})
     else:  # LocalExecutor: one node; all tasks of all "nodes" run here
         ex.update_parameters(name=spec.job_name, nodes=1, tasks_per_node=spec.nodes * spec.tasks_per_node,
-                             timeout_min=spec.timeout_min, gpus_per_node=spec.gpus_per_node or 0,
-                             local_signal_delay_s=spec.signal_delay_s)
+                             timeout_min=spec.timeout_min, gpus_per_node=spec.gpus_per_node or 0)
     return ex
 
 
