@@ -216,18 +216,7 @@ def strategy_env(strategy: str) -> dict[str, str]:
 def _stop_request():
     from vkd_dist.train import StopRequest
 
-    class SignalRecordingStop(StopRequest):
-        """StopRequest that remembers which signals arrived (USR1/USR2 -> requeue; TERM alone -> don't)."""
-
-        def __init__(self):
-            self.signals: list[int] = []
-            super().__init__(install=True)
-
-        def _handle(self, signum, frame) -> None:
-            self.signals.append(signum)
-            super()._handle(signum, frame)
-
-    return SignalRecordingStop()
+    return StopRequest(install=True)  # records the signals that arrived: USR1/USR2 -> requeue; TERM alone -> don't
 
 
 def _update_job_file(run_dir: Path, **entry: Any) -> None:

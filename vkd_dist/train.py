@@ -50,6 +50,7 @@ class StopRequest:
 
     def __init__(self, install: bool = True):
         self.requested = False
+        self.signals: list[int] = []  # which signals arrived: a launcher tells a cancel from a preemption notice
         self._previous = {}
         if install:
             for sig in self.SIGNALS:
@@ -60,12 +61,14 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signals.append(signum)
 
     def agreed(self, accelerator) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def restore(self) -> None:
+        """Reinstall the handlers that were in place when this object was created."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -90,6 +93,16 @@ def _batches(stream, epoch: int, skip: int):
 
 
 def train(cfg: Config, stop: Optional[StopRequest] = None) -> TrainResult:
+    """Run (or resume) training as configured. SIGTERM/SIGUSR1/SIGUSR2 stop it at the next step boundary with
+    a checkpoint (result.preempted); pass `stop` to control that from outside."""
+    stop = stop or StopRequest(install=True)
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     accelerator = build_accelerator(cfg)
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
@@ -123,7 +136,6 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> TrainResult:
     log.info(f"run {run_dir} | objective {cfg.objective.name} | {accelerator.num_processes} process(es) on "
              f"{accelerator.device} | {stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    stop = stop or StopRequest(install=True)
     batches = _batches(stream, state["epoch"], state["batch_in_epoch"])
     meter, skipped_by_worker, result = Throughput(), {}, TrainResult(step=step, run_dir=str(run_dir))
     model.train()
@@ -202,7 +214,6 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> TrainResult:
                 (run_dir / "test_metrics.json").write_text(json.dumps(result.test, indent=2))
                 log.info(f"test split ({cfg.data.test_split}), image-only inference:\n" + format_table(result.test))
     log.close()
-    stop.restore()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

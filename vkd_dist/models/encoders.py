@@ -172,7 +172,10 @@ def report_texts(shards: list[str], limit: int = 20000) -> list[str]:
     import webdataset as wds
 
     texts: list[str] = []
-    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False).select(lambda s: "txt" in s):
+    everything = lambda src: src  # noqa: E731  (one process reads every shard, whatever the world size)
+    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=everything,
+                             workersplitter=everything)
+    for sample in dataset.select(lambda s: "txt" in s):
         texts.append(sample["txt"].decode("utf-8"))
         if len(texts) >= limit:
             break
