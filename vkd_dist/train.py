@@ -23,7 +23,7 @@ from vkd_dist import checkpoint
 from vkd_dist.config import Config, ConfigError, load_config, save_config
 from vkd_dist.data.pipeline import train_loader
 from vkd_dist.data.schema import read_dataset
-from vkd_dist.distributed import build_accelerator
+from vkd_dist.distributed import build_accelerator, param_digests
 from vkd_dist.evaluate import evaluate, load_teacher
 from vkd_dist.metrics import format_table
 from vkd_dist.models.build import build_model
@@ -201,8 +201,11 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
     result.step = step
     if not result.preempted:
+        digests = param_digests(accelerator, model)  # every rank must end with the same model
         checkpoint.export_image_model(accelerator, model, run_dir / "final",
-                                      {"step": step, "objective": cfg.objective.name})
+                                      {"step": step, "objective": cfg.objective.name, "param_digests": digests})
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks ended training with different parameters (digests {digests}); see final/meta.json")
         if cfg.train.test_at_end:
             result.test = evaluate(model, cfg, info, cfg.data.test_split, tokenizer, accelerator)
             log.scalars(step, {"macro_auroc": result.test["macro_auroc"]}, "test/")

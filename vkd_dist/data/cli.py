@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vkd-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthetic(sub)
+    from vkd_dist.data.text_features import add_subcommand as _add_embed_text
+
+    _add_embed_text(sub)
     try:  # converters for real data sets register their own subcommands
         from vkd_dist.data.sources import register_subcommands
     except ImportError:

@@ -133,8 +133,9 @@ class Augment:
 class Collate:
     """Samples -> Batch, tokenising in the worker."""
 
-    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str):
+    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, text_features=None):
         self.tokenizer, self.max_len, self.uncertain, self.missing = tokenizer, max_len, uncertain, missing
+        self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
 
     def __call__(self, samples: list[dict]) -> Batch:
         images = torch.from_numpy(np.stack([s["image"] for s in samples]))[:, None]
@@ -144,8 +145,10 @@ class Collate:
         targets = torch.from_numpy(np.stack([t for t, _ in encoded]))
         mask = torch.from_numpy(np.stack([m for _, m in encoded]))
         wid, _ = _worker()
+        keys = [s["key"] for s in samples]
+        feats = self.text_features(keys) if self.text_features is not None else None
         return Batch(images, enc["input_ids"], enc["attention_mask"], targets, mask,
-                     keys=[s["key"] for s in samples], skipped=SKIPPED.count, worker=wid)
+                     keys=keys, skipped=SKIPPED.count, worker=wid, text_features=feats)
 
 
 def decode_sample(raw: dict, augment: Augment, rng: Optional[np.random.Generator]) -> dict:
@@ -246,6 +249,15 @@ class TrainStream:
         return self.batches_per_epoch
 
 
+def _text_features(cfg, split: str):
+    """The sidecar lookup for `split` when data.text_features is set (see vkd_dist/data/text_features.py)."""
+    if not getattr(cfg, "text_features", None):
+        return None
+    from vkd_dist.data.text_features import TextFeatureLookup
+
+    return TextFeatureLookup(cfg.text_features, split)
+
+
 def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
                  seed: int = 0) -> TrainStream:
     """`cfg` is a DataConfig. Returns a stream whose every rank yields the same number of batches."""
@@ -260,8 +272,8 @@ def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, w
         _TrainShards(urls, seed, rank, world, position),
         wds.tarfile_to_samples(handler=SKIPPED),
         _TrainSamples(seed, rank, cfg.batch_size, cfg.shuffle_buffer, _augment_from(cfg), position),
-        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing),
-                    partial=False),
+        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing,
+                                                         _text_features(cfg, split)), partial=False),
         _EpochBatches(per_worker, position),
     )
     return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers)
@@ -323,7 +335,7 @@ def eval_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, wo
     pipeline = wds.DataPipeline(
         shards, wds.tarfile_to_samples(handler=SKIPPED), shards.select, decode,
         wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain,
-                                                              cfg.missing), partial=True),
+                                                              cfg.missing, _text_features(cfg, split)), partial=True),
     )
     loader = _loader(pipeline, min(cfg.num_workers, max(1, len(urls))) if len(urls) > 0 else 0)
     if max_batches is None:
