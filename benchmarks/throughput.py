@@ -1,0 +1,729 @@
+"""Training throughput stage by stage, against ceilings and a peer, on the same shards in one run.
+
+    python benchmarks/throughput.py --json bench.json                       # default config, synthetic corpus
+    python benchmarks/throughput.py --config F --data DIR --device cuda --json bench.json
+    python benchmarks/throughput.py --quick --json q.json                   # tiny sizes (the smoke test)
+    python benchmarks/throughput.py --only decode,pipeline,open_clip        # a subset
+
+Parts (`--only` names), each a function returning a dict, assembled into one JSON object:
+  decode      the raw ceiling: read the shard tars + decode JPEG to uint8 grayscale, one core
+  pipeline    our training stream (decode, augment, tokenise, batch): in-process (one worker, one thread)
+              and with data.num_workers worker processes; plus a per-sample cost breakdown
+  open_clip   the peer: open_clip_train.data.get_wds_dataset on the same shards, equivalent transforms
+              (affine + brightness/contrast, grayscale uint8) and the same tokenizer, padding to max_text_len
+  model_step  forward + backward + clip + AdamW on batches already in memory: a bare PyTorch loop with the
+              configured model, objective and optimizer, nothing of the trainer (also "the bare loop")
+  trainer     the real trainer (vkd_dist.train.train) fed the same in-memory batches: its step against the
+              bare loop; samples/s read from its TensorBoard, warm-up window excluded
+  end_to_end  the real trainer with its real loader: samples/s and data-wait fraction
+  mfu         FLOPs per sample (torch.utils.flop_counter, one fwd+bwd) x samples/s / dense matmul rate
+              measured on the same device in this run
+  frozen_text the model step with a BERT-base-sized live text encoder (random init, seq max_text_len) against
+              the same step given precomputed text features (VKDModel.posterior(text_features=...))
+  scaling     1 vs 2 processes (OMP_NUM_THREADS=1 each, torchrun, in-memory batches): weak-scaling
+              efficiency; DDP vs DeepSpeed ZeRO-2 vs ZeRO-3 step time and peak memory per rank
+Every figure is a rate measured in this run; ratios are taken between figures of the same run, so that a
+shared, noisy machine still gives comparable numbers. Timing parts run `--repeat` times, interleaved, best
+kept. On CUDA (`--device cuda`) the model parts use bf16 autocast, channels_last and torch.compile
+(`--no-compile` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+PARTS = ("decode", "pipeline", "open_clip", "model_step", "trainer", "end_to_end", "mfu", "frozen_text", "scaling")
+QUICK = {  # a seconds-long configuration (cf. tests/conftest.py tiny_overrides)
+    "data.image_size": 64, "data.batch_size": 8, "data.num_workers": 2, "data.shuffle_buffer": 16,
+    "model.image_encoder_kwargs": "{depth: 1, embed_dim: 48, num_heads: 2, patch_size: 16}",
+    "model.text_config": "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}",
+    "model.vocab_size": 400, "model.latent_dim": 16, "model.hidden_dim": 32, "model.num_samples": 2,
+    "data.max_text_len": 64,
+}
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+
+
+class Bench:
+    """What every part needs: config, data, tokenizer, device and sizes."""
+
+    def __init__(self, args, cfg, info, tokenizer, workdir: Path):
+        import torch
+
+        self.args, self.cfg, self.info, self.tokenizer, self.workdir = args, cfg, info, tokenizer, workdir
+        self.quick, self.repeat = args.quick, args.repeat
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.compile = self.cuda and not args.no_compile
+        self.urls = info.shards(cfg.data.train_split)
+        self.batch = cfg.data.batch_size
+        # sizes: batches timed per measurement
+        self.n_pipe = 6 if self.quick else 25
+        self.n_steps = 4 if self.quick else 20
+        self.results: dict = {}
+
+    def sync(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _best(fn, repeat: int) -> float:
+    """Best (highest) rate of `repeat` calls."""
+    return max(fn() for _ in range(repeat))
+
+
+def _one_thread():
+    import torch
+
+    class _Ctx:
+        def __enter__(self):
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.n)
+
+    return _Ctx()
+
+
+# ------------------------------------------------------------------------------------------------ data
+def measure_decode(b: Bench) -> dict:
+    """Read the tar members and decode each image to uint8 grayscale: nothing else. One core."""
+    from vkd_dist.data.schema import decode_image
+
+    limit = 200 if b.quick else 2000
+
+    def once() -> float:
+        n, start = 0, time.perf_counter()
+        for url in b.urls:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if member.name.endswith((".jpg", ".png")):
+                        decode_image(tar.extractfile(member).read())
+                        n += 1
+                        if n >= limit:
+                            return n / (time.perf_counter() - start)
+        return n / (time.perf_counter() - start)
+
+    with _one_thread():
+        rate = _best(once, b.repeat)
+    return {"decode_img_s_per_core": rate}
+
+
+def _time_batches(iterator, n: int, warmup: int, batch_size) -> float:
+    for _ in range(warmup):
+        next(iterator)
+    samples, start = 0, time.perf_counter()
+    for _ in range(n):
+        batch = next(iterator)
+        samples += batch_size(batch)
+    return samples / (time.perf_counter() - start)
+
+
+def _endless(stream):
+    epoch = 0
+    while True:
+        yield from stream.epoch(epoch)
+        epoch += 1
+
+
+def measure_pipeline(b: Bench) -> dict:
+    """Our train_loader: in-process (= one worker, one thread) and with data.num_workers workers."""
+    from dataclasses import replace
+
+    from vkd_dist.data.pipeline import train_loader
+
+    workers = max(1, b.cfg.data.num_workers)
+
+    def rate(num_workers: int) -> float:
+        stream = train_loader(b.info, b.cfg.data.train_split, replace(b.cfg.data, num_workers=num_workers),
+                              b.tokenizer, seed=b.cfg.train.seed)
+        # warm-up: with workers, one batch from each (spawn + first shard open)
+        r = _time_batches(_endless(stream), b.n_pipe * max(1, num_workers), max(1, num_workers), len)
+        del stream
+        return r
+
+    with _one_thread():
+        per_worker = _best(lambda: rate(0), b.repeat)
+    n_workers = _best(lambda: rate(workers), b.repeat)
+    return {"pipeline_samples_s_per_worker": per_worker, "pipeline_workers": workers,
+            "pipeline_samples_s_n_workers": n_workers, **_pipeline_breakdown(b)}
+
+
+def _pipeline_breakdown(b: Bench) -> dict:
+    """Per-sample cost of each stage of our pipeline, in-process: where the time of a sample goes."""
+    import numpy as np
+
+    import webdataset as wds
+
+    from vkd_dist.data.pipeline import Collate, _augment_from
+    from vkd_dist.data.schema import decode_image
+
+    raws = []
+    for raw in wds.DataPipeline(wds.SimpleShardList(b.urls[:1]), wds.tarfile_to_samples()):
+        raws.append(raw)
+        if len(raws) >= 4 * b.batch:
+            break
+    augment = _augment_from(b.cfg.data)
+    collate = Collate(b.tokenizer, b.cfg.data.max_text_len, b.cfg.data.uncertain, b.cfg.data.missing)
+    with _one_thread():
+        t0 = time.perf_counter()
+        images = [decode_image(r["jpg"]) for r in raws]
+        t1 = time.perf_counter()
+        out = [augment(img, np.random.default_rng([0, i])) for i, img in enumerate(images)]
+        t2 = time.perf_counter()
+        samples = [{"key": r["__key__"], "image": o, "text": r["txt"].decode(), "labels": json.loads(r["json"])["labels"]}
+                   for r, o in zip(raws, out)]
+        t3 = time.perf_counter()
+        for i in range(0, len(samples), b.batch):
+            collate(samples[i:i + b.batch])
+        t4 = time.perf_counter()
+        for i in range(0, len(samples), b.batch):
+            b.tokenizer([s["text"] for s in samples[i:i + b.batch]], padding="longest", truncation=True,
+                        max_length=b.cfg.data.max_text_len, pad_to_multiple_of=8, return_tensors="pt")
+        t5 = time.perf_counter()
+    n = len(raws)
+    return {"breakdown_ms_per_sample": {"decode": 1e3 * (t1 - t0) / n, "augment": 1e3 * (t2 - t1) / n,
+                                        "json_text": 1e3 * (t3 - t2) / n, "collate": 1e3 * (t4 - t3) / n,
+                                        "tokenise (in collate)": 1e3 * (t5 - t4) / n}}
+
+
+def measure_open_clip(b: Bench) -> dict:
+    """open_clip's WebDataset training pipeline (open-clip-torch 3.3.0) on the same shards, in-process."""
+    from types import SimpleNamespace
+
+    from torchvision import transforms as T
+
+    try:
+        import open_clip_train.data as oc_data
+    except ImportError as exc:
+        return {"open_clip_error": f"{type(exc).__name__}: {exc} (pip install -e '.[bench]')"}
+    _shim_open_clip(oc_data)
+    d = b.cfg.data
+    size = d.image_size
+    preprocess = T.Compose([
+        T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomAffine(degrees=d.max_rotate_deg, translate=(d.max_translate, d.max_translate),
+                       scale=(1 - d.scale_range, 1 + d.scale_range), interpolation=T.InterpolationMode.BILINEAR),
+        T.ColorJitter(brightness=d.brightness, contrast=d.contrast),
+        T.Grayscale(1),
+        T.PILToTensor(),  # uint8 [1, S, S], like ours
+    ])
+    tok = b.tokenizer
+
+    def tokenize(text):  # open_clip's HFTokenizer behaviour: pad to the context length
+        return tok([text], padding="max_length", truncation=True, max_length=d.max_text_len,
+                   return_tensors="pt")["input_ids"]
+
+    def rate(workers: int) -> float:
+        args = SimpleNamespace(train_data="::".join(b.urls), val_data=None, train_num_samples=b.info.num_samples(d.train_split),
+                               dataset_resampled=False, train_data_upsampling_factors=None, seed=b.cfg.train.seed,
+                               batch_size=b.batch, workers=workers, world_size=1)
+        data = oc_data.get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=tokenize)
+        data.set_epoch(0)
+
+        def endless():
+            while True:
+                yield from data.dataloader
+
+        return _time_batches(endless(), b.n_pipe * max(1, workers), max(1, workers), lambda batch: len(batch[0]))
+
+    with _one_thread():
+        per_worker = _best(lambda: rate(0), b.repeat)
+    return {"open_clip_samples_s_per_worker": per_worker, "open_clip_version": _version("open-clip-torch")}
+
+
+def _shim_open_clip(oc_data) -> None:
+    """open-clip-torch 3.3.0 + webdataset 1.0.x: webdataset's tar_file_expander now yields an end-of-shard
+    marker `{}` that open_clip's group_by_keys_nothrow cannot take (KeyError: 'fname' at the end of the first
+    shard). Drop the marker (eof_value=None, the old behaviour); the per-sample work is unchanged."""
+    import functools
+
+    from webdataset.tariterators import tar_file_expander
+
+    if not isinstance(oc_data.tar_file_expander, functools.partial):
+        oc_data.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# ----------------------------------------------------------------------------------------------- model
+def _in_memory_batches(b: Bench, n: int) -> list:
+    if "batches" not in b.results:
+        from dataclasses import replace
+
+        from _trainer_runs import take_batches
+        from vkd_dist.data.pipeline import train_loader
+
+        stream = train_loader(b.info, b.cfg.data.train_split, replace(b.cfg.data, num_workers=0), b.tokenizer,
+                              seed=b.cfg.train.seed)
+        b.results["batches"] = take_batches(stream, n)
+    return b.results["batches"]
+
+
+def _model_and_step(b: Bench, cfg=None, vocab=None):
+    """(model, step(batch, i)) for the configured model: a bare loop, no Accelerate, no trainer."""
+    import torch
+
+    from vkd_dist.models.build import build_model
+    from vkd_dist.objectives import Objective
+    from vkd_dist.train import _optimizer
+
+    cfg = cfg or b.cfg
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, vocab or len(b.tokenizer)).to(b.device)
+    if b.cuda:
+        model = model.to(memory_format=torch.channels_last)
+    objective = Objective(cfg.objective, cfg.model.num_samples)
+    optimizer = _optimizer(model, cfg)
+    fwd = torch.compile(model) if b.compile else model
+    model.train()
+    clip = cfg.optim.grad_clip
+
+    def step(batch, i: int):
+        batch = batch.to(b.device)
+        with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.cuda):
+            loss = objective(fwd, batch, i)["loss"]
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, objective, step
+
+
+def _step_rate(b: Bench, step, batches: list, n: int, warmup: int = 2) -> float:
+    for i in range(warmup):
+        step(batches[i % len(batches)], i)
+    b.sync()
+    start = time.perf_counter()
+    samples = 0
+    for i in range(n):
+        batch = batches[i % len(batches)]
+        step(batch, i)
+        samples += len(batch)
+    b.sync()
+    return samples / (time.perf_counter() - start)
+
+
+def measure_model_step(b: Bench) -> dict:
+    batches = _in_memory_batches(b, 8)
+    _, _, step = _model_and_step(b)
+    rate = _best(lambda: _step_rate(b, step, batches, b.n_steps), b.repeat)
+    return {"model_step_samples_s": rate, "model_step_ms": 1e3 * b.batch / rate,
+            "bare_loop_samples_s": rate}
+
+
+def _trainer_cfg(b: Bench, name: str, steps: int, log_every: int, extra=()):
+    from _trainer_runs import trainer_overrides
+
+    from vkd_dist.config import load_config
+
+    overrides = list(b.args.overrides) + b.args.quick_overrides + trainer_overrides(b.workdir / name, steps, log_every)
+    if b.cuda:
+        overrides += ["train.mixed_precision=bf16"] + (["train.compile=true"] if b.compile else [])
+    overrides += [f"data.path={b.info.root}", "data.build_synthetic=false",
+                  f"model.tokenizer={b.workdir / 'tokenizer'}"] + list(extra)
+    return load_config(b.args.config, overrides)
+
+
+def measure_trainer(b: Bench) -> dict:
+    """The real trainer on in-memory batches against the bare loop on the same batches, interleaved (best of
+    --repeat each), so that both see the same machine load. Trainer rate: its TensorBoard windows after the
+    first; bare loop: after 2 warm-up steps."""
+    from _trainer_runs import run_trainer
+
+    log_every = max(2, b.n_steps // 2)
+    batches = _in_memory_batches(b, 8)
+    trainer, bare = 0.0, 0.0
+    for _ in range(b.repeat):
+        _, _, step = _model_and_step(b)
+        bare = max(bare, _step_rate(b, step, batches, 2 * log_every))
+        del step
+        cfg = _trainer_cfg(b, f"trainer-{time.monotonic_ns()}", log_every * 3, log_every)
+        trainer = max(trainer, run_trainer(cfg, in_memory_batches=8)["samples_per_s"])
+    return {"trainer_samples_s": trainer, "trainer_step_ms": 1e3 * b.batch / trainer,
+            "trainer_bare_loop_samples_s": bare}
+
+
+def measure_end_to_end(b: Bench) -> dict:
+    """The real trainer with its real loader (data.num_workers workers), interleaved with the model step on
+    in-memory batches (best of --repeat each)."""
+    from _trainer_runs import run_trainer
+
+    log_every = max(2, b.n_steps // 2)
+    batches = _in_memory_batches(b, 8)
+    best, model_step = None, 0.0
+    for _ in range(b.repeat):
+        _, _, step = _model_and_step(b)
+        model_step = max(model_step, _step_rate(b, step, batches, 2 * log_every))
+        del step
+        cfg = _trainer_cfg(b, f"e2e-{time.monotonic_ns()}", log_every * 3, log_every)
+        r = run_trainer(cfg)
+        if best is None or r["samples_per_s"] > best["samples_per_s"]:
+            best = r
+    return {"end_to_end_samples_s": best["samples_per_s"], "end_to_end_data_wait_frac": best["data_wait_frac"],
+            "end_to_end_model_step_samples_s": model_step}
+
+
+def matmul_rate(b: Bench) -> float:
+    """Dense matmul FLOP/s on this device (fp32 on CPU, bf16 on CUDA), best of a few."""
+    import torch
+
+    n = 512 if b.quick else (8192 if b.cuda else 2048)
+    dtype = torch.bfloat16 if b.cuda else torch.float32
+    x = torch.randn(n, n, device=b.device, dtype=dtype)
+    y = torch.randn(n, n, device=b.device, dtype=dtype)
+    torch.mm(x, y)
+    reps = 20 if b.cuda else (3 if b.quick else 5)
+    best = 0.0
+    for _ in range(3):
+        b.sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(x, y)
+        b.sync()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def measure_mfu(b: Bench) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batches = _in_memory_batches(b, 8)
+    b_compile, b.compile = b.compile, False  # count FLOPs eagerly
+    model, objective, _ = _model_and_step(b)
+    b.compile = b_compile
+    batch = batches[0].to(b.device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        objective(model, batch, 0)["loss"].backward()
+    flops = counter.get_total_flops() / len(batch)
+    return {"flops_per_sample": flops, "matmul_flop_s": matmul_rate(b),
+            "matmul_dtype": "bf16" if b.cuda else "fp32"}
+
+
+def measure_frozen_text(b: Bench) -> dict:
+    """Model step with a live BERT-base-sized text encoder (frozen, and trainable) vs precomputed features."""
+    import torch
+
+    from vkd_dist.config import load_config
+    from vkd_dist.data.pipeline import Batch
+    text_config = dict(QUICK_TEXT) if b.quick else dict(BERT_BASE)
+    vocab = 400 if b.quick else 30522  # BERT-base's vocabulary: its embedding is part of the cost
+    seq = b.cfg.data.max_text_len
+    bs = 4
+    cfg = _trainer_cfg(b, "frozen-text", 1, 1, [f"model.text_config={json.dumps(text_config)}"])
+    g = torch.Generator().manual_seed(0)
+    base = _in_memory_batches(b, 8)[0]
+
+    def batch(with_features: int = 0):
+        return Batch(image=base.image[:bs], input_ids=torch.randint(5, vocab, (bs, seq), generator=g),
+                     attention_mask=torch.ones(bs, seq, dtype=torch.long), targets=base.targets[:bs],
+                     target_mask=base.target_mask[:bs],
+                     text_features=torch.randn(bs, with_features, generator=g) if with_features else None)
+
+    n = 2 if not b.quick else 3
+    rates = {}
+    for kind in ("live_trainable", "live_frozen"):
+        cfg.model.freeze_text = kind == "live_frozen"
+        _, _, step = _model_and_step(b, cfg, vocab)
+        batches = [batch() for _ in range(2)]
+        rates[kind] = _best(lambda: _step_rate(b, step, batches, n, warmup=1), 1)
+        del step
+    dim = text_config["hidden_size"]
+    cfg.model.freeze_text = False
+    cfg.data.text_features = None
+    # the fast path: no text encoder, features of the frozen encoder arrive with the batch
+    import vkd_dist.models.build as build_mod
+    real = build_mod.build_text_encoder
+    build_mod.build_text_encoder = lambda m, v: _FeatureStub(dim)
+    try:
+        _, _, step = _model_and_step(b, cfg)
+    finally:
+        build_mod.build_text_encoder = real
+    batches = [batch(dim) for _ in range(2)]
+    rates["fast_path"] = _best(lambda: _step_rate(b, step, batches, max(n, 10), warmup=2), b.repeat)
+    have_cli = (REPO / "vkd_dist" / "data" / "text_features.py").is_file()
+    return {"frozen_text_encoder": f"BERT {text_config} vocab {vocab}, seq {seq}, batch {bs}, random init",
+            "frozen_text_how": "model step, text_features= precomputed tensor (not via vkd-data embed-text)"
+            + ("" if have_cli else "; data.text_features not in the tree when measured"),
+            "live_trainable_samples_s": rates["live_trainable"], "live_frozen_samples_s": rates["live_frozen"],
+            "fast_path_samples_s": rates["fast_path"]}
+
+
+QUICK_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+class _FeatureStub:
+    """Stands in for a text encoder that never runs: only its output width matters (the posterior head's
+    input), the model's forward takes batch.text_features instead. Not an nn.Module, so it adds no weights."""
+
+    def __init__(self, dim: int):
+        self.out_dim = dim
+
+
+# --------------------------------------------------------------------------------------------- scaling
+def measure_scaling(b: Bench) -> dict:
+    """1 vs 2 processes, one thread each (torchrun, in-memory batches); DDP vs ZeRO-2 vs ZeRO-3."""
+    steps = 6 if b.quick else 16
+    log_every = 2 if b.quick else 4
+    out: dict = {}
+    runs = [("1proc", 1, None), ("ddp_2proc", 2, None)]
+    if not b.quick:
+        runs += [("zero2_2proc", 2, 2), ("zero3_2proc", 2, 3)]
+    for name, nproc, stage in runs:
+        res_dir = b.workdir / f"scaling-{name}"
+        cfg_over = list(b.args.overrides) + b.args.quick_overrides + [
+            f"data.path={b.info.root}", "data.build_synthetic=false", f"model.tokenizer={b.workdir / 'tokenizer'}",
+            "data.num_workers=0", "logging.progress=false"]
+        from _trainer_runs import trainer_overrides
+
+        cfg_over += trainer_overrides(res_dir / "run", steps, log_every)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                   TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+        env.pop("ACCELERATE_USE_DEEPSPEED", None)
+        if stage is not None:
+            env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(stage))
+        script = [str(REPO / "benchmarks" / "_trainer_runs.py"), "--out", str(res_dir), "--in-memory", "4"]
+        if b.args.config:
+            script += ["--config", b.args.config]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(_free_port())]
+        start = time.perf_counter()
+        proc = subprocess.run(torchrun + script + cfg_over, env=env, capture_output=True, text=True,
+                              timeout=b.args.scaling_timeout)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            out[name] = {"error": (proc.stderr or proc.stdout)[-1500:], "wall_s": wall}
+            continue
+        ranks = [json.loads((res_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
+        sps = ranks[0]["samples_per_s"]
+        out[name] = {"processes": nproc, "zero_stage": stage, "samples_s": sps,
+                     "step_ms": 1e3 * b.batch * nproc / sps, "data_wait_frac": ranks[0]["data_wait_frac"],
+                     "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in ranks],
+                     **({"peak_cuda_mb_per_rank": [r["peak_cuda_mb"] for r in ranks]} if "peak_cuda_mb" in ranks[0] else {}),
+                     "wall_s": wall}
+    return {"scaling": out}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- report
+MEASURES = {"decode": measure_decode, "pipeline": measure_pipeline, "open_clip": measure_open_clip,
+            "model_step": measure_model_step, "trainer": measure_trainer, "end_to_end": measure_end_to_end,
+            "mfu": measure_mfu, "frozen_text": measure_frozen_text, "scaling": measure_scaling}
+
+
+def _ratio(res: dict, a: str, b: str):
+    return res[a] / res[b] if a in res and b in res and res[b] else None
+
+
+def ratios(res: dict) -> dict:
+    out = {
+        "pipeline_vs_decode": _ratio(res, "pipeline_samples_s_per_worker", "decode_img_s_per_core"),
+        "pipeline_vs_open_clip": _ratio(res, "pipeline_samples_s_per_worker", "open_clip_samples_s_per_worker"),
+        "pipeline_n_workers_vs_one": _ratio(res, "pipeline_samples_s_n_workers", "pipeline_samples_s_per_worker"),
+        "trainer_vs_bare_loop": _ratio(res, "trainer_samples_s", "trainer_bare_loop_samples_s"),
+        "end_to_end_vs_model_step": _ratio(res, "end_to_end_samples_s", "end_to_end_model_step_samples_s"),
+        "frozen_text_vs_live": _ratio(res, "fast_path_samples_s", "live_frozen_samples_s"),
+        "frozen_text_vs_live_trainable": _ratio(res, "fast_path_samples_s", "live_trainable_samples_s"),
+        "mfu": None, "mfu_model_step": None,
+    }
+    if "flops_per_sample" in res:
+        for key, rate in (("mfu", "end_to_end_samples_s"), ("mfu_model_step", "model_step_samples_s")):
+            if rate in res:
+                out[key] = res["flops_per_sample"] * res[rate] / res["matmul_flop_s"]
+    sc = res.get("scaling", {})
+    one, two = sc.get("1proc", {}).get("samples_s"), sc.get("ddp_2proc", {}).get("samples_s")
+    out["weak_scaling_efficiency_2proc"] = two / (2 * one) if one and two else None
+    return {k: v for k, v in out.items() if v is not None or k in ("mfu",)}
+
+
+ROWS = [  # (key, label, unit)
+    ("decode_img_s_per_core", "decode ceiling: read + decode only, 1 core", "img/s"),
+    ("pipeline_samples_s_per_worker", "our pipeline, 1 worker (in-process, 1 thread)", "samples/s"),
+    ("pipeline_samples_s_n_workers", "our pipeline, {pipeline_workers} workers", "samples/s"),
+    ("open_clip_samples_s_per_worker", "open_clip get_wds_dataset, 1 worker", "samples/s"),
+    ("model_step_samples_s", "model step alone = bare loop, in-memory batches", "samples/s"),
+    ("trainer_bare_loop_samples_s", "bare loop, interleaved with the trainer run", "samples/s"),
+    ("trainer_samples_s", "our trainer, same in-memory batches", "samples/s"),
+    ("end_to_end_model_step_samples_s", "model step, interleaved with the end-to-end run", "samples/s"),
+    ("end_to_end_samples_s", "end-to-end training (real loader)", "samples/s"),
+    ("end_to_end_data_wait_frac", "end-to-end data-wait fraction", ""),
+    ("flops_per_sample", "FLOPs per sample (fwd+bwd)", "FLOP"),
+    ("matmul_flop_s", "dense matmul rate ({matmul_dtype})", "FLOP/s"),
+    ("live_trainable_samples_s", "BERT-base text, live + trainable", "samples/s"),
+    ("live_frozen_samples_s", "BERT-base text, live + frozen", "samples/s"),
+    ("fast_path_samples_s", "frozen-text fast path (precomputed features)", "samples/s"),
+]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def table(res: dict) -> str:
+    lines = ["| measure | value | unit |", "|---|---|---|"]
+    for key, label, unit in ROWS:
+        if key in res:
+            lines.append(f"| {label.format(**{k: res.get(k, '?') for k in ('pipeline_workers', 'matmul_dtype')})} "
+                         f"| {_fmt(res[key])} | {unit} |")
+    for k, v in res.get("breakdown_ms_per_sample", {}).items():
+        lines.append(f"| pipeline stage: {k} | {_fmt(v)} | ms/sample |")
+    for name, r in res.get("scaling", {}).items():
+        if "error" in r:
+            lines.append(f"| scaling {name} | error (see JSON) | |")
+        else:
+            lines.append(f"| scaling {name}: samples/s, step, peak RSS/rank | {_fmt(r['samples_s'])}, "
+                         f"{_fmt(r['step_ms'])} ms, {'/'.join(f'{m:.0f}' for m in r['peak_rss_mb_per_rank'])} MB | |")
+    lines.append("| **ratio** | | |")
+    for k, v in res.get("ratios", {}).items():
+        lines.append(f"| {k} | {_fmt(v) if v is not None else 'n/a'} | x |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    try:
+        out["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", help="trainer YAML (default: configs/default.yaml)")
+    ap.add_argument("--data", help="shard directory with dataset.json (default: the config's synthetic corpus)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--quick", action="store_true", help="tiny corpus and model (seconds; the smoke test)")
+    ap.add_argument("--repeat", type=int, default=None, help="best of this many interleaved runs (default 2; quick 1)")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
+    ap.add_argument("--scaling-timeout", type=int, default=400, help="seconds per scaling launch")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (runs, tokenizer)")
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = ap.parse_args(argv)
+    parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(",") if p.strip())
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.repeat = args.repeat or (1 if args.quick else 2)
+    args.quick_overrides = [f"{k}={v}" for k, v in QUICK.items()] if args.quick else []
+
+    import torch  # (after CUDA_VISIBLE_DEVICES)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from vkd_dist.config import load_config
+    from vkd_dist.data.schema import read_dataset
+    from vkd_dist.models.encoders import load_tokenizer, report_texts, train_wordpiece
+    from vkd_dist.prepare import ensure_dataset
+
+    workdir = Path(tempfile.mkdtemp(prefix="vkd-bench-throughput-"))
+    t_start = time.perf_counter()
+    try:
+        cfg = load_config(args.config, list(args.overrides) + args.quick_overrides)
+        if args.data:
+            info = read_dataset(args.data)
+        elif args.quick:
+            from vkd_dist.data.synthetic import build_synthetic
+
+            build_synthetic(workdir / "data", 160, 8, 8, image_size=64, seed=1, samples_per_shard=32, workers=1,
+                            progress=False)
+            info = read_dataset(workdir / "data")
+        else:
+            info = ensure_dataset(cfg)
+        if cfg.model.tokenizer:
+            shutil.copytree(cfg.model.tokenizer, workdir / "tokenizer")
+        elif cfg.model.text_encoder != "tiny-bert":
+            shutil.copytree(cfg.model.text_encoder, workdir / "tokenizer", dirs_exist_ok=True)
+        else:
+            train_wordpiece(report_texts(info.shards(cfg.data.train_split)), cfg.model.vocab_size, workdir / "tokenizer")
+        tokenizer = load_tokenizer(workdir / "tokenizer")
+        b = Bench(args, cfg, info, tokenizer, workdir)
+        res: dict = {"machine": machine(), "device": args.device, "quick": args.quick, "repeat": args.repeat,
+                     "config": args.config or "configs/default.yaml", "overrides": list(args.overrides),
+                     "data": str(info.root), "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
+                     "max_text_len": cfg.data.max_text_len, "parts": list(parts), "seconds": {}}
+        for part in parts:
+            t0 = time.perf_counter()
+            res.update(MEASURES[part](b))
+            res["seconds"][part] = round(time.perf_counter() - t0, 1)
+            print(f"[throughput] {part}: {res['seconds'][part]} s", file=sys.stderr, flush=True)
+        res["ratios"] = ratios(res)
+        res["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    finally:
+        if args.keep:
+            print(f"[throughput] work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    res = _clean(res)
+    print(json.dumps(res, indent=2))
+    print()
+    print(table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _clean(obj):
+    if isinstance(obj, float):
+        return round(obj, 4) if abs(obj) < 1e4 else float(f"{obj:.4e}")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+if __name__ == "__main__":
+    sys.exit(main())
