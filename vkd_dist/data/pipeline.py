@@ -136,11 +136,44 @@ class Collate:
     def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, text_features=None):
         self.tokenizer, self.max_len, self.uncertain, self.missing = tokenizer, max_len, uncertain, missing
         self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
+        self._backend, self._ids = None, {}  # built lazily in the worker (see _tokenize)
+
+    CACHE_REPORTS = 200_000  # token ids kept per worker (int32, unpadded): later epochs skip tokenisation
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        """The tokenizer's own call or, for fast tokenizers padding on the right, its Rust backend directly
+        (truncation only) with each report's ids cached, padded here to the longest, rounded up to a multiple
+        of 8: the same ids and mask as the call, without its per-call overhead or repeated work."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None or tok.pad_token_id is None or tok.padding_side != "right":
+            return tok(texts, padding="longest", truncation=True, max_length=self.max_len, pad_to_multiple_of=8,
+                       return_tensors="pt")
+        if self._backend is None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(backend.to_str())  # a copy: the wrapper resets its own per call
+            self._backend.no_padding()
+            self._backend.enable_truncation(self.max_len, direction=tok.truncation_side)
+        new = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        fresh = {t: np.asarray(e.ids, dtype=np.int32) for t, e in zip(new, self._backend.encode_batch(new))} if new else {}
+        for t, ids in fresh.items():
+            if len(self._ids) < self.CACHE_REPORTS:
+                self._ids[t] = ids
+        rows = [fresh[t] if t in fresh else self._ids[t] for t in texts]
+        longest = -(-max(len(r) for r in rows) // 8) * 8
+        input_ids = np.full((len(rows), longest), tok.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), longest), dtype=np.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_backend": None, "_ids": {}}
 
     def __call__(self, samples: list[dict]) -> Batch:
         images = torch.from_numpy(np.stack([s["image"] for s in samples]))[:, None]
-        enc = self.tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
-                             max_length=self.max_len, pad_to_multiple_of=8, return_tensors="pt")
+        enc = self._tokenize([s["text"] for s in samples])
         encoded = [encode_labels(s["labels"], self.uncertain, self.missing) for s in samples]
         targets = torch.from_numpy(np.stack([t for t, _ in encoded]))
         mask = torch.from_numpy(np.stack([m for _, m in encoded]))
