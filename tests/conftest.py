@@ -22,11 +22,12 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
-    """Overrides for a seconds-long CPU run: ViT depth 1 at 64 px, 2-layer BERT of width 64."""
+    """Overrides for a seconds-long CPU run: ViT depth 2 at 64 px, 2-layer BERT of width 64."""
     base = {
         "run_dir": str(run_dir), "data.path": str(data), "data.build_synthetic": False,
         "data.image_size": 64, "data.batch_size": 8, "data.eval_batch_size": 32, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "model.image_encoder_kwargs": "{depth: 1, embed_dim: 48, num_heads: 2, patch_size: 16}",
+        "data.shuffle_buffer": 16, "model.image_encoder": "vit_small_patch16_224",
+        "model.image_encoder_kwargs": "{depth: 2, embed_dim: 48, num_heads: 2, patch_size: 16}",
         "model.text_config": "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}",
         "model.vocab_size": 400, "model.latent_dim": 16, "model.hidden_dim": 32, "model.num_samples": 2,
         "train.max_steps": 6, "train.eval_every": 100, "train.ckpt_every": 100, "logging.log_every": 2,

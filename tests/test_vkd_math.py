@@ -40,11 +40,11 @@ def test_masked_bce_by_hand():
     mask = torch.tensor([[True, False, True], [True, True, False]])
     def bce(x, y):
         return -(y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x))))
-    hand = (bce(2.0, 1) + bce(0.5, 1) + bce(0.0, 0) + bce(3.0, 1)) / 4
+    hand = (bce(2.0, 1) + bce(0.5, 1) + bce(0.0, 0) + bce(3.0, 1)) / 2  # summed over labels, mean over 2 studies
     assert masked_bce(logits, targets, mask).item() == pytest.approx(hand, rel=1e-6)
     pw = torch.tensor([2.0, 1.0, 3.0])
     hand_pw = (2 * -math.log(1 / (1 + math.exp(-2.0))) + 3 * -math.log(1 / (1 + math.exp(-0.5))) + bce(0.0, 0)
-               + bce(3.0, 1)) / 4
+               + bce(3.0, 1)) / 2
     assert masked_bce(logits, targets, mask, pw).item() == pytest.approx(hand_pw, rel=1e-6)
 
 

@@ -23,16 +23,16 @@ MODEL_MODE = {"vkd": "vkd", "image_only": "image", "kd": "image", "text_only": "
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                pos_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean BCE-with-logits over the unmasked entries. `logits` may carry a leading K axis [K, B, L],
-    in which case the result is the mean over K of each sample's masked BCE."""
+    """Negative log-likelihood of the unmasked labels: summed over labels, averaged over the batch.
+
+    Summing over labels keeps it on the ELBO's scale (log p(y|z) of a study is the sum over its labels),
+    so beta weighs the KL against the whole study's likelihood, not against one label's. `logits` may carry
+    a leading K axis [K, B, L]: the result is then the mean over the K samples of their log-likelihoods."""
     logits = logits.float()
     t = targets.float().expand_as(logits)
     m = mask.to(logits.dtype).expand_as(logits)
     per = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pos_weight, reduction="none") * m
-    denom = mask.sum().clamp_min(1).to(logits.dtype)
-    if logits.dim() == 3:
-        return per.sum(dim=(1, 2)).mean() / denom
-    return per.sum() / denom
+    return per.sum(-1).mean()
 
 
 def beta_at(step: int, cfg) -> float:
@@ -74,7 +74,8 @@ class Objective:
             teacher = self.teacher(batch, mode="text").post_logits.float()
         temp, alpha = self.cfg.kd_temperature, self.cfg.kd_alpha
         # Distil on every label the report speaks to, masked or not: the teacher has an opinion on all.
-        soft = F.binary_cross_entropy_with_logits(logits[0].float() / temp, torch.sigmoid(teacher[0] / temp))
+        soft = F.binary_cross_entropy_with_logits(logits[0].float() / temp, torch.sigmoid(teacher[0] / temp),
+                                                  reduction="none").sum(-1).mean()
         loss = (1 - alpha) * bce + alpha * temp ** 2 * soft
         return {"loss": loss, "bce": bce.detach(), "kd": soft.detach()}
 

@@ -34,7 +34,8 @@ class ImageEncoder(nn.Module):
         # A grayscale image normalised with the mean of the RGB statistics the weights were trained with.
         self.register_buffer("mean", torch.tensor(sum(mean) / len(mean)).view(1, 1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(sum(std) / len(std)).view(1, 1, 1, 1) * 255, persistent=False)
-        self.out_dim = self.backbone.num_features
+        # Pooled feature width: some families (MobileNetV3) add a head projection after num_features.
+        self.out_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
 
