@@ -132,3 +132,18 @@ def test_image_text_posterior_uses_both():
     assert model.posterior_head.net[1].in_features == 16
     out = model(_batch(), mode="vkd", num_samples=2)
     assert out.posterior.mu.shape == (6, 4)
+
+
+def test_a_frozen_text_encoder_stays_deterministic_in_training_mode():
+    from vkd_dist.config import ModelConfig
+    from vkd_dist.models.encoders import build_text_encoder
+
+    cfg = ModelConfig(text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "intermediate_size": 64}, freeze_text=True)
+    enc = build_text_encoder(cfg, vocab_size=50).train()
+    ids = torch.randint(5, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert torch.equal(enc(ids, mask), enc(ids, mask))  # no dropout noise
+    partly = build_text_encoder(ModelConfig(text_config=cfg.text_config, text_trainable_layers=1), 50).train()
+    assert partly.model.training and any(p.requires_grad for p in partly.parameters())

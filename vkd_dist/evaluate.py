@@ -29,12 +29,22 @@ def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batc
     was_training = model.training
     model.eval()
     probs, targets, masks, keys = [], [], [], []
-    for batch in eval_loader(info, split, cfg.data, tokenizer, rank, world, max_batches):
+    batches = iter(eval_loader(info, split, cfg.data, tokenizer, rank, world, max_batches))
+    while True:
+        batch = next(batches, None)
+        if world > 1:
+            # Ranks may hold different numbers of batches. Under ZeRO-3 every forward gathers weights from all
+            # ranks, so a rank that is done keeps stepping with an empty batch until every rank is done.
+            pending = torch.tensor([0.0 if batch is None else 1.0], device=device)
+            if accelerator.reduce(pending, reduction="sum").item() == 0:
+                break
+            if batch is None:
+                _predict(net, cfg, _empty_batch(cfg, tokenizer, device))
+                continue
+        elif batch is None:
+            break
         batch = batch.to(device)
-        if net.image_encoder is None:  # text_only: the teacher reads the report
-            p, _ = net.predict_text(batch.input_ids, batch.attention_mask, batch.text_features)
-        else:  # the deployed path: images only
-            p, _ = net.predict(batch.image, cfg.model.inference, cfg.model.num_samples)
+        p = _predict(net, cfg, batch)
         probs.append(p.float().cpu().numpy())
         targets.append(batch.targets.cpu().numpy())
         masks.append(batch.target_mask.cpu().numpy())
@@ -44,6 +54,27 @@ def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batc
     return gather_predictions(np.concatenate(probs) if probs else empty(np.float32),
                               np.concatenate(targets) if targets else empty(np.float32),
                               np.concatenate(masks) if masks else empty(bool), keys)
+
+
+def _predict(net, cfg, batch) -> torch.Tensor:
+    if net.image_encoder is None:  # text_only: the teacher reads the report
+        return net.predict_text(batch.input_ids, batch.attention_mask, batch.text_features)[0]
+    return net.predict(batch.image, cfg.model.inference, cfg.model.num_samples)[0]  # the deployed path: images only
+
+
+def _empty_batch(cfg, tokenizer, device):
+    from vkd_dist.data.pipeline import Batch
+
+    size = cfg.data.image_size
+    ids = torch.tensor([[tokenizer.cls_token_id, tokenizer.sep_token_id]], device=device)
+    features = None
+    if cfg.data.text_features:
+        from vkd_dist.data.text_features import feature_dim
+
+        features = torch.zeros(1, feature_dim(cfg.data.text_features), device=device)
+    return Batch(image=torch.zeros(1, 1, size, size, dtype=torch.uint8, device=device), input_ids=ids,
+                 attention_mask=torch.ones_like(ids), targets=torch.zeros(1, 14, device=device),
+                 target_mask=torch.zeros(1, 14, dtype=torch.bool, device=device), text_features=features)
 
 
 def evaluate(model, cfg, info, split: str, tokenizer, accelerator=None, max_batches: Optional[int] = None) -> dict:

@@ -58,6 +58,13 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.model, self.pooling = model, pooling
         self.out_dim = model.config.hidden_size
+        self.frozen = False  # fully frozen: stays in eval mode, so it matches precomputed features exactly
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -100,6 +107,8 @@ def apply_text_freezing(encoder: TextEncoder, freeze: bool, trainable_layers: Op
     for p in encoder.parameters():
         p.requires_grad_(False)
     if freeze or not trainable_layers:
+        encoder.frozen = True
+        encoder.model.eval()
         return
     layers = _encoder_layers(encoder.model)
     for layer in layers[-trainable_layers:]:
