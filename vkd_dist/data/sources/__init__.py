@@ -105,6 +105,13 @@ def convert(out: str | Path, items_by_split: dict, make_record: Callable, params
                           extra_rejects=list(extra_rejects))
 
 
+def add_split_args(p, note: str = "") -> None:
+    """The patient-level hash split's fractions and seed (each patient's studies stay in one split)."""
+    p.add_argument("--val-frac", type=float, default=0.1, help=f"fraction of patients in val{note}")
+    p.add_argument("--test-frac", type=float, default=0.1, help=f"fraction of patients in test{note}")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the patient hash split{note}")
+
+
 def add_common_args(p) -> None:
     p.add_argument("--out", required=True, help="output directory (shards, dataset.json, rejects.csv)")
     p.add_argument("--image-size", type=int, default=256, help="output size in pixels (default 256)")

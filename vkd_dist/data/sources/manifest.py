@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from vkd_dist.data.reports import normalise_text
 from vkd_dist.data.schema import Reject
-from vkd_dist.data.sources import (ConvertOptions, add_common_args, build_record, check_fractions, common_kwargs,
+from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
                                    convert, hash_split, open_table, options_from_args, options_params, parse_label,
                                    require_columns, run_and_report)
 from vkd_dist.labels import LABELS
@@ -163,9 +163,7 @@ def add_subcommand(sub) -> None:
                                                                "('' = every row its own patient)")
     p.add_argument("--study-col", help="optional study id column")
     p.add_argument("--split-col", help="optional column with train/val/test; otherwise a patient hash split")
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--test-frac", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    add_split_args(p)
     add_common_args(p)
     p.set_defaults(func=_run)
 

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from vkd_dist.data.reports import DEFAULT_SECTIONS, parse_sections_arg, report_text
 from vkd_dist.data.schema import Reject
-from vkd_dist.data.sources import (ConvertOptions, add_common_args, build_record, check_fractions, common_kwargs,
+from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
                                    convert, hash_split, open_table, options_from_args, options_params, parse_label,
                                    require_columns, run_and_report)
 from vkd_dist.labels import LABELS
@@ -224,9 +224,7 @@ def add_subcommand(sub) -> None:
                    help="do not fall back to the whole report when none of --sections is present")
     p.add_argument("--split", choices=("official", "patient"), default="official",
                    help="official (mimic-cxr-2.0.0-split; validate -> val) or a patient-level hash split")
-    p.add_argument("--val-frac", type=float, default=0.1, help="with --split patient")
-    p.add_argument("--test-frac", type=float, default=0.1, help="with --split patient")
-    p.add_argument("--seed", type=int, default=0, help="with --split patient")
+    add_split_args(p, " (with --split patient)")
     p.add_argument("--metadata", help=f"default JPG_ROOT/{METADATA}")
     p.add_argument("--split-csv", help=f"default JPG_ROOT/{SPLIT_CSV}")
     p.add_argument("--labels-csv", help="default JPG_ROOT/mimic-cxr-2.0.0-<labels>.csv.gz")

@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Sequence
 
 from vkd_dist.data.reports import DEFAULT_SECTIONS, compose, parse_sections_arg
 from vkd_dist.data.schema import Reject
-from vkd_dist.data.sources import (ConvertOptions, add_common_args, build_record, check_fractions, common_kwargs,
+from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
                                    convert, hash_split, options_from_args, options_params, run_and_report)
 from vkd_dist.labels import LABELS
 
@@ -228,9 +228,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--sections", default="FINDINGS,IMPRESSION")
     p.add_argument("--no-fallback", action="store_true",
                    help="do not fall back to the whole report when none of --sections has text")
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--test-frac", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    add_split_args(p)
     add_common_args(p)
     p.set_defaults(func=_run)
 
