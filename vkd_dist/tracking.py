@@ -42,7 +42,10 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.is_main:
-            (self.bar.write if self.bar is not None else print)(message)
+            if self.bar is not None:
+                self.bar.write(message)
+            else:  # flushed: SLURM and nohup logs are files, where print would sit in a buffer
+                print(message, flush=True)
 
     def advance(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
