@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PARTS = ("decode", "pipeline", "open_clip", "model_step", "trainer", "end_to_end", "mfu", "frozen_text", "scaling")
 QUICK = {  # a seconds-long configuration (cf. tests/conftest.py tiny_overrides)
     "data.image_size": 64, "data.batch_size": 8, "data.num_workers": 2, "data.shuffle_buffer": 16,
+    "model.image_encoder": "vit_small_patch16_224",
     "model.image_encoder_kwargs": "{depth: 1, embed_dim: 48, num_heads: 2, patch_size: 16}",
     "model.text_config": "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}",
     "model.vocab_size": 400, "model.latent_dim": 16, "model.hidden_dim": 32, "model.num_samples": 2,
@@ -694,6 +695,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     try:
         cfg = load_config(args.config, list(args.overrides) + args.quick_overrides)
+        # one snapshot for every part and subprocess: a config file edited during the run cannot mix in
+        from vkd_dist.config import save_config
+
+        save_config(cfg, workdir / "config.yaml")
+        args.config_source, args.config = args.config or "configs/default.yaml", str(workdir / "config.yaml")
         if args.data:
             info = read_dataset(args.data)
         elif args.quick:
@@ -713,7 +719,9 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(workdir / "tokenizer")
         b = Bench(args, cfg, info, tokenizer, workdir)
         res: dict = {"machine": machine(), "device": args.device, "quick": args.quick, "repeat": args.repeat,
-                     "config": args.config or "configs/default.yaml", "overrides": list(args.overrides),
+                     "config": args.config_source, "overrides": list(args.overrides),
+                     "model": {"image_encoder": cfg.model.image_encoder, "text_encoder": cfg.model.text_encoder,
+                               "text_config": cfg.model.text_config},
                      "data": str(info.root), "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
                      "max_text_len": cfg.data.max_text_len, "parts": list(parts), "seconds": {}}
         for part in parts:
