@@ -49,7 +49,7 @@ def _write_shard(job: tuple) -> dict:
     tar_path = out_dir / split / shard_name(index)
     tmp_path = tar_path.with_name(f".tmp-{tar_path.name}")
     counts, rejects, n = empty_label_counts(), [], 0
-    with wds.TarWriter(str(tmp_path), mtime=0.0) as sink:
+    with wds.TarWriter(str(tmp_path), mtime=0) as sink:  # an int: a float mtime adds a PAX header per member
         for item in items:
             try:
                 rec = make_record(item)
