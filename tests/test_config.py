@@ -6,13 +6,13 @@ from vkd_dist.config import ConfigError, load_config, save_config
 
 def test_default_config_loads_and_overrides_apply():
     cfg = load_config(overrides=["data.path=/tmp/x", "train.max_steps=100", "objective=image_only", "train.seed=3",
-                                 "run_dir=runs/r", "model.image_encoder_kwargs.depth=4", "optim.lr=1e-3"])
+                                 "run_dir=runs/r", "model.text_config.num_hidden_layers=4", "optim.lr=1e-3"])
     assert cfg.data.path == "/tmp/x"
     assert cfg.train.max_steps == 100
     assert cfg.objective.name == "image_only"  # the section shorthand sets objective.name
     assert cfg.train.seed == 3 and cfg.run_dir == "runs/r"
-    assert cfg.model.image_encoder_kwargs["depth"] == 4
-    assert cfg.model.image_encoder_kwargs["embed_dim"] == 96  # other keys of the default dict survive
+    assert cfg.model.text_config["num_hidden_layers"] == 4
+    assert cfg.model.text_config["hidden_size"] == 128  # other keys of the default dict survive
     assert cfg.optim.lr == pytest.approx(1e-3)
 
 

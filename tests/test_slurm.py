@@ -31,7 +31,8 @@ def tiny(data: Path, steps: int, ckpt_every: int = 5) -> list[str]:
             "data.synthetic.num_test=32", "data.synthetic.image_size=64", "data.image_size=64", "data.batch_size=8",
             "data.eval_batch_size=32", "data.num_workers=0", f"train.max_steps={steps}", f"train.eval_every={steps}",
             f"train.ckpt_every={ckpt_every}", "logging.progress=false", "logging.log_every=5",
-            "model.image_encoder_kwargs.depth=1"] + ([f"model.tokenizer={TOKENIZER[0]}"] if TOKENIZER else [])
+            "model.image_encoder=vit_small_patch16_224",
+            "model.image_encoder_kwargs={depth: 2, embed_dim: 48, num_heads: 2, patch_size: 16}"] + ([f"model.tokenizer={TOKENIZER[0]}"] if TOKENIZER else [])
 
 
 # ----------------------------------------------------------------------------------------- no cluster needed
