@@ -91,9 +91,9 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "vkd"  # vkd | image_only | text_only | kd
-    beta: float = 1.0
+    beta: float = 0.1
     beta_schedule: str = "warmup"  # constant | warmup | cyclical
-    beta_warmup_steps: int = 100
+    beta_warmup_steps: int = 200
     beta_cycle_steps: int = 500
     beta_cycle_ramp: float = 0.5  # fraction of each cycle spent ramping up
     prior_bce_weight: float = 1.0  # BCE on z from the prior, so the deployed path is trained directly
