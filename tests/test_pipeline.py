@@ -132,3 +132,18 @@ def test_label_policy_reaches_the_batch(tiny_data, tokenizer):
     assert neg.target_mask.sum() > ignore.target_mask.sum()
     assert neg.target_mask.all()  # missing -> negative, uncertain -> one: every entry counts
     assert neg.targets.sum() >= ignore.targets.sum()
+
+
+@pytest.mark.parametrize("max_len", [128, 24])
+def test_cached_tokenisation_equals_the_tokenizer_call(tokenizer, tiny_data, max_len):
+    from vkd_dist.data.pipeline import Collate
+
+    texts = report_texts(read_dataset(tiny_data).shards("val"))[:12]
+    texts += [texts[0], "", "word " * 300]  # a repeat (served from the cache), an empty and an over-long report
+    collate = Collate(tokenizer, max_len, "ignore", "mask")
+    for _ in range(2):  # second pass: every report comes from the per-worker cache
+        ours = collate._tokenize(texts)
+        ref = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, pad_to_multiple_of=8,
+                        return_tensors="pt")
+        assert torch.equal(ours["input_ids"], ref["input_ids"])
+        assert torch.equal(ours["attention_mask"], ref["attention_mask"])
