@@ -117,3 +117,7 @@ def test_kd_distils_from_a_text_only_teacher(tiny_data, tmp_path):
                                                         **{"objective.kd_teacher": str(teacher),
                                                            "train.max_steps": 3})))
     assert result.step == 3 and result.test["macro_auroc"] is not None
+    assert not (tmp_path / "kd" / "tokenizer").exists()  # the student reads with the teacher's vocabulary...
+    out = tmp_path / "kd-eval.json"
+    assert eval_main(["--run", str(tmp_path / "kd"), "--checkpoint", "final", "--out", str(out)]) == 0  # ...and so does vkd-eval
+    assert json.loads(out.read_text())["macro_auroc"] == pytest.approx(result.test["macro_auroc"], abs=1e-6)

@@ -17,6 +17,7 @@ from vkd_dist import checkpoint
 from vkd_dist.config import config_from_dict
 from vkd_dist.data.pipeline import eval_loader
 from vkd_dist.metrics import auroc_report, format_table, gather_predictions
+from vkd_dist.prepare import teacher_run_dir, tokenizer_dir
 
 
 @torch.no_grad()
@@ -98,9 +99,7 @@ def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[
 
     cfg = load_run_config(run_dir)
     objective = objective or cfg.objective.name
-    tok_dir = cfg.model.tokenizer or (cfg.model.text_encoder if cfg.model.text_encoder != "tiny-bert"
-                                      else str(Path(run_dir) / "tokenizer"))
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tokenizer_dir(cfg, run_dir))
     model = build_model(cfg, len(tokenizer), objective=objective, with_text=objective == "text_only")
     state = checkpoint.load_weights(checkpoint.find_weights(run_dir, which))
     wanted = model.deploy_state_dict()
@@ -113,8 +112,7 @@ def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[
 
 def load_teacher(cfg, device):
     """The frozen text_only teacher for objective=kd."""
-    teacher_dir = Path(cfg.objective.kd_teacher)
-    run_dir = teacher_dir if (teacher_dir / "config.yaml").is_file() else teacher_dir.parent
+    run_dir = teacher_run_dir(cfg)
     model, tcfg, _ = load_exported(run_dir, "best" if (run_dir / "best").is_dir() else "final", "text_only", device)
     if tcfg.objective.name != "text_only":
         raise ValueError(f"objective.kd_teacher={cfg.objective.kd_teacher}: a text_only run is needed, "

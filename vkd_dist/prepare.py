@@ -27,22 +27,33 @@ def ensure_dataset(cfg, accelerator=None) -> DatasetInfo:
     return read_dataset(path)
 
 
+def teacher_run_dir(cfg) -> Path:
+    """objective.kd_teacher names a text_only run directory or a checkpoint inside one."""
+    path = Path(cfg.objective.kd_teacher)
+    return path if (path / "config.yaml").is_file() else path.parent
+
+
+def tokenizer_dir(cfg, run_dir: str | Path) -> Path:
+    """Where a run's tokenizer lives: the kd teacher's (its batches feed the teacher) > model.tokenizer > the
+    text encoder's own directory > RUN/tokenizer (built from the training reports by `resolve_tokenizer`)."""
+    if cfg.objective.name == "kd":
+        teacher = teacher_run_dir(cfg) / "tokenizer"
+        if (teacher / "tokenizer.json").is_file():
+            return teacher
+    if cfg.model.tokenizer:
+        return Path(cfg.model.tokenizer)
+    if cfg.model.text_encoder != "tiny-bert":
+        return Path(cfg.model.text_encoder)
+    return Path(run_dir) / "tokenizer"
+
+
 def resolve_tokenizer(cfg, info: DatasetInfo, accelerator=None):
-    """model.tokenizer dir > the text encoder's own dir > RUN/tokenizer (built from training reports once)."""
-    m = cfg.model
-    if cfg.objective.name == "kd":  # the student's batches feed the teacher: use the teacher's vocabulary
-        teacher = Path(cfg.objective.kd_teacher)
-        teacher = teacher if (teacher / "config.yaml").is_file() else teacher.parent
-        if (teacher / "tokenizer" / "tokenizer.json").is_file():
-            return load_tokenizer(teacher / "tokenizer")
-    if m.tokenizer:
-        return load_tokenizer(m.tokenizer)
-    if m.text_encoder != "tiny-bert":
-        return load_tokenizer(m.text_encoder)
-    out = Path(cfg.run_dir) / "tokenizer"
-    is_main = accelerator is None or accelerator.is_main_process
-    if is_main and not (out / "tokenizer.json").is_file():
-        train_wordpiece(report_texts(info.shards(cfg.data.train_split)), m.vocab_size, out)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return load_tokenizer(out)
+    """The run's tokenizer (see `tokenizer_dir`), building RUN/tokenizer on rank 0 the first time."""
+    path = tokenizer_dir(cfg, cfg.run_dir)
+    if path == Path(cfg.run_dir) / "tokenizer":
+        is_main = accelerator is None or accelerator.is_main_process
+        if is_main and not (path / "tokenizer.json").is_file():
+            train_wordpiece(report_texts(info.shards(cfg.data.train_split)), cfg.model.vocab_size, path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+    return load_tokenizer(path)
