@@ -35,3 +35,18 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_shards(out: Path, split: str) -> dict:
+    """key -> {meta, text, image bytes} for every sample of a written split, read with plain tarfile."""
+    import json
+    import tarfile
+
+    samples: dict = {}
+    for tar_path in sorted((out / split).glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return {k: {"meta": json.loads(v["json"]), "text": v["txt"].decode(), "image": v.get("jpg") or v.get("png")}
+            for k, v in samples.items()}

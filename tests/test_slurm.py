@@ -26,6 +26,22 @@ from slurm_cluster import ClusterUnavailable, LoopbackCluster, ensure_installed 
 TOKENIZER: list[str] = []
 
 
+def submitted_job_id(run: Path):
+    """The SLURM job id once submitit has submitted the job, else None."""
+    files = list((run / "submitit").glob("*_submitted.pkl")) if (run / "submitit").is_dir() else []
+    return files[0].name.split("_")[0] if files else None
+
+
+def release_requeued(cluster, job_id: str) -> bool:
+    """SLURM holds a requeued job back for ~2 minutes (BeginTime); start it now so tests don't wait.
+    True once the job was found requeued and released."""
+    info = cluster.run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
+    if "JobState=PENDING" in info and "Restarts=1" in info:
+        cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        return True
+    return False
+
+
 def tiny(data: Path, steps: int, ckpt_every: int = 5) -> list[str]:
     return [f"data.path={data}", "data.synthetic.num_train=64", "data.synthetic.num_val=32",
             "data.synthetic.num_test=32", "data.synthetic.image_size=64", "data.image_size=64", "data.batch_size=8",
@@ -151,19 +167,14 @@ def test_slurm_preempted_job_requeues_and_resumes(cluster, dataset, tmp_path):
         while proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
             if job_id is None:
-                files = list((run / "submitit").glob("*_submitted.pkl")) if (run / "submitit").is_dir() else []
-                job_id = files[0].name.split("_")[0] if files else None
+                job_id = submitted_job_id(run)
                 continue
             if not signalled and list((run / "checkpoints").glob("step-*")):
                 # the preemption notice, to every task of the job (what --signal=USR2@T sends before the limit)
                 cluster.run(["scancel", "--signal=USR2", job_id])
                 signalled = True
             if signalled and not released:
-                info = cluster.run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
-                if "JobState=PENDING" in info and "Restarts=1" in info:
-                    # SLURM holds a requeued job back for ~2 minutes (BeginTime); don't make the test wait
-                    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-                    released = True
+                released = release_requeued(cluster, job_id)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -221,14 +232,10 @@ def test_slurm_time_limit_checkpoints_requeues_and_bounds_requeues(cluster, data
         while proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
             if job_id is None:
-                files = list((run / "submitit").glob("*_submitted.pkl")) if (run / "submitit").is_dir() else []
-                job_id = files[0].name.split("_")[0] if files else None
+                job_id = submitted_job_id(run)
                 continue
             if not released:
-                info = cluster.run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
-                if "JobState=PENDING" in info and "Restarts=1" in info:
-                    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-                    released = True
+                released = release_requeued(cluster, job_id)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

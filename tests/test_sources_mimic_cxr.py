@@ -4,7 +4,6 @@ import csv
 import gzip
 import hashlib
 import json
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import read_shards
 from vkd_dist.data.cli import main as vkd_data
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.mimic_cxr import convert_mimic
@@ -98,16 +98,6 @@ def mimic(tmp_path_factory):
     return jpg, tree, zpath
 
 
-def read_split(out: Path, split: str) -> dict:
-    samples = {}
-    for tar_path in sorted((out / split).glob("shard-*.tar")):
-        with tarfile.open(tar_path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return {k: {"meta": json.loads(v["json"]), "text": v["txt"].decode()} for k, v in samples.items()}
-
-
 def _digest(out: Path) -> dict:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*.tar"))}
@@ -124,7 +114,7 @@ def test_convert_counts_views_labels_sections_rejects(mimic, tmp_path):
     with open(out / "rejects.csv") as fh:
         rejects = {r["item_id"]: r for r in csv.DictReader(fh)}
     assert set(rejects) == {"d6", "d7", "d8", "d9"} and rejects["d6"]["path"].endswith("d6.jpg")
-    train, val, test = (read_split(out, s) for s in ("train", "val", "test"))
+    train, val, test = (read_shards(out, s) for s in ("train", "val", "test"))
     assert set(train) == {"d1", "d3"} and set(val) == {"d4"} and set(test) == {"d5"}
     assert train["d1"]["text"] == "FINDINGS: The lungs are clear. No effusion.\nIMPRESSION: No acute process."
     assert train["d1"]["meta"]["labels"]["No Finding"] == 1 and train["d1"]["meta"]["labels"]["Pleural Effusion"] == 0
@@ -156,7 +146,7 @@ def test_options_views_negbio_deid_patient_split(mimic, tmp_path):
                          workers=1, progress=False)
     samples = {}
     for s in ("train", "val", "test"):
-        for k, v in read_split(tmp_path / "o", s).items():
+        for k, v in read_shards(tmp_path / "o", s).items():
             samples[k] = (s, v)
     assert "d2" in samples and samples["d2"][1]["meta"]["view"] == "LATERAL"
     assert samples["d4"][1]["meta"]["labels"]["Cardiomegaly"] == 1  # negbio's value

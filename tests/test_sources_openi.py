@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import read_shards
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.openi import convert_openi, mesh_labels, parse_report, plan
 from vkd_dist.labels import LABELS
@@ -32,17 +33,6 @@ def openi(tmp_path_factory):
         arr = rng.integers(0, 255, (48 + i % 5, 40), dtype=np.uint8)
         Image.fromarray(arr).save(images / f"{image_id}.png")
     return images, ids
-
-
-def read_split(out: Path, split: str) -> dict:
-    samples = {}
-    for tar_path in sorted((out / split).glob("shard-*.tar")):
-        with tarfile.open(tar_path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return {k: {"meta": json.loads(v["json"]), "text": v["txt"].decode(), "image": v.get("jpg") or v.get("png")}
-            for k, v in samples.items()}
 
 
 def test_mesh_table():
@@ -99,7 +89,7 @@ def test_convert_first_view(openi, tmp_path):
     assert {r["item_id"] for r in rows if r["reason"].startswith("no_image")} == {"CXR1185", "CXR2309", "CXR2800", "CXR873"}
     samples = {}
     for split in ("train", "val", "test"):
-        samples.update(read_split(out, split))
+        samples.update(read_shards(out, split))
     assert len(samples) == 41 and "CXR3245" not in samples
     s = samples["CXR1851"]
     assert s["meta"]["labels"]["No Finding"] == 1 and s["meta"]["image_id"].endswith("-1001")

@@ -21,7 +21,7 @@ import math
 import multiprocessing as mp
 import random
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -353,7 +353,7 @@ class _EvalShards(IterableDataset):
 
 
 def eval_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
-                max_batches: Optional[int] = None) -> torch.utils.data.DataLoader:
+                max_batches: Optional[int] = None) -> Iterable[Batch]:
     urls = info.shards(split)
     shards = _EvalShards(urls, rank, world)
     augment = Augment(cfg.image_size, enabled=False)
@@ -371,17 +371,4 @@ def eval_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, wo
                                                               cfg.missing, _text_features(cfg, split)), partial=True),
     )
     loader = _loader(pipeline, min(cfg.num_workers, max(1, len(urls))) if len(urls) > 0 else 0)
-    if max_batches is None:
-        return loader
-    return _Limited(loader, max_batches)
-
-
-class _Limited:
-    def __init__(self, loader, n: int):
-        self.loader, self.n = loader, n
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                break
-            yield batch
+    return loader if max_batches is None else itertools.islice(loader, max_batches)
