@@ -10,7 +10,6 @@ kd          (1 - alpha) * BCE(student, y) + alpha * T^2 * BCE(student / T, sigmo
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -78,15 +77,3 @@ class Objective:
                                                   reduction="none").sum(-1).mean()
         loss = (1 - alpha) * bce + alpha * temp ** 2 * soft
         return {"loss": loss, "bce": bce.detach(), "kd": soft.detach()}
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up then cosine decay to min_ratio of the peak."""
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn

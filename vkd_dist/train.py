@@ -27,7 +27,7 @@ from vkd_dist.distributed import build_accelerator, param_digests
 from vkd_dist.evaluate import evaluate, load_teacher
 from vkd_dist.metrics import format_table
 from vkd_dist.models.build import build_model
-from vkd_dist.objectives import Objective, lr_lambda
+from vkd_dist.objectives import Objective
 from vkd_dist.prepare import ensure_dataset, resolve_tokenizer
 from vkd_dist.tracking import RunLogger, Throughput
 
@@ -80,6 +80,18 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
             (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up then cosine decay to min_ratio of the peak."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
 
 
 def _batches(stream, epoch: int, skip: int):
