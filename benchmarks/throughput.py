@@ -7,12 +7,16 @@
 
 Parts (`--only` names), each a function returning a dict, assembled into one JSON object:
   decode      the raw ceiling: read the shard tars + decode JPEG to uint8 grayscale, one core
-  pipeline    our training stream (decode, augment, tokenise, batch): in-process (one worker, one thread)
-              and with data.num_workers worker processes; plus a per-sample cost breakdown
-  open_clip   the peer: open_clip_train.data.get_wds_dataset on the same shards, equivalent transforms
-              (affine + brightness/contrast, grayscale uint8) and the same tokenizer, padding to max_text_len
-  model_step  forward + backward + clip + AdamW on batches already in memory: a bare PyTorch loop with the
-              configured model, objective and optimizer, nothing of the trainer (also "the bare loop")
+  pipeline    our training stream (decode, tokenise, batch; the augmentation runs batch-wise on the device,
+              in the step): in-process (one worker, one thread) and with data.num_workers worker processes;
+              plus a per-sample cost breakdown, including the device augmentation
+  open_clip   the peer: open_clip_train.data.get_wds_dataset on the same shards, with the same tokenizer
+              (padding to max_text_len) and equivalent transforms in its workers, as open_clip is used
+              (affine + brightness/contrast, grayscale uint8); and without the augmentation (the same work
+              as our workers)
+  model_step  device augmentation + forward + backward + clip + AdamW on batches already in memory: a bare
+              PyTorch loop with the configured model, objective and optimizer, nothing of the trainer (also
+              "the bare loop")
   trainer     the real trainer (vkd_dist.train.train) fed the same in-memory batches: its step against the
               bare loop; samples/s read from its TensorBoard, warm-up window excluded
   end_to_end  the real trainer with its real loader: samples/s and data-wait fraction
@@ -73,7 +77,6 @@ class Bench:
         self.urls = info.shards(cfg.data.train_split)
         self.batch = cfg.data.batch_size
         # sizes: batches timed per measurement
-        self.n_pipe = 6 if self.quick else 25
         self.n_steps = 4 if self.quick else 20
         self.results: dict = {}
 
@@ -127,55 +130,61 @@ def measure_decode(b: Bench) -> dict:
     return {"decode_img_s_per_core": rate}
 
 
-def _time_batches(iterator, n: int, warmup: int, batch_size) -> float:
-    for _ in range(warmup):
-        next(iterator)
-    samples, start = 0, time.perf_counter()
-    for _ in range(n):
-        batch = next(iterator)
-        samples += batch_size(batch)
-    return samples / (time.perf_counter() - start)
+def _epoch_rates(epochs, batch_size=len) -> list[float]:
+    """Samples/s of each whole epoch: shuffle-buffer fill and drain included, as a training run pays them."""
+    rates = []
+    for batches in epochs:
+        samples, start = 0, time.perf_counter()
+        for batch in batches:
+            samples += batch_size(batch)
+        rates.append(samples / (time.perf_counter() - start))
+    return rates
 
 
-def _endless(stream):
-    epoch = 0
-    while True:
-        yield from stream.epoch(epoch)
-        epoch += 1
+def _bench_epoch_samples(b: Bench) -> int:
+    return min(b.info.num_samples(b.cfg.data.train_split), 20_000)  # a virtual epoch on a large corpus
 
 
 def measure_pipeline(b: Bench) -> dict:
-    """Our train_loader: in-process (= one worker, one thread) and with data.num_workers workers."""
+    """Our train_loader as the trainer runs it (with the run's token table, built here and timed), whole
+    epochs: in-process (= one worker, one thread), first epoch and second; with data.num_workers worker
+    processes (second epoch: workers already started); and in-process without the token table (reports
+    tokenised in the loader, cached per worker from the second epoch)."""
     from dataclasses import replace
 
     from vkd_dist.data.pipeline import train_loader
+    from vkd_dist.data.tokens import build_token_table
 
-    workers = max(1, b.cfg.data.num_workers)
+    split, workers = b.cfg.data.train_split, max(1, b.cfg.data.num_workers)
+    start = time.perf_counter()
+    tokens = build_token_table(b.workdir / "tokens", split, b.info.shards(split), b.tokenizer, b.cfg.data.max_text_len)
+    build_s = time.perf_counter() - start
 
-    def rate(num_workers: int, steady: bool = False) -> float:
-        stream = train_loader(b.info, b.cfg.data.train_split, replace(b.cfg.data, num_workers=num_workers),
-                              b.tokenizer, seed=b.cfg.train.seed)
-        # warm-up: with workers, one batch from each (spawn + first shard open); steady: one whole epoch
-        warmup = len(stream) if steady else max(1, num_workers)
-        r = _time_batches(_endless(stream), b.n_pipe * max(1, num_workers), warmup, len)
-        del stream
-        return r
+    def rates(num_workers: int, table=tokens) -> list[float]:
+        cfg = replace(b.cfg.data, num_workers=num_workers, samples_per_epoch=_bench_epoch_samples(b))
+        stream = train_loader(b.info, split, cfg, b.tokenizer, seed=b.cfg.train.seed, tokens=table)
+        return _epoch_rates(stream.epoch(e) for e in range(2))
 
     with _one_thread():
-        per_worker = _best(lambda: rate(0), b.repeat)
-        steady = _best(lambda: rate(0, steady=True), 1)
-    n_workers = _best(lambda: rate(workers), b.repeat)
-    return {"pipeline_samples_s_per_worker": per_worker, "pipeline_samples_s_per_worker_epoch2": steady,
-            "pipeline_workers": workers, "pipeline_samples_s_n_workers": n_workers, **_pipeline_breakdown(b)}
+        in_process = [rates(0) for _ in range(b.repeat)]
+        untabled = [rates(0, None) for _ in range(b.repeat)]
+    n_workers = max(rates(workers)[1] for _ in range(b.repeat))
+    return {"pipeline_samples_s_per_worker": max(r[0] for r in in_process),
+            "pipeline_samples_s_per_worker_epoch2": max(r[1] for r in in_process),
+            "pipeline_no_token_table_samples_s_per_worker": max(r[0] for r in untabled),
+            "pipeline_no_token_table_samples_s_per_worker_epoch2": max(r[1] for r in untabled),
+            "token_table_build_s": build_s, "token_table_reports_s": len(tokens) / build_s if tokens else None,
+            "pipeline_workers": workers, "pipeline_samples_s_n_workers": n_workers, **_pipeline_breakdown(b, tokens)}
 
 
-def _pipeline_breakdown(b: Bench) -> dict:
-    """Per-sample cost of each stage of our pipeline, in-process: where the time of a sample goes."""
-    import numpy as np
-
+def _pipeline_breakdown(b: Bench, tokens) -> dict:
+    """Per-sample cost of each stage of our pipeline, in-process: where the time of a sample goes; and the
+    device-side batch augmentation that the training step adds."""
+    import torch
     import webdataset as wds
 
-    from vkd_dist.data.pipeline import Collate, _augment_from
+    from vkd_dist.data.augment import BatchAugment
+    from vkd_dist.data.pipeline import Collate
     from vkd_dist.data.schema import decode_image
 
     raws = []
@@ -183,32 +192,44 @@ def _pipeline_breakdown(b: Bench) -> dict:
         raws.append(raw)
         if len(raws) >= 4 * b.batch:
             break
-    augment = _augment_from(b.cfg.data)
-    collate = Collate(b.tokenizer, b.cfg.data.max_text_len, b.cfg.data.uncertain, b.cfg.data.missing)
+    d = b.cfg.data
+
+    def timed(name: str, fn):
+        """Runs fn, records its ms per sample under `name`, returns its result."""
+        start = time.perf_counter()
+        out = fn()
+        ms[name] = 1e3 * (time.perf_counter() - start) / len(raws)
+        return out
+
+    def collate_all(collate):
+        return [collate(samples[i:i + b.batch]) for i in range(0, len(samples), b.batch)]
+
+    ms: dict = {}
+    live = Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing)
     with _one_thread():
-        t0 = time.perf_counter()
-        images = [decode_image(r["jpg"]) for r in raws]
-        t1 = time.perf_counter()
-        out = [augment(img, np.random.default_rng([0, i])) for i, img in enumerate(images)]
-        t2 = time.perf_counter()
-        samples = [{"key": r["__key__"], "image": o, "text": r["txt"].decode(), "labels": json.loads(r["json"])["labels"]}
-                   for r, o in zip(raws, out)]
-        t3 = time.perf_counter()
-        for i in range(0, len(samples), b.batch):
-            collate(samples[i:i + b.batch])
-        t4 = time.perf_counter()
-        for i in range(0, len(samples), b.batch):
-            collate(samples[i:i + b.batch])  # the same reports again (a later epoch)
-        t5 = time.perf_counter()
-        for i in range(0, len(samples), b.batch):
+        images = timed("decode", lambda: [decode_image(r["jpg"]) for r in raws])
+        samples = timed("json_text", lambda: [
+            {"key": r["__key__"], "image": o, "text": r["txt"].decode(), "labels": json.loads(r["json"])["labels"]}
+            for r, o in zip(raws, images)])
+        batches = timed("collate, token table", lambda: collate_all(
+            Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing, tokens=tokens)))
+        timed("collate, no table, tokenising", lambda: collate_all(live))
+        timed("collate, no table, per-worker cache", lambda: collate_all(live))  # the same reports again
+        timed("tokenizer __call__ alone", lambda: [
             b.tokenizer([s["text"] for s in samples[i:i + b.batch]], padding="longest", truncation=True,
-                        max_length=b.cfg.data.max_text_len, pad_to_multiple_of=8, return_tensors="pt")
-        t6 = time.perf_counter()
-    n = len(raws)
-    return {"breakdown_ms_per_sample": {"decode": 1e3 * (t1 - t0) / n, "augment (incl. RNG seeding)": 1e3 * (t2 - t1) / n,
-                                        "json_text": 1e3 * (t3 - t2) / n, "collate, first epoch": 1e3 * (t4 - t3) / n,
-                                        "collate, later epochs": 1e3 * (t5 - t4) / n,
-                                        "tokenizer __call__ alone": 1e3 * (t6 - t5) / n}}
+                        max_length=d.max_text_len, pad_to_multiple_of=8, return_tensors="pt")
+            for i in range(0, len(samples), b.batch)])
+    augment = BatchAugment(d, b.cfg.train.seed)
+    on_device = [batch.to(b.device) for batch in batches]
+    augment(on_device[0], 0)
+
+    def augment_all():
+        for i, batch in enumerate(on_device):
+            augment(batch, i)
+        b.sync()
+
+    timed(f"batch augment on {b.device.type} ({torch.get_num_threads()} threads)", augment_all)
+    return {"breakdown_ms_per_sample": ms}
 
 
 def measure_open_clip(b: Bench) -> dict:
@@ -224,36 +245,38 @@ def measure_open_clip(b: Bench) -> dict:
     _shim_open_clip(oc_data)
     d = b.cfg.data
     size = d.image_size
-    preprocess = T.Compose([
-        T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR),
-        T.RandomAffine(degrees=d.max_rotate_deg, translate=(d.max_translate, d.max_translate),
-                       scale=(1 - d.scale_range, 1 + d.scale_range), interpolation=T.InterpolationMode.BILINEAR),
-        T.ColorJitter(brightness=d.brightness, contrast=d.contrast),
-        T.Grayscale(1),
-        T.PILToTensor(),  # uint8 [1, S, S], like ours
-    ])
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)
+    augment = [T.RandomAffine(degrees=d.max_rotate_deg, translate=(d.max_translate, d.max_translate),
+                              scale=(1 - d.scale_range, 1 + d.scale_range), interpolation=T.InterpolationMode.BILINEAR),
+               T.ColorJitter(brightness=d.brightness, contrast=d.contrast)]
+    to_tensor = [T.Grayscale(1), T.PILToTensor()]  # uint8 [1, S, S], like ours
     tok = b.tokenizer
 
     def tokenize(text):  # open_clip's HFTokenizer behaviour: pad to the context length
         return tok([text], padding="max_length", truncation=True, max_length=d.max_text_len,
                    return_tensors="pt")["input_ids"]
 
-    def rate(workers: int) -> float:
-        args = SimpleNamespace(train_data="::".join(b.urls), val_data=None, train_num_samples=b.info.num_samples(d.train_split),
+    def rate(preprocess) -> float:
+        """In-process, whole epochs like ours; its second epoch (nothing is cached, so the same as its first)."""
+        args = SimpleNamespace(train_data="::".join(b.urls), val_data=None, train_num_samples=_bench_epoch_samples(b),
                                dataset_resampled=False, train_data_upsampling_factors=None, seed=b.cfg.train.seed,
-                               batch_size=b.batch, workers=workers, world_size=1)
+                               batch_size=b.batch, workers=0, world_size=1)
         data = oc_data.get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=tokenize)
-        data.set_epoch(0)
 
-        def endless():
-            while True:
-                yield from data.dataloader
+        def epoch(e: int):
+            data.set_epoch(e)
+            return data.dataloader
 
-        return _time_batches(endless(), b.n_pipe * max(1, workers), max(1, workers), lambda batch: len(batch[0]))
+        return _epoch_rates((epoch(e) for e in range(2)), lambda batch: len(batch[0]))[1]
 
+    # As open_clip is used: augmentation in its workers. Same work as ours: augmentation left to the device.
+    with_augment, same_work = T.Compose([resize, *augment, *to_tensor]), T.Compose([resize, *to_tensor])
     with _one_thread():
-        per_worker = _best(lambda: rate(0), b.repeat)
-    return {"open_clip_samples_s_per_worker": per_worker, "open_clip_version": _version("open-clip-torch")}
+        per_worker = _best(lambda: rate(with_augment), b.repeat)
+        per_worker_same_work = _best(lambda: rate(same_work), b.repeat)
+    return {"open_clip_samples_s_per_worker": per_worker,
+            "open_clip_no_augment_samples_s_per_worker": per_worker_same_work,
+            "open_clip_version": _version("open-clip-torch")}
 
 
 def _shim_open_clip(oc_data) -> None:
@@ -295,11 +318,13 @@ def _model_and_step(b: Bench, cfg=None, vocab=None, channels_last: bool = False)
     """(model, step(batch, i)) for the configured model: a bare loop, no Accelerate, no trainer."""
     import torch
 
+    from vkd_dist.data.augment import BatchAugment
     from vkd_dist.models.build import build_model
     from vkd_dist.objectives import Objective
     from vkd_dist.train import _optimizer
 
     cfg = cfg or b.cfg
+    augment = BatchAugment(cfg.data, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, vocab or len(b.tokenizer)).to(b.device)
     if b.cuda and channels_last:  # the model step alone only: the trainer does not (yet) set it
@@ -311,7 +336,7 @@ def _model_and_step(b: Bench, cfg=None, vocab=None, channels_last: bool = False)
     clip = cfg.optim.grad_clip
 
     def step(batch, i: int):
-        batch = batch.to(b.device)
+        batch = augment(batch.to(b.device), i)  # part of the step, as in the trainer
         with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.cuda):
             loss = objective(fwd, batch, i)["loss"]
         loss.backward()
@@ -577,6 +602,8 @@ def ratios(res: dict) -> dict:
         "pipeline_vs_decode": _ratio(res, "pipeline_samples_s_per_worker", "decode_img_s_per_core"),
         "pipeline_epoch2_vs_decode": _ratio(res, "pipeline_samples_s_per_worker_epoch2", "decode_img_s_per_core"),
         "pipeline_vs_open_clip": _ratio(res, "pipeline_samples_s_per_worker", "open_clip_samples_s_per_worker"),
+        "pipeline_vs_open_clip_no_augment": _ratio(res, "pipeline_samples_s_per_worker",
+                                                   "open_clip_no_augment_samples_s_per_worker"),
         "pipeline_n_workers_vs_one": _ratio(res, "pipeline_samples_s_n_workers", "pipeline_samples_s_per_worker"),
         "trainer_vs_bare_loop": _ratio(res, "trainer_samples_s", "trainer_bare_loop_samples_s"),
         "end_to_end_vs_model_step": _ratio(res, "end_to_end_samples_s", "end_to_end_model_step_samples_s"),
@@ -597,9 +624,13 @@ def ratios(res: dict) -> dict:
 ROWS = [  # (key, label, unit)
     ("decode_img_s_per_core", "decode ceiling: read + decode only, 1 core", "img/s"),
     ("pipeline_samples_s_per_worker", "our pipeline, 1 worker (in-process, 1 thread)", "samples/s"),
-    ("pipeline_samples_s_per_worker_epoch2", "our pipeline, 1 worker, 2nd epoch (token cache warm)", "samples/s"),
+    ("pipeline_samples_s_per_worker_epoch2", "our pipeline, 1 worker, 2nd epoch", "samples/s"),
     ("pipeline_samples_s_n_workers", "our pipeline, {pipeline_workers} workers", "samples/s"),
-    ("open_clip_samples_s_per_worker", "open_clip get_wds_dataset, 1 worker", "samples/s"),
+    ("pipeline_no_token_table_samples_s_per_worker", "our pipeline without the token table, 1 worker", "samples/s"),
+    ("pipeline_no_token_table_samples_s_per_worker_epoch2", "... 2nd epoch (per-worker token cache warm)", "samples/s"),
+    ("token_table_reports_s", "token table build (run start; Rust tokenizer on all cores)", "reports/s"),
+    ("open_clip_samples_s_per_worker", "open_clip get_wds_dataset, 1 worker, augmenting in the worker", "samples/s"),
+    ("open_clip_no_augment_samples_s_per_worker", "open_clip get_wds_dataset, 1 worker, no augmentation", "samples/s"),
     ("model_step_samples_s", "model step alone = bare loop, in-memory batches", "samples/s"),
     ("trainer_bare_loop_samples_s", "bare loop, interleaved with the trainer run", "samples/s"),
     ("trainer_samples_s", "our trainer, same in-memory batches", "samples/s"),

@@ -15,12 +15,13 @@ from conftest import REPO
 SCRIPT = REPO / "benchmarks" / "throughput.py"
 PARTS = "decode,pipeline,open_clip,model_step,trainer,end_to_end,mfu,frozen_text"
 RATES = ["decode_img_s_per_core", "pipeline_samples_s_per_worker", "pipeline_samples_s_per_worker_epoch2", "pipeline_samples_s_n_workers",
-         "open_clip_samples_s_per_worker", "model_step_samples_s", "bare_loop_samples_s", "trainer_samples_s",
+         "open_clip_samples_s_per_worker", "open_clip_no_augment_samples_s_per_worker", "token_table_reports_s",
+         "pipeline_no_token_table_samples_s_per_worker", "model_step_samples_s", "bare_loop_samples_s", "trainer_samples_s",
          "trainer_bare_loop_samples_s", "end_to_end_samples_s", "end_to_end_model_step_samples_s",
          "flops_per_sample", "matmul_flop_s", "mfu_model_step_samples_s", "live_trainable_samples_s", "live_frozen_samples_s",
          "fast_path_samples_s"]
 RATIOS = ["pipeline_vs_decode", "pipeline_epoch2_vs_decode", "trainer_vs_bare_loop", "end_to_end_vs_model_step", "pipeline_vs_open_clip",
-          "mfu", "mfu_model_step", "pipeline_n_workers_vs_one", "frozen_text_vs_live", "frozen_text_vs_live_trainable"]
+          "pipeline_vs_open_clip_no_augment", "mfu", "mfu_model_step", "pipeline_n_workers_vs_one", "frozen_text_vs_live", "frozen_text_vs_live_trainable"]
 
 
 def _run(tmp_path, only: str, timeout: int):
@@ -47,7 +48,8 @@ def test_throughput_quick_has_every_figure(tmp_path):
     assert 0 <= res["end_to_end_data_wait_frac"] <= 1
     assert 0 < res["ratios"]["mfu"] < 1 and 0 < res["ratios"]["mfu_model_step"] < 1
     assert res["pipeline_workers"] >= 1 and res["quick"] is True
-    assert set(res["breakdown_ms_per_sample"]) >= {"decode", "collate, first epoch", "collate, later epochs"}
+    assert set(res["breakdown_ms_per_sample"]) >= {"decode", "collate, token table", "collate, no table, tokenising"}
+    assert any(k.startswith("batch augment on cpu") for k in res["breakdown_ms_per_sample"])
     assert res["open_clip_version"] == "3.3.0"
     assert res["machine"]["torch"] and res["seconds"]["total"] > 0
 

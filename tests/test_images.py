@@ -88,3 +88,25 @@ def test_bad_files_raise_with_kind(tmp_path):
     with pytest.raises(ImageError) as e:
         load_image(tmp_path / "thin.png")
     assert e.value.kind == "too_small" and "10" in e.value.reason
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_shard_decode_matches_pil_and_rejects_truncated(monkeypatch, fast):
+    """The reader's decode_image: TorchCodec for JPEG when installed, else PIL; the same pixels either way."""
+    from vkd_dist.data import schema
+
+    if fast and schema._jpeg_decoder() is None:
+        pytest.skip("torchcodec (the 'fast' extra) is not installed")
+    if not fast:
+        monkeypatch.setattr(schema, "_jpeg_decoder", lambda: None)
+    gray = (np.random.default_rng(0).random((40, 56)) * 255).astype(np.uint8)
+    for mode, fmt in [("L", "JPEG"), ("RGB", "JPEG"), ("L", "PNG")]:
+        buf = io.BytesIO()
+        Image.fromarray(gray).convert(mode).save(buf, fmt, quality=95)
+        out = schema.decode_image(buf.getvalue())
+        reference = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+        assert out.dtype == np.uint8 and out.shape == (40, 56)
+        assert np.abs(out.astype(int) - reference).max() <= 1, (mode, fmt)  # RGB->L rounding may differ by 1
+    data = schema.encode_image(gray, "jpg")
+    with pytest.raises(Exception):
+        schema.decode_image(data[: len(data) // 2])

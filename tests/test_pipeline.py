@@ -79,7 +79,7 @@ def test_train_stream_is_deterministic_and_resumes_exactly(tiny_data, tokenizer)
     full, again, tail = run(0), run(0), run(3)
     assert [b.keys for b in full] == [b.keys for b in again]
     assert [b.keys for b in tail] == [b.keys for b in full[3:]]
-    for a, b in zip(tail, full[3:]):  # the augmentation is seeded by stream position too
+    for a, b in zip(tail, full[3:]):  # decoded pixels too, not just keys
         assert torch.equal(a.image, b.image)
 
 
@@ -135,15 +135,43 @@ def test_label_policy_reaches_the_batch(tiny_data, tokenizer):
 
 
 @pytest.mark.parametrize("max_len", [128, 24])
-def test_cached_tokenisation_equals_the_tokenizer_call(tokenizer, tiny_data, max_len):
+def test_token_table_and_cached_tokenisation_equal_the_tokenizer_call(tokenizer, tiny_data, tmp_path, max_len):
     from vkd_dist.data.pipeline import Collate
+    from vkd_dist.data.schema import shard_reports
+    from vkd_dist.data.tokens import build_token_table
 
-    texts = report_texts(read_dataset(tiny_data).shards("val"))[:12]
-    texts += [texts[0], "", "word " * 300]  # a repeat (served from the cache), an empty and an over-long report
-    collate = Collate(tokenizer, max_len, "ignore", "mask")
-    for _ in range(2):  # second pass: every report comes from the per-worker cache
-        ours = collate._tokenize(texts)
-        ref = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, pad_to_multiple_of=8,
-                        return_tensors="pt")
-        assert torch.equal(ours["input_ids"], ref["input_ids"])
-        assert torch.equal(ours["attention_mask"], ref["attention_mask"])
+    shards = read_dataset(tiny_data).shards("val")
+    reports = list(shard_reports(shards))[:12]
+    keys, texts = [k for k, _ in reports], [t for _, t in reports]
+    keys += [keys[0], "not-in-table-1", "not-in-table-2"]  # a repeat, and two reports the table lacks
+    texts += [texts[0], "", "word " * 300]  # ... an empty and an over-long one
+    ref = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, pad_to_multiple_of=8,
+                    return_tensors="pt")
+    table = build_token_table(tmp_path / "tokens", "val", shards, tokenizer, max_len)
+    assert len(table) == read_dataset(tiny_data).num_samples("val")
+    for tokens in (None, table):
+        collate = Collate(tokenizer, max_len, "ignore", "mask", tokens=tokens)
+        for _ in range(2):  # second pass: reports come from the table or the per-worker cache
+            ours = collate._tokenize(texts, keys)
+            assert torch.equal(ours["input_ids"], ref["input_ids"])
+            assert torch.equal(ours["attention_mask"], ref["attention_mask"])
+    assert set(collate._ids) == {"", "word " * 300}  # only what the table lacked was tokenised here
+
+
+def test_token_table_is_reused_until_its_inputs_change(tokenizer, tiny_data, tmp_path):
+    import pickle
+
+    from vkd_dist.data.tokens import build_token_table
+
+    shards = read_dataset(tiny_data).shards("val")
+    first = build_token_table(tmp_path, "val", shards, tokenizer, 64)
+    ids = first.get(first._path("keys.json").read_text().split('"')[1]).copy()
+    stamp = first._path("json").stat().st_mtime_ns
+    assert build_token_table(tmp_path, "val", shards, tokenizer, 64)._path("json").stat().st_mtime_ns == stamp
+    shorter = build_token_table(tmp_path, "val", shards, tokenizer, 8)  # another max_text_len: rebuilt
+    assert shorter._path("json").stat().st_mtime_ns != stamp
+    key = shorter._path("keys.json").read_text().split('"')[1]
+    assert len(shorter.get(key)) == 8 and len(ids) > 8
+    clone = pickle.loads(pickle.dumps(shorter))  # what a spawned worker gets: paths only, opened lazily
+    assert clone._rows is None and np.array_equal(clone.get(key), shorter.get(key))
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from vkd_dist import checkpoint
 from vkd_dist.config import load_config
+from vkd_dist.data.schema import read_dataset
 from vkd_dist.evaluate import main as eval_main
 from vkd_dist.labels import LABELS
 from vkd_dist.train import StopRequest, train
@@ -32,10 +33,12 @@ def vkd_run(tiny_data, tmp_path_factory):
     return run, train(cfg)
 
 
-def test_tiny_vkd_run_writes_everything(vkd_run):
+def test_tiny_vkd_run_writes_everything(vkd_run, tiny_data):
     run, result = vkd_run
     assert result.step == 6 and not result.preempted
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    tokens = json.loads((run / "tokens" / "train.json").read_text())  # every training report tokenised once
+    assert tokens["reports"] == read_dataset(tiny_data).num_samples("train") and tokens["tokens"] > 0
     assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000006"]
     assert (run / "best" / "model.safetensors").is_file() and (run / "final" / "model.safetensors").is_file()
     final = load_file(run / "final" / "model.safetensors")
@@ -96,6 +99,15 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, workers):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     state = json.loads((checkpoint.latest(tmp_path / "b") / "train_state.json").read_text())
     assert state["step"] == 8
+
+
+def test_pretokenised_run_equals_tokenising_in_the_loader(tiny_data, tmp_path):
+    common = {"train.max_steps": 4, "train.test_at_end": False, "train.ckpt_every": 4, "objective": "text_only"}
+    train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "table", **common)))
+    train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "live", **{**common, "data.pretokenize": False})))
+    assert (tmp_path / "table" / "tokens").is_dir() and not (tmp_path / "live" / "tokens").exists()
+    a, b = _params(tmp_path / "table"), _params(tmp_path / "live")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("objective", ["image_only", "text_only"])

@@ -54,6 +54,7 @@ class DataConfig:
     shuffle_buffer: int = 500
     samples_per_epoch: Optional[int] = None  # virtual epoch length; None = the split's sample count
     max_text_len: int = 128
+    pretokenize: bool = True  # tokenise the training reports once per run (RUN/tokens), not in every epoch
     uncertain: str = "ignore"  # what -1 labels become: ignore (masked) | ones | zeros
     missing: str = "mask"  # what unmentioned labels become: mask | negative
     augment: bool = True

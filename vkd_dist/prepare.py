@@ -1,11 +1,13 @@
-"""What a run needs before its first step: the data set (building the synthetic default if asked) and the
-tokenizer. Rank 0 does the work; the other ranks wait and then read the result."""
+"""What a run needs before its first step: the data set (building the synthetic default if asked), the
+tokenizer and the training reports' token ids. Rank 0 does the work; the other ranks wait and then read the
+result."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from vkd_dist.data.schema import DatasetInfo, read_dataset
+from vkd_dist.data.tokens import build_token_table
 from vkd_dist.models.encoders import load_tokenizer, report_texts, train_wordpiece
 
 
@@ -57,3 +59,17 @@ def resolve_tokenizer(cfg, info: DatasetInfo, accelerator=None):
         if accelerator is not None:
             accelerator.wait_for_everyone()
     return load_tokenizer(path)
+
+
+def token_table(cfg, info: DatasetInfo, tokenizer, accelerator=None):
+    """The training split's TokenTable in RUN/tokens (built on rank 0 the first time), or None when
+    data.pretokenize is off or the tokenizer has no fast backend."""
+    if not cfg.data.pretokenize:
+        return None
+    root, split = Path(cfg.run_dir) / "tokens", cfg.data.train_split
+    build = lambda: build_token_table(root, split, info.shards(split), tokenizer, cfg.data.max_text_len)  # noqa: E731
+    is_main = accelerator is None or accelerator.is_main_process
+    table = build() if is_main else None
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return table if is_main else build()  # the others find rank 0's table

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 
 from vkd_dist import checkpoint
 from vkd_dist.config import Config, ConfigError, load_config, save_config
+from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import train_loader
 from vkd_dist.data.schema import read_dataset
 from vkd_dist.distributed import build_accelerator, param_digests
@@ -28,7 +29,7 @@ from vkd_dist.evaluate import evaluate, load_teacher
 from vkd_dist.metrics import format_table
 from vkd_dist.models.build import build_model
 from vkd_dist.objectives import Objective
-from vkd_dist.prepare import ensure_dataset, resolve_tokenizer
+from vkd_dist.prepare import ensure_dataset, resolve_tokenizer, token_table
 from vkd_dist.tracking import RunLogger, Throughput
 
 
@@ -134,7 +135,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = lr_lambda(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
-                          accelerator.num_processes, cfg.train.seed)
+                          accelerator.num_processes, cfg.train.seed, token_table(cfg, info, tokenizer, accelerator))
+    augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
 
     # -- resume ------------------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_macro_auroc": None, "samples": 0}
@@ -161,12 +163,12 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             group["lr"] = cfg.optim.lr * schedule(step)
         terms_sum: dict[str, float] = {}
         grad_norm = None
-        for _ in range(cfg.optim.grad_accum):
+        for micro in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
             state["epoch"], state["batch_in_epoch"], batch = next(batches)
             meter.wait += time.perf_counter() - t0
             skipped_by_worker[batch.worker] = batch.skipped
-            batch = batch.to(accelerator.device)
+            batch = augment(batch.to(accelerator.device), step * cfg.optim.grad_accum + micro)
             with accelerator.accumulate(model):
                 terms = objective(model, batch, step)
                 accelerator.backward(terms["loss"])

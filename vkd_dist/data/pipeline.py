@@ -1,11 +1,13 @@
-"""WebDataset streams: shards -> samples -> augmented uint8 images + tokens + label masks -> Batch.
+"""WebDataset streams: shards -> samples -> uint8 images + tokens + label masks -> Batch.
 
 Training stream (`train_loader`): each (virtual) epoch, the shard list is permuted by (seed, epoch) and dealt
 out explicitly to ranks and then to workers; a worker cycles over its own shards (resampling from all
-shards when there are fewer shards than workers), shuffles through a buffer, decodes, augments, tokenises
-and batches. Each worker yields exactly `batches_per_worker` batches an epoch, so every rank takes the same
-number of steps whatever the shard sizes. Everything random is seeded by (seed, epoch, rank, worker, sample
-position), so a resumed run that skips the batches it already consumed sees exactly the same stream.
+shards when there are fewer shards than workers), shuffles through a buffer, decodes, tokenises and batches.
+Augmentation is not done here: it runs batch-wise on the device (vkd_dist/data/augment.py), which keeps
+the workers at the decode rate. Each worker yields exactly `batches_per_worker` batches an epoch, so every
+rank takes the same number of steps whatever the shard sizes. The shard order and shuffle are seeded by
+(seed, epoch, rank, worker), so a resumed run that skips the batches it already consumed sees exactly the
+same stream.
 
 Evaluation stream (`eval_loader`): every sample exactly once across ranks and workers, no shuffle.
 
@@ -21,6 +23,7 @@ import math
 import multiprocessing as mp
 import random
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -31,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
+from vkd_dist.data.tokens import fast_backend
 from vkd_dist.labels import encode_labels
 
 
@@ -38,7 +42,7 @@ from vkd_dist.labels import encode_labels
 class Batch:
     """The one batch shape every producer builds and every consumer reads."""
 
-    image: torch.Tensor  # uint8 [B, 1, H, W]; normalised on the device
+    image: torch.Tensor  # uint8 [B, 1, H, W] (float 0..255 once augmented); normalised on the device
     input_ids: torch.Tensor  # long [B, T]
     attention_mask: torch.Tensor  # long [B, T]
     targets: torch.Tensor  # float [B, 14]
@@ -95,97 +99,70 @@ class StreamPosition:
         self.skip_batches.value = skip_batches
 
 
-class Augment:
-    """Small affine and brightness/contrast on uint8 grayscale; no horizontal flip unless asked."""
-
-    def __init__(self, size: int, enabled: bool, rotate: float = 5.0, translate: float = 0.03, scale: float = 0.05,
-                 brightness: float = 0.1, contrast: float = 0.1, hflip: bool = False):
-        self.size, self.enabled, self.rotate, self.translate = size, enabled, rotate, translate
-        self.scale, self.brightness, self.contrast, self.hflip = scale, brightness, contrast, hflip
-
-    def __call__(self, image: np.ndarray, rng: Optional[np.random.Generator]) -> np.ndarray:
-        pil = Image.fromarray(image)
-        if not self.enabled or rng is None:
-            if pil.size != (self.size, self.size):
-                pil = pil.resize((self.size, self.size), Image.BILINEAR)
-            return np.asarray(pil)
-        w, h = pil.size
-        angle = np.deg2rad(rng.uniform(-self.rotate, self.rotate))
-        s = rng.uniform(1 - self.scale, 1 + self.scale)
-        tx, ty = rng.uniform(-self.translate, self.translate, size=2) * self.size
-        # Output pixel (u, v) of the size x size image samples input (x, y) = A @ (u, v, 1): one resampling
-        # does rotation, scale, translation and the resize to the model's input size.
-        k = w / self.size / s
-        cos, sin = np.cos(angle) * k, np.sin(angle) * k
-        cx, cy = self.size / 2 + tx, self.size / 2 + ty
-        coeffs = (cos, sin, w / 2 - cos * cx - sin * cy, -sin * (h / w), cos * (h / w),
-                  h / 2 - (-sin * cx + cos * cy) * (h / w))
-        pil = pil.transform((self.size, self.size), Image.AFFINE, coeffs, resample=Image.BILINEAR)
-        if self.hflip and rng.random() < 0.5:
-            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-        out = np.asarray(pil, dtype=np.float32)
-        c = rng.uniform(1 - self.contrast, 1 + self.contrast)
-        b = rng.uniform(-self.brightness, self.brightness) * 255
-        mean = out.mean()
-        return np.clip((out - mean) * c + mean + b, 0, 255).astype(np.uint8)
+def fit(image: np.ndarray, size: int) -> np.ndarray:
+    """The model's input side: shards are written at it, so this is almost always a no-op."""
+    if image.shape == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
 class Collate:
-    """Samples -> Batch, tokenising in the worker."""
+    """Samples -> Batch: token ids from the run's token table (see vkd_dist/data/tokens.py), else tokenised
+    here with each report's ids cached per worker; padded to the longest, rounded up to a multiple of 8."""
 
-    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, text_features=None):
+    CACHE_REPORTS = 200_000  # token ids kept per worker (int32, unpadded) for reports missing from the table
+
+    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, text_features=None, tokens=None):
         self.tokenizer, self.max_len, self.uncertain, self.missing = tokenizer, max_len, uncertain, missing
         self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
-        self._backend, self._ids = None, {}  # built lazily in the worker (see _tokenize)
+        self.tokens = tokens  # TokenTable or None
+        self._backend, self._ids = None, {}  # built lazily in the worker (see _token_ids)
 
-    CACHE_REPORTS = 200_000  # token ids kept per worker (int32, unpadded): later epochs skip tokenisation
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_backend": None, "_ids": {}}
 
-    def _tokenize(self, texts: list[str]) -> dict:
-        """The tokenizer's own call or, for fast tokenizers padding on the right, its Rust backend directly
-        (truncation only) with each report's ids cached, padded here to the longest, rounded up to a multiple
-        of 8: the same ids and mask as the call, without its per-call overhead or repeated work."""
-        tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is None or tok.pad_token_id is None or tok.padding_side != "right":
-            return tok(texts, padding="longest", truncation=True, max_length=self.max_len, pad_to_multiple_of=8,
-                       return_tensors="pt")
+    def _token_ids(self, texts: list[str], keys: list[str]) -> Optional[list[np.ndarray]]:
+        """Each report's ids: from the token table, else this worker's cache, else the Rust backend. None for a
+        tokenizer without a fast backend (its own call then tokenises)."""
         if self._backend is None:
-            from tokenizers import Tokenizer
-
-            self._backend = Tokenizer.from_str(backend.to_str())  # a copy: the wrapper resets its own per call
-            self._backend.no_padding()
-            self._backend.enable_truncation(self.max_len, direction=tok.truncation_side)
-        new = [t for t in dict.fromkeys(texts) if t not in self._ids]
+            self._backend = fast_backend(self.tokenizer, self.max_len) or False
+        if not self._backend:
+            return None
+        table = [self.tokens.get(k) for k in keys] if self.tokens is not None else [None] * len(keys)
+        new = list(dict.fromkeys(t for t, r in zip(texts, table) if r is None and t not in self._ids))
         fresh = {t: np.asarray(e.ids, dtype=np.int32) for t, e in zip(new, self._backend.encode_batch(new))} if new else {}
         for t, ids in fresh.items():
             if len(self._ids) < self.CACHE_REPORTS:
                 self._ids[t] = ids
-        rows = [fresh[t] if t in fresh else self._ids[t] for t in texts]
+        return [r if r is not None else fresh[t] if t in fresh else self._ids[t] for t, r in zip(texts, table)]
+
+    def _tokenize(self, texts: list[str], keys: list[str]) -> dict:
+        rows = self._token_ids(texts, keys)
+        if rows is None:
+            return self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_len,
+                                  pad_to_multiple_of=8, return_tensors="pt")
         longest = -(-max(len(r) for r in rows) // 8) * 8
-        input_ids = np.full((len(rows), longest), tok.pad_token_id, dtype=np.int64)
+        input_ids = np.full((len(rows), longest), self.tokenizer.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), longest), dtype=np.int64)
         for i, r in enumerate(rows):
             input_ids[i, :len(r)], mask[i, :len(r)] = r, 1
         return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_backend": None, "_ids": {}}
-
     def __call__(self, samples: list[dict]) -> Batch:
         images = torch.from_numpy(np.stack([s["image"] for s in samples]))[:, None]
-        enc = self._tokenize([s["text"] for s in samples])
+        keys = [s["key"] for s in samples]
+        enc = self._tokenize([s["text"] for s in samples], keys)
         encoded = [encode_labels(s["labels"], self.uncertain, self.missing) for s in samples]
         targets = torch.from_numpy(np.stack([t for t, _ in encoded]))
         mask = torch.from_numpy(np.stack([m for _, m in encoded]))
         wid, _ = _worker()
-        keys = [s["key"] for s in samples]
         feats = self.text_features(keys) if self.text_features is not None else None
         return Batch(images, enc["input_ids"], enc["attention_mask"], targets, mask,
                      keys=keys, skipped=SKIPPED.count, worker=wid, text_features=feats)
 
 
-def decode_sample(raw: dict, augment: Augment, rng: Optional[np.random.Generator]) -> dict:
-    """Raw tar members -> {key, image uint8 [S, S], text, labels}. Raises on anything malformed."""
+def decode_sample(raw: dict, size: int) -> dict:
+    """Raw tar members -> {key, image uint8 [size, size], text, labels}. Raises on anything malformed."""
     key = raw.get("__key__", "?")
     img_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if img_key is None:
@@ -195,8 +172,17 @@ def decode_sample(raw: dict, augment: Augment, rng: Optional[np.random.Generator
     meta = json.loads(raw["json"])
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
         raise ValueError(f"{raw.get('__url__', '?')}: sample {key} json has no 'labels' mapping")
-    image = augment(decode_image(raw[img_key]), rng)
+    image = fit(decode_image(raw[img_key]), size)
     return {"key": key, "image": image, "text": raw["txt"].decode("utf-8"), "labels": meta["labels"]}
+
+
+def decoded(src: Iterator[dict], size: int) -> Iterator[dict]:
+    """decode_sample over a stream; what fails is counted and skipped."""
+    for raw in src:
+        try:
+            yield decode_sample(raw, size)
+        except Exception as exc:
+            SKIPPED(exc)
 
 
 class _TrainShards(IterableDataset):
@@ -219,35 +205,25 @@ class _TrainShards(IterableDataset):
 
 
 class _TrainSamples:
-    """Shuffle, skip what a resumed run already consumed, decode + augment with position-seeded RNG."""
+    """Shuffle this epoch's quota of samples, skip what a resumed run already consumed (before decoding),
+    decode."""
 
-    def __init__(self, seed: int, rank: int, batch_size: int, shuffle_buffer: int, augment: Augment,
+    def __init__(self, seed: int, rank: int, batch_size: int, per_worker: int, shuffle_buffer: int, size: int,
                  position: StreamPosition):
-        self.seed, self.rank, self.batch_size = seed, rank, batch_size
-        self.shuffle_buffer, self.augment, self.position = shuffle_buffer, augment, position
+        self.seed, self.rank, self.batch_size, self.per_worker = seed, rank, batch_size, per_worker
+        self.shuffle_buffer, self.size, self.position = shuffle_buffer, size, position
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         wid, nw = _worker()
         epoch = self.position.epoch.value
         skip = self.position.skip_batches.value // nw * self.batch_size  # whole rounds: see TrainStream.epoch
         if self.shuffle_buffer > 1:
-            src = _shuffle(src, self.shuffle_buffer, min(self.shuffle_buffer, 100),
-                           rng=random.Random(f"{self.seed}-{epoch}-{self.rank}-{wid}"))
-        position = 0
-        for raw in src:
-            position += 1
-            if position <= skip:
-                continue
-            rng = np.random.default_rng([self.seed, epoch, self.rank, wid, position])
-            try:
-                yield decode_sample(raw, self.augment, rng)
-            except Exception as exc:
-                SKIPPED(exc)
-
-
-def _augment_from(cfg) -> Augment:
-    return Augment(cfg.image_size, cfg.augment, cfg.max_rotate_deg, cfg.max_translate, cfg.scale_range,
-                   cfg.brightness, cfg.contrast, cfg.hflip)
+            # The shuffle drains exactly the epoch's quota rather than leaving a buffer of read samples
+            # behind; if skipped (corrupt) samples leave the epoch short, the next ones follow unshuffled.
+            quota = itertools.islice(src, self.per_worker * self.batch_size)
+            src = itertools.chain(_shuffle(quota, self.shuffle_buffer, min(self.shuffle_buffer, 100),
+                                           rng=random.Random(f"{self.seed}-{epoch}-{self.rank}-{wid}")), src)
+        yield from decoded(itertools.islice(src, skip, None), self.size)
 
 
 def _loader(pipeline, num_workers: int) -> torch.utils.data.DataLoader:
@@ -292,8 +268,9 @@ def _text_features(cfg, split: str):
 
 
 def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
-                 seed: int = 0) -> TrainStream:
-    """`cfg` is a DataConfig. Returns a stream whose every rank yields the same number of batches."""
+                 seed: int = 0, tokens=None) -> TrainStream:
+    """`cfg` is a DataConfig; `tokens` the split's TokenTable, if any. Returns a stream whose every rank yields
+    the same number of batches."""
     urls = info.shards(split)
     if not urls:
         raise ValueError(f"{info.root}: split {split!r} has no shards")
@@ -304,9 +281,9 @@ def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, w
     pipeline = wds.DataPipeline(
         _TrainShards(urls, seed, rank, world, position),
         wds.tarfile_to_samples(handler=SKIPPED),
-        _TrainSamples(seed, rank, cfg.batch_size, cfg.shuffle_buffer, _augment_from(cfg), position),
+        _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position),
         wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing,
-                                                         _text_features(cfg, split)), partial=False),
+                                                         _text_features(cfg, split), tokens), partial=False),
         _EpochBatches(per_worker, position),
     )
     return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers)
@@ -356,17 +333,8 @@ def eval_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, wo
                 max_batches: Optional[int] = None) -> Iterable[Batch]:
     urls = info.shards(split)
     shards = _EvalShards(urls, rank, world)
-    augment = Augment(cfg.image_size, enabled=False)
-
-    def decode(src):
-        for raw in src:
-            try:
-                yield decode_sample(raw, augment, None)
-            except Exception as exc:
-                SKIPPED(exc)
-
     pipeline = wds.DataPipeline(
-        shards, wds.tarfile_to_samples(handler=SKIPPED), shards.select, decode,
+        shards, wds.tarfile_to_samples(handler=SKIPPED), shards.select, partial(decoded, size=cfg.image_size),
         wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain,
                                                               cfg.missing, _text_features(cfg, split)), partial=True),
     )

@@ -12,12 +12,13 @@ every item a writer skipped, with the reason.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -74,11 +75,29 @@ def encode_image(image: np.ndarray, fmt: str = "jpg") -> bytes:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Shard image bytes -> uint8 [H, W]. Raises on undecodable data (the reader counts and skips)."""
+    """Shard image bytes -> uint8 [H, W]. Raises on undecodable data (the reader counts and skips).
+
+    JPEG goes through TorchCodec's libjpeg-turbo decoder straight into a tensor when the `fast` extra is
+    installed (the same pixels as PIL in 0.064 vs 0.09 ms at 128 px: the reader's biggest cost); anything it
+    cannot take, and every JPEG without it, through PIL."""
+    if data[:2] == b"\xff\xd8" and _jpeg_decoder() is not None:
+        try:
+            return _jpeg_decoder()(data, mode="GRAY")[0].numpy()
+        except RuntimeError:
+            pass  # e.g. 12-bit or arithmetic-coded: PIL decodes it or raises a clear error
     with Image.open(io.BytesIO(data)) as img:
         if img.mode != "L":
             img = img.convert("L")
         return np.asarray(img)
+
+
+@functools.cache
+def _jpeg_decoder():
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch
+        return None
+    return decode_jpeg
 
 
 def to_sample(record: Record, fmt: str = "jpg") -> dict:
@@ -157,3 +176,16 @@ def read_dataset(root: str | Path) -> DatasetInfo:
     if list(meta["labels"]) != list(LABELS):
         raise ValueError(f"{path}: 'labels' must be the 14 CheXpert names in order, got {meta['labels']}")
     return DatasetInfo(root, meta)
+
+
+def shard_reports(shards: list[str]) -> Iterator[tuple[str, str]]:
+    """(key, report text) of every sample with a report, in shard order, without decoding images; one process
+    reads every shard whatever the world size."""
+    import webdataset as wds
+
+    everything = lambda src: src  # noqa: E731
+    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=everything,
+                             workersplitter=everything)
+    for sample in dataset:
+        if "txt" in sample:
+            yield sample["__key__"], sample["txt"].decode("utf-8")

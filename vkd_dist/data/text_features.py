@@ -22,9 +22,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
+
+from vkd_dist.data.schema import shard_reports
 
 META = "meta.json"
 SUBDIR = "text_features"
@@ -91,18 +93,6 @@ def fingerprint(encoder: torch.nn.Module, pooling: str, max_text_len: int, token
     return h.hexdigest()[:16]
 
 
-def _reports(shards: list[str]) -> Iterator[tuple[str, str]]:
-    """(key, report text) of every sample, in shard order, without decoding images."""
-    import webdataset as wds
-
-    everything = lambda src: src  # noqa: E731
-    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=everything,
-                             workersplitter=everything)
-    for sample in dataset:
-        if "txt" in sample:
-            yield sample["__key__"], sample["txt"].decode("utf-8")
-
-
 @torch.no_grad()
 def embed_texts(encoder, tokenizer, texts: list[str], max_text_len: int, device="cpu") -> torch.Tensor:
     """Tokenised exactly as the training pipeline does (pipeline.Collate), encoded in eval mode."""
@@ -136,7 +126,7 @@ def write_sidecar(encoder, tokenizer, info, splits: list[str], max_text_len: int
             keys.extend(k for k, _ in pending)
             pending.clear()
 
-        for key, text in _reports(info.shards(split)):
+        for key, text in shard_reports(info.shards(split)):
             pending.append((key, text))
             if len(pending) >= batch_size:
                 flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Iterable, Optional
 import timm
 import torch
 from torch import nn
+
+from vkd_dist.data.schema import shard_reports
 
 TINY_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                  max_position_embeddings=512)
@@ -179,14 +182,4 @@ def load_tokenizer(path: str | Path):
 
 def report_texts(shards: list[str], limit: int = 20000) -> list[str]:
     """Report texts from shards (no image decoding), in shard order, for tokenizer training."""
-    import webdataset as wds
-
-    texts: list[str] = []
-    everything = lambda src: src  # noqa: E731  (one process reads every shard, whatever the world size)
-    dataset = wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=everything,
-                             workersplitter=everything)
-    for sample in dataset.select(lambda s: "txt" in s):
-        texts.append(sample["txt"].decode("utf-8"))
-        if len(texts) >= limit:
-            break
-    return texts
+    return [text for _, text in itertools.islice(shard_reports(shards), limit)]
