@@ -478,7 +478,7 @@ def measure_frozen_text(b: Bench) -> dict:
     text_config = dict(QUICK_TEXT) if b.quick else dict(BERT_BASE)
     vocab = 400 if b.quick else 30522  # BERT-base's vocabulary: its embedding is part of the cost
     seq = b.cfg.data.max_text_len
-    bs = 4
+    bs = b.batch if b.cuda else 4  # BERT-base steps on a CPU core take seconds: a small batch there
     cfg = _trainer_cfg(b, "frozen-text", 1, 1, [f"model.text_config={json.dumps(text_config)}"])
     g = torch.Generator().manual_seed(0)
     base = _in_memory_batches(b, 8)[0]
@@ -489,7 +489,7 @@ def measure_frozen_text(b: Bench) -> dict:
                      target_mask=base.target_mask[:bs],
                      text_features=torch.randn(bs, with_features, generator=g) if with_features else None)
 
-    n = 2 if not b.quick else 3
+    n = 10 if b.cuda else (3 if b.quick else 2)
     rates = {}
     for kind in ("live_trainable", "live_frozen"):
         cfg.model.freeze_text = kind == "live_frozen"
@@ -757,9 +757,17 @@ def main(argv=None) -> int:
                      "max_text_len": cfg.data.max_text_len, "parts": list(parts), "seconds": {}}
         for part in parts:
             t0 = time.perf_counter()
-            res.update(MEASURES[part](b))
+            try:
+                res.update(MEASURES[part](b))
+            except Exception as exc:  # the other parts still run: one failure must not lose a whole run
+                import traceback
+
+                traceback.print_exc()
+                res.setdefault("errors", {})[part] = f"{type(exc).__name__}: {exc}"[:2000]
             res["seconds"][part] = round(time.perf_counter() - t0, 1)
             print(f"[throughput] {part}: {res['seconds'][part]} s", file=sys.stderr, flush=True)
+            if args.json:  # what is done so far survives a run that is killed later
+                Path(args.json).write_text(json.dumps(_clean(res), indent=2))
         res["ratios"] = ratios(res)
         res["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     finally:
@@ -773,6 +781,9 @@ def main(argv=None) -> int:
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    if res.get("errors"):
+        print(f"[throughput] failed parts: {', '.join(res['errors'])}", file=sys.stderr)
+        return 1
     return 0
 
 

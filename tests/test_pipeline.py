@@ -175,3 +175,28 @@ def test_token_table_is_reused_until_its_inputs_change(tokenizer, tiny_data, tmp
     clone = pickle.loads(pickle.dumps(shorter))  # what a spawned worker gets: paths only, opened lazily
     assert clone._rows is None and np.array_equal(clone.get(key), shorter.get(key))
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_loader_workers_survive_a_parallel_token_table_build(tokenizer, tiny_data, tmp_path):
+    """The token table runs the tokenizer's thread pool in the parent; forked workers that then tokenise (the eval
+    stream has no table) deadlock in that pool unless they turn parallelism off, even if the user turned it on."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from vkd_dist.config import DataConfig
+from vkd_dist.data.pipeline import eval_loader
+from vkd_dist.data.schema import read_dataset
+from vkd_dist.data.tokens import build_token_table
+from vkd_dist.models.encoders import load_tokenizer
+tok, info = load_tokenizer({str(tokenizer.name_or_path)!r}), read_dataset({str(tiny_data)!r})
+build_token_table({str(tmp_path / 'tokens')!r}, "train", info.shards("train"), tok, 64)
+cfg = DataConfig(image_size=48, eval_batch_size=7, num_workers=2, max_text_len=64)
+print(sum(len(b) for b in eval_loader(info, "val", cfg, tok)))
+"""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) == read_dataset(tiny_data).num_samples("val")

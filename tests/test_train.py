@@ -133,3 +133,22 @@ def test_kd_distils_from_a_text_only_teacher(tiny_data, tmp_path):
     out = tmp_path / "kd-eval.json"
     assert eval_main(["--run", str(tmp_path / "kd"), "--checkpoint", "final", "--out", str(out)]) == 0  # ...and so does vkd-eval
     assert json.loads(out.read_text())["macro_auroc"] == pytest.approx(result.test["macro_auroc"], abs=1e-6)
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_logged_or_saved(tiny_data, tmp_path, monkeypatch):
+    from vkd_dist import train as train_mod
+
+    original = train_mod.Objective.__call__
+
+    def poisoned(self, model, batch, step):
+        terms = original(self, model, batch, step)
+        if step == 1:  # the second step; losses are read back only at log/eval/checkpoint steps
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_mod.Objective, "__call__", poisoned)
+    cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path, objective="image_only", **{
+        "train.max_steps": 6, "logging.log_every": 4, "train.ckpt_every": 4}))
+    with pytest.raises(FloatingPointError, match="between steps 1 and 4"):
+        train(cfg)
+    assert not list((tmp_path / "checkpoints").glob("step-*"))

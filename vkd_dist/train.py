@@ -51,6 +51,7 @@ class StopRequest:
 
     def __init__(self, install: bool = True):
         self.requested = False
+        self._group = None  # the CPU process group the ranks agree over (multi-process only)
         self.signals: list[int] = []  # which signals arrived: a launcher tells a cancel from a preemption notice
         self._previous = {}
         if install:
@@ -65,8 +66,17 @@ class StopRequest:
         self.signals.append(signum)
 
     def agreed(self, accelerator) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        """Whether any rank was asked to stop. Asked every step, so it is settled on the CPU (gloo): a device
+        tensor read back every step would make the host wait for the device each step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        if self._group is None:
+            import torch.distributed as dist
+
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        torch.distributed.all_reduce(flag, group=self._group)
+        return bool(flag.item() > 0)
 
     def restore(self) -> None:
         """Reinstall the handlers that were in place when this object was created."""
@@ -153,6 +163,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     batches = _batches(stream, state["epoch"], state["batch_in_epoch"])
     meter, skipped_by_worker, result = Throughput(), {}, TrainResult(step=step, run_dir=str(run_dir))
     model.train()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # since the last check
+    checked_step = step
 
     def save_checkpoint() -> None:
         path = checkpoint.save(accelerator, run_dir, step, state, cfg.train.keep_last)
@@ -161,7 +173,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     while step < cfg.train.max_steps:
         for group in optimizer.param_groups:  # the schedule is a function of the step: nothing to resume
             group["lr"] = cfg.optim.lr * schedule(step)
-        terms_sum: dict[str, float] = {}
+        terms_sum: dict[str, torch.Tensor] = {}
         grad_norm = None
         for micro in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
@@ -177,22 +189,34 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.optim.grad_accum
             meter.samples += len(batch) * accelerator.num_processes
         step += 1
         state["step"], state["samples"] = step, state["samples"] + cfg.data.batch_size * cfg.optim.grad_accum * accelerator.num_processes
-        if not math.isfinite(terms_sum["loss"]):
-            raise FloatingPointError(f"loss is {terms_sum['loss']} at step {step}; lower optim.lr or check the data")
-        log.advance(1, loss=terms_sum["loss"])
+        nonfinite |= ~torch.isfinite(terms_sum["loss"])
+        log.advance(1)
 
-        if step % cfg.logging.log_every == 0 or step == cfg.train.max_steps:
+        stop_now = stop.agreed(accelerator)
+        log_now = step % cfg.logging.log_every == 0 or step == cfg.train.max_steps
+        eval_now = step % cfg.train.eval_every == 0 or step == cfg.train.max_steps
+        save_now = step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or stop_now
+        # Reading device values makes the host wait for the device, so losses are read only here: in between,
+        # the host queues the next steps while the device works. Nothing non-finite is logged or saved.
+        if log_now or eval_now or save_now:
+            if nonfinite.item():
+                raise FloatingPointError(f"non-finite loss between steps {checked_step + 1} and {step}; lower "
+                                         "optim.lr or check the data")
+            checked_step = step
+        if log_now:
+            terms_sum = {k: float(v) for k, v in terms_sum.items()}
+            log.advance(0, loss=terms_sum["loss"])
             scalars = {**terms_sum, "lr": optimizer.param_groups[0]["lr"], **meter.summary(),
                        "skipped_samples": sum(skipped_by_worker.values())}
             if grad_norm is not None:
                 scalars["grad_norm"] = float(grad_norm)
             log.scalars(step, scalars, "train/")
             log.info(f"step {step:>6} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+        if eval_now:
             report = evaluate(model, cfg, info, cfg.data.val_split, tokenizer, accelerator, cfg.train.eval_max_batches)
             model.train()
             result.val = report
@@ -205,8 +229,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
                 state["best_macro_auroc"] = report["macro_auroc"]
                 checkpoint.export_image_model(accelerator, model, run_dir / "best",
                                               {"step": step, "val": report, "objective": cfg.objective.name})
-        stop_now = stop.agreed(accelerator)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or stop_now:
+        if save_now:
             save_checkpoint()
         if stop_now:
             log.info(f"stop requested: checkpointed at step {step}; resume with resume=latest")

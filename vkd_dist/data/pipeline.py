@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -125,6 +126,10 @@ class Collate:
         """Each report's ids: from the token table, else this worker's cache, else the Rust backend. None for a
         tokenizer without a fast backend (its own call then tokenises)."""
         if self._backend is None:
+            if get_worker_info() is not None:
+                # A forked worker whose parent ran the tokenizer's thread pool (the token table) deadlocks in
+                # that pool, even when the user asked for parallelism: here it must be off.
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
             self._backend = fast_backend(self.tokenizer, self.max_len) or False
         if not self._backend:
             return None
