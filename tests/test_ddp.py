@@ -61,6 +61,7 @@ def _train_steps(data, run, objective, out):
         opt.zero_grad()
     state = {k: v.detach().clone().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     save_file(state, f"{out}-rank{accelerator.process_index}.safetensors")
+    accelerator.end_training()  # a rank that exits with gloo still connected can abort ("terminate called ...")
 
 
 def _free_port() -> int:

@@ -70,18 +70,21 @@ class StopRequest:
         tensor read back every step would make the host wait for the device each step."""
         if accelerator.num_processes == 1:
             return self.requested
-        if self._group is None:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        # The default group is not held here: a process that still references it at exit, after it was
+        # destroyed, aborts in gloo's destructor ("terminate called without an active exception").
+        if self._group is None and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
         flag = torch.tensor([1.0 if self.requested else 0.0])
-        torch.distributed.all_reduce(flag, group=self._group)
+        dist.all_reduce(flag, group=self._group)
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
-        """Reinstall the handlers that were in place when this object was created."""
+        """Reinstall the handlers that were in place when this object was created; let go of the CPU group."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._group = None
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
