@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -115,19 +117,23 @@ def measure_decode(b: Bench) -> dict:
 
     def once() -> float:
         n, start = 0, time.perf_counter()
-        for url in b.urls:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if member.name.endswith((".jpg", ".png")):
-                        decode_image(tar.extractfile(member).read())
-                        n += 1
-                        if n >= limit:
-                            return n / (time.perf_counter() - start)
+        for data in itertools.islice(_image_members(b.urls), limit):
+            decode_image(data)
+            n += 1
         return n / (time.perf_counter() - start)
 
     with _one_thread():
         rate = _best(once, b.repeat)
     return {"decode_img_s_per_core": rate}
+
+
+def _image_members(urls) -> Iterator[bytes]:
+    """The ceiling's read: each tar opened for random access, only the image members' bytes extracted."""
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.endswith((".jpg", ".png")):
+                    yield tar.extractfile(member).read()
 
 
 def _epoch_rates(epochs, batch_size=len) -> list[float]:
@@ -194,11 +200,14 @@ def _pipeline_breakdown(b: Bench, tokens) -> dict:
             break
     d = b.cfg.data
 
-    def timed(name: str, fn):
-        """Runs fn, records its ms per sample under `name`, returns its result."""
-        start = time.perf_counter()
-        out = fn()
-        ms[name] = 1e3 * (time.perf_counter() - start) / len(raws)
+    def timed(name: str, fn, repeat: int = 3):
+        """Runs fn `repeat` times, records its best ms per sample under `name`, returns its result."""
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - start)
+        ms[name] = 1e3 * best / len(raws)
         return out
 
     def collate_all(collate):
@@ -206,14 +215,25 @@ def _pipeline_breakdown(b: Bench, tokens) -> dict:
 
     ms: dict = {}
     live = Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing)
+    tabled = Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing, tokens=tokens)
+    for collate in (live, tabled):  # once per worker, not per sample: the tokenizer backend
+        collate._token_ids([], [])
+
+    def read_ms(members) -> float:
+        start, n = time.perf_counter(), sum(1 for _ in members)
+        return 1e3 * (time.perf_counter() - start) / max(1, n)
+
     with _one_thread():
+        ms["tar read, image members only (the ceiling's)"] = min(
+            read_ms(_image_members(b.urls[:1])) for _ in range(3))
+        ms["tar read, webdataset, every member"] = min(
+            read_ms(wds.DataPipeline(wds.SimpleShardList(b.urls[:1]), wds.tarfile_to_samples())) for _ in range(3))
         images = timed("decode", lambda: [decode_image(r["jpg"]) for r in raws])
         samples = timed("json_text", lambda: [
             {"key": r["__key__"], "image": o, "text": r["txt"].decode(), "labels": json.loads(r["json"])["labels"]}
             for r, o in zip(raws, images)])
-        batches = timed("collate, token table", lambda: collate_all(
-            Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing, tokens=tokens)))
-        timed("collate, no table, tokenising", lambda: collate_all(live))
+        batches = timed("collate, token table", lambda: collate_all(tabled))
+        timed("collate, no table, tokenising", lambda: collate_all(live), repeat=1)
         timed("collate, no table, per-worker cache", lambda: collate_all(live))  # the same reports again
         timed("tokenizer __call__ alone", lambda: [
             b.tokenizer([s["text"] for s in samples[i:i + b.batch]], padding="longest", truncation=True,
@@ -228,7 +248,7 @@ def _pipeline_breakdown(b: Bench, tokens) -> dict:
             augment(batch, i)
         b.sync()
 
-    timed(f"batch augment on {b.device.type} ({torch.get_num_threads()} threads)", augment_all)
+    timed(f"batch augment on {b.device.type} ({torch.get_num_threads()} threads)", augment_all, repeat=1)
     return {"breakdown_ms_per_sample": ms}
 
 
@@ -321,7 +341,7 @@ def _model_and_step(b: Bench, cfg=None, vocab=None, channels_last: bool = False)
     from vkd_dist.data.augment import BatchAugment
     from vkd_dist.models.build import build_model
     from vkd_dist.objectives import Objective
-    from vkd_dist.train import _optimizer
+    from vkd_dist.train import _optimizer, mark_text_length_dynamic
 
     cfg = cfg or b.cfg
     augment = BatchAugment(cfg.data, cfg.train.seed)
@@ -337,6 +357,8 @@ def _model_and_step(b: Bench, cfg=None, vocab=None, channels_last: bool = False)
 
     def step(batch, i: int):
         batch = augment(batch.to(b.device), i)  # part of the step, as in the trainer
+        if b.compile:  # as the trainer does: one graph, no recompile inside the timed window
+            mark_text_length_dynamic(batch)
         with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.cuda):
             loss = objective(fwd, batch, i)["loss"]
         loss.backward()

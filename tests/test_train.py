@@ -152,3 +152,41 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_logged_or_saved(tiny
     with pytest.raises(FloatingPointError, match="between steps 1 and 4"):
         train(cfg)
     assert not list((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_a_compiled_run_checkpoints_and_exports_as_an_eager_one(tiny_data, tmp_path):
+    """train.compile=true: the same checkpoint and export keys as an eager run, so either resumes the other."""
+    common = {"train.max_steps": 4, "train.ckpt_every": 2, "train.test_at_end": False}
+    eager = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "eager", **common)))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "compiled",
+                                                          **{**common, "train.compile": True})), stop=StopAfter(3))
+    # compiled, and once: the steps' padded text lengths differ (2 graphs when the length is not marked dynamic)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert eager.step == 4 and compiled.preempted and compiled.step == 3
+    ckpt_keys = set(load_file(checkpoint.latest(tmp_path / "compiled") / "model.safetensors"))
+    assert ckpt_keys == set(_params(tmp_path / "eager"))
+    resumed = train(load_config(overrides=tiny_overrides(tiny_data, tmp_path / "compiled", resume="latest", **common)))
+    assert resumed.step == 4  # an eager run resumes the compiled one
+    exported = load_file(tmp_path / "compiled" / "final" / "model.safetensors")
+    assert set(exported) == set(load_file(tmp_path / "eager" / "final" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in exported.values() if v.is_floating_point())
+
+
+def test_an_export_that_would_drop_deployable_weights_fails(tiny_data, tmp_path):
+    from accelerate import Accelerator
+
+    from vkd_dist.models.build import build_model
+
+    cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path / "run"))
+    model = build_model(cfg, 400)
+    accelerator = Accelerator(cpu=True)
+    checkpoint.export_image_model(accelerator, model, tmp_path / "ok", {})
+    assert set(load_file(tmp_path / "ok" / "model.safetensors")) == set(model.deploy_state_dict())
+    wrapped = torch.nn.ModuleDict({"inner": model})  # state keys "inner.*": none match the deployable names
+    wrapped.deploy_state_dict = model.deploy_state_dict
+    with pytest.raises(RuntimeError, match=r"deployable tensors are not in the model's state dict"):
+        checkpoint.export_image_model(accelerator, wrapped, tmp_path / "bad", {})
+    assert not (tmp_path / "bad").exists()

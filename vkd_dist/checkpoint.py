@@ -88,6 +88,10 @@ def export_image_model(accelerator, model, out_dir: str | Path, meta: dict) -> O
     unwrapped = accelerator.unwrap_model(model)
     keep = set(unwrapped.deploy_state_dict()) if hasattr(unwrapped, "deploy_state_dict") else set(state)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k in keep}
+    if len(tensors) < len(keep):
+        missing = sorted(keep - set(tensors))
+        raise RuntimeError(f"export to {out_dir}: {len(missing)} of {len(keep)} deployable tensors are not in the "
+                           f"model's state dict (first: {missing[0]!r}; state keys look like {next(iter(state), None)!r})")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -96,6 +96,13 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
+def mark_text_length_dynamic(batch) -> None:
+    """Padded text lengths vary by batch: torch.compile then builds one graph for every length, where it would
+    first build a static one and recompile at the second length."""
+    torch._dynamo.maybe_mark_dynamic(batch.input_ids, 1)
+    torch._dynamo.maybe_mark_dynamic(batch.attention_mask, 1)
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warm-up then cosine decay to min_ratio of the peak."""
 
@@ -144,7 +151,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     objective = Objective(cfg.objective, cfg.model.num_samples, teacher)
     optimizer = _optimizer(model, cfg)
     if cfg.train.compile:
-        model = torch.compile(model)
+        # In place: the module and its state-dict keys stay as they are, so checkpoints and the image-only
+        # export are the same with and without compile (torch.compile's wrapper would prefix "_orig_mod.").
+        model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = lr_lambda(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
@@ -184,6 +193,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             meter.wait += time.perf_counter() - t0
             skipped_by_worker[batch.worker] = batch.skipped
             batch = augment(batch.to(accelerator.device), step * cfg.optim.grad_accum + micro)
+            if cfg.train.compile:
+                mark_text_length_dynamic(batch)
             with accelerator.accumulate(model):
                 terms = objective(model, batch, step)
                 accelerator.backward(terms["loss"])
