@@ -68,10 +68,11 @@ BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, 
 class Bench:
     """What every part needs: config, data, tokenizer, device and sizes."""
 
-    def __init__(self, args, cfg, info, tokenizer, workdir: Path):
+    def __init__(self, args, cfg, info, tokenizer, workdir: Path, tokenizer_dir: Path):
         import torch
 
         self.args, self.cfg, self.info, self.tokenizer, self.workdir = args, cfg, info, tokenizer, workdir
+        self.tokenizer_dir = tokenizer_dir
         self.quick, self.repeat = args.quick, args.repeat
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
@@ -402,7 +403,7 @@ def _trainer_cfg(b: Bench, name: str, steps: int, log_every: int, extra=()):
     if b.cuda:
         overrides += ["train.mixed_precision=bf16"] + (["train.compile=true"] if b.compile else [])
     overrides += [f"data.path={b.info.root}", "data.build_synthetic=false",
-                  f"model.tokenizer={b.workdir / 'tokenizer'}"] + list(extra)
+                  f"model.tokenizer={b.tokenizer_dir}"] + list(extra)
     return load_config(b.args.config, overrides)
 
 
@@ -563,7 +564,7 @@ def measure_scaling(b: Bench) -> dict:
     for name, nproc, stage in runs:
         res_dir = b.workdir / f"scaling-{name}"
         cfg_over = list(b.args.overrides) + b.args.quick_overrides + [
-            f"data.path={b.info.root}", "data.build_synthetic=false", f"model.tokenizer={b.workdir / 'tokenizer'}",
+            f"data.path={b.info.root}", "data.build_synthetic=false", f"model.tokenizer={b.tokenizer_dir}",
             "data.num_workers=0", "logging.progress=false"]
         from _trainer_runs import trainer_overrides
 
@@ -739,10 +740,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from dataclasses import replace
+
     from vkd_dist.config import load_config
     from vkd_dist.data.schema import read_dataset
-    from vkd_dist.models.encoders import load_tokenizer, report_texts, train_wordpiece
-    from vkd_dist.prepare import ensure_dataset
+    from vkd_dist.prepare import ensure_dataset, resolve_tokenizer, tokenizer_dir
 
     workdir = Path(tempfile.mkdtemp(prefix="vkd-bench-throughput-"))
     t_start = time.perf_counter()
@@ -763,14 +765,10 @@ def main(argv=None) -> int:
             info = read_dataset(workdir / "data")
         else:
             info = ensure_dataset(cfg)
-        if cfg.model.tokenizer:
-            shutil.copytree(cfg.model.tokenizer, workdir / "tokenizer")
-        elif cfg.model.text_encoder != "tiny-bert":
-            shutil.copytree(cfg.model.text_encoder, workdir / "tokenizer", dirs_exist_ok=True)
-        else:
-            train_wordpiece(report_texts(info.shards(cfg.data.train_split)), cfg.model.vocab_size, workdir / "tokenizer")
-        tokenizer = load_tokenizer(workdir / "tokenizer")
-        b = Bench(args, cfg, info, tokenizer, workdir)
+        # the trainer's own choice of tokenizer, built once here and named explicitly to every trainer run
+        bench_cfg = replace(cfg, run_dir=str(workdir))
+        tokenizer = resolve_tokenizer(bench_cfg, info)
+        b = Bench(args, cfg, info, tokenizer, workdir, tokenizer_dir(bench_cfg, workdir))
         res: dict = {"machine": machine(), "device": args.device, "quick": args.quick, "repeat": args.repeat,
                      "config": args.config_source, "overrides": list(args.overrides),
                      "model": {"image_encoder": cfg.model.image_encoder, "text_encoder": cfg.model.text_encoder,
