@@ -147,3 +147,46 @@ def test_a_frozen_text_encoder_stays_deterministic_in_training_mode():
     assert torch.equal(enc(ids, mask), enc(ids, mask))  # no dropout noise
     partly = build_text_encoder(ModelConfig(text_config=cfg.text_config, text_trainable_layers=1), 50).train()
     assert partly.model.training and any(p.requires_grad for p in partly.parameters())
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
+    """model.gradient_checkpointing: the ViT blocks and BERT layers run again in backward (memory traded for
+    compute), and the loss and every gradient are those of the plain model."""
+    from vkd_dist.config import load_config
+    from vkd_dist.models.build import build_model
+
+    def run(checkpointing: bool):
+        cfg = load_config(overrides=[
+            "data.image_size=32", "model.image_encoder=vit_small_patch16_224",
+            "model.image_encoder_kwargs={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 16}",
+            "model.text_config={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}",
+            "model.latent_dim=4", "model.hidden_dim=8", f"model.gradient_checkpointing={checkpointing}"])
+        torch.manual_seed(0)
+        model = build_model(cfg, 50).train()
+        calls = {"vit": 0, "bert": 0}
+
+        def counted(kind, forward):  # not a forward hook: torch's non-reentrant recompute skips those
+            def run(*args, **kwargs):
+                calls[kind] += 1
+                return forward(*args, **kwargs)
+            return run
+
+        for block in model.image_encoder.backbone.blocks:
+            block.forward = counted("vit", block.forward)
+        for layer in model.text_encoder.model.encoder.layer:  # transformers replays the layer's class forward
+            layer.attention.forward = counted("bert", layer.attention.forward)
+        g = torch.Generator().manual_seed(1)
+        batch = Batch(image=torch.randint(0, 255, (3, 1, 32, 32), dtype=torch.uint8, generator=g),
+                      input_ids=torch.randint(5, 50, (3, 8), generator=g), attention_mask=torch.ones(3, 8, dtype=torch.long),
+                      targets=torch.ones(3, 14), target_mask=torch.ones(3, 14, dtype=torch.bool))
+        torch.manual_seed(2)  # dropout and latent samples: checkpointing replays the same random state
+        loss = Objective(cfg.objective, num_samples=2)(model, batch, step=0)["loss"]
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls
+
+    loss, grads, calls = run(False)
+    loss_ckpt, grads_ckpt, calls_ckpt = run(True)
+    assert calls == {"vit": 2, "bert": 2} and calls_ckpt == {"vit": 4, "bert": 4}
+    assert torch.allclose(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6), name

@@ -88,7 +88,10 @@ def build_text_encoder(cfg, vocab_size: int) -> TextEncoder:
         model = AutoModel.from_pretrained(cfg.text_encoder, local_files_only=True, add_pooling_layer=False) \
             if _is_bert_like(cfg.text_encoder) else AutoModel.from_pretrained(cfg.text_encoder, local_files_only=True)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the new name; the old one warns (transformers 5.24)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder = TextEncoder(model, cfg.text_pooling)
     apply_text_freezing(encoder, cfg.freeze_text, cfg.text_trainable_layers)
     return encoder
