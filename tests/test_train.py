@@ -190,3 +190,10 @@ def test_an_export_that_would_drop_deployable_weights_fails(tiny_data, tmp_path)
     with pytest.raises(RuntimeError, match=r"deployable tensors are not in the model's state dict"):
         checkpoint.export_image_model(accelerator, wrapped, tmp_path / "bad", {})
     assert not (tmp_path / "bad").exists()
+
+
+def test_only_the_last_checkpoints_are_kept(tiny_data, tmp_path):
+    train(load_config(overrides=tiny_overrides(tiny_data, tmp_path, objective="image_only", **{
+        "train.max_steps": 4, "train.ckpt_every": 1, "train.keep_last": 2, "train.test_at_end": False})))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000004"]
+    assert checkpoint.latest(tmp_path).name == "step-00000004"

@@ -190,3 +190,19 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
     assert torch.allclose(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
     for name in grads:
         assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6), name
+
+
+def test_a_three_channel_stem_sees_the_grayscale_image_in_every_channel():
+    """model.in_chans=3 (RGB-pretrained stems): the gray image is repeated, so the 3-channel stem equals a 1-channel
+    stem whose kernel is the sum of the three."""
+    from vkd_dist.models.encoders import ImageEncoder
+
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 16}
+    torch.manual_seed(0)
+    rgb = ImageEncoder("vit_small_patch16_224", 32, in_chans=3, kwargs=kwargs).eval()
+    gray = ImageEncoder("vit_small_patch16_224", 32, in_chans=1, kwargs=kwargs).eval()
+    state = rgb.state_dict()
+    state["backbone.patch_embed.proj.weight"] = state["backbone.patch_embed.proj.weight"].sum(1, keepdim=True)
+    gray.load_state_dict(state)
+    image = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(rgb(image), gray(image), atol=1e-5)
