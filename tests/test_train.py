@@ -197,3 +197,18 @@ def test_only_the_last_checkpoints_are_kept(tiny_data, tmp_path):
         "train.max_steps": 4, "train.ckpt_every": 1, "train.keep_last": 2, "train.test_at_end": False})))
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-00000003", "step-00000004"]
     assert checkpoint.latest(tmp_path).name == "step-00000004"
+
+
+def test_compile_without_a_compiler_fails_before_any_work(tiny_data, tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    from vkd_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.compile=true on the CPU: .*no compiler"):
+        train(load_config(overrides=tiny_overrides(tiny_data, tmp_path, **{"train.compile": True})))
+    assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "tokens").exists()  # nothing built yet

@@ -135,8 +135,29 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> TrainResult:
         stop.restore()
 
 
+def check_compile_toolchain(device: torch.device) -> None:
+    """train.compile needs what torch.compile's inductor generates code for: a C++ compiler on the CPU, Triton on
+    a GPU. Checked before any heavy work, not at the first step."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as exc:
+            raise ConfigError("train.compile=true on the CPU: torch.compile builds C++ and found no compiler "
+                              f"({type(exc).__name__}); install g++ (or set $CXX), or set train.compile=false") from exc
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("train.compile=true on the GPU: torch.compile needs Triton, which is not installed "
+                              "(pip install triton), or set train.compile=false")
+
+
 def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     accelerator = build_accelerator(cfg)
+    if cfg.train.compile:
+        check_compile_toolchain(accelerator.device)
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
