@@ -91,7 +91,8 @@ def export_image_model(accelerator, model, out_dir: str | Path, meta: dict) -> O
     if len(tensors) < len(keep):
         missing = sorted(keep - set(tensors))
         raise RuntimeError(f"export to {out_dir}: {len(missing)} of {len(keep)} deployable tensors are not in the "
-                           f"model's state dict (first: {missing[0]!r}; state keys look like {next(iter(state), None)!r})")
+                           f"model's state dict (first: {missing[0]!r}; "
+                           f"state keys look like {next(iter(state), None)!r})")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Building the Accelerator: DDP or DeepSpeed as launched, with the CPU fallbacks this needs.
+"""Building the Accelerator: DDP or DeepSpeed as launched, with the CPU fallbacks this needs; and what
+train.compile needs from the machine and the batches.
 
 On a machine without GPUs the same launch files must still run (that is how they are tested):
 - DDP launch configs: `Accelerator(cpu=True)` gives a gloo process group over the launcher's ranks.
@@ -20,6 +21,8 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+from vkd_dist.config import ConfigError
 
 
 def using_deepspeed() -> bool:
@@ -68,7 +71,6 @@ def deepspeed_config(cfg, world_size: int, base: Optional[dict | str | Path] = N
     precision always come from the trainer config: "auto" (or absent) values are filled in, and a hard-coded
     value that disagrees is an error, never silently used. Without a file the layout comes from
     dist.zero_stage / dist.offload_optimizer (or `accelerate launch --use_deepspeed --zero_stage N`)."""
-    from vkd_dist.config import ConfigError
 
     if base is None:
         base = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
@@ -191,3 +193,30 @@ def build_accelerator(cfg) -> Accelerator:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
         return Accelerator(deepspeed_plugin=plugin, **common)
     return Accelerator(cpu=cpu, **common)
+
+
+def check_compile_toolchain(device: torch.device) -> None:
+    """train.compile needs what torch.compile's inductor generates code for: a C++ compiler on the CPU, Triton on
+    a GPU. Checked before any heavy work, not at the first step."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception as exc:
+            raise ConfigError("train.compile=true on the CPU: torch.compile builds C++ and found no compiler "
+                              f"({type(exc).__name__}); install g++ (or set $CXX), "
+                              "or set train.compile=false") from exc
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("train.compile=true on the GPU: torch.compile needs Triton, which is not installed "
+                              "(pip install triton), or set train.compile=false")
+
+
+def mark_text_length_dynamic(batch) -> None:
+    """Padded text lengths vary by batch: torch.compile then builds one graph for every length, where it would
+    first build a static one and recompile at the second length."""
+    torch._dynamo.maybe_mark_dynamic(batch.input_ids, 1)
+    torch._dynamo.maybe_mark_dynamic(batch.attention_mask, 1)

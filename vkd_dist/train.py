@@ -24,7 +24,7 @@ from vkd_dist.config import Config, ConfigError, load_config, save_config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import train_loader
 from vkd_dist.data.schema import read_dataset
-from vkd_dist.distributed import build_accelerator, param_digests
+from vkd_dist.distributed import build_accelerator, check_compile_toolchain, mark_text_length_dynamic, param_digests
 from vkd_dist.evaluate import evaluate, load_teacher
 from vkd_dist.metrics import format_table
 from vkd_dist.models.build import build_model
@@ -96,13 +96,6 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
 
 
-def mark_text_length_dynamic(batch) -> None:
-    """Padded text lengths vary by batch: torch.compile then builds one graph for every length, where it would
-    first build a static one and recompile at the second length."""
-    torch._dynamo.maybe_mark_dynamic(batch.input_ids, 1)
-    torch._dynamo.maybe_mark_dynamic(batch.attention_mask, 1)
-
-
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warm-up then cosine decay to min_ratio of the peak."""
 
@@ -133,25 +126,6 @@ def train(cfg: Config, stop: Optional[StopRequest] = None) -> TrainResult:
         return _train(cfg, stop)
     finally:
         stop.restore()
-
-
-def check_compile_toolchain(device: torch.device) -> None:
-    """train.compile needs what torch.compile's inductor generates code for: a C++ compiler on the CPU, Triton on
-    a GPU. Checked before any heavy work, not at the first step."""
-    if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        try:
-            get_cpp_compiler()
-        except Exception as exc:
-            raise ConfigError("train.compile=true on the CPU: torch.compile builds C++ and found no compiler "
-                              f"({type(exc).__name__}); install g++ (or set $CXX), or set train.compile=false") from exc
-    elif device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        if not has_triton():
-            raise ConfigError("train.compile=true on the GPU: torch.compile needs Triton, which is not installed "
-                              "(pip install triton), or set train.compile=false")
 
 
 def _train(cfg: Config, stop: StopRequest) -> TrainResult:
