@@ -210,6 +210,18 @@ def test_deepspeed_zero3_yaml_two_processes_save_resume_export(tiny_data, tmp_pa
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.distributed
+def test_deepspeed_zero3_trains_the_image_only_baseline(tiny_data, tmp_path):
+    """The baselines use the prior (or posterior) mean alone; ZeRO-3 failed in backward while logvar still ran."""
+    from vkd_dist.train import train
+
+    run, single = tmp_path / "zero3-image", tmp_path / "single-image"
+    accelerate_launch("deepspeed_zero3.yaml", _overrides(tiny_data, run, objective="image_only"))
+    _check_final(run, 2)
+    train(load_config(overrides=_overrides(tiny_data, single, objective="image_only", **{"data.batch_size": 2 * MICRO})))
+    _compare_loss(run, single)
+
+
 # --------------------------------------------------------------------------- recipes
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
 LOCAL_PATH_KEYS = ("data.path", "model.text_encoder", "model.image_weights", "model.tokenizer")

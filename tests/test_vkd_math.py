@@ -206,3 +206,19 @@ def test_a_three_channel_stem_sees_the_grayscale_image_in_every_channel():
     gray.load_state_dict(state)
     image = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
     assert torch.allclose(rgb(image), gray(image), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["image", "text"])
+def test_the_baseline_modes_use_the_mean_and_never_run_logvar(mode):
+    """image/text modes classify the mean; running logvar there (output unused) breaks ZeRO-3's backward hooks."""
+    model = VKDModel(_Encoder(8), _Encoder(8, text=True), latent_dim=4, hidden_dim=8, dropout=0.0)
+    ran = []
+    for head in (model.prior_head, model.posterior_head):
+        head.logvar.register_forward_hook(lambda *_: ran.append(1))
+    out = model(_batch(), mode=mode)
+    logits = out.prior_logits if mode == "image" else out.post_logits
+    head, encoder = (model.prior_head, model.image_encoder) if mode == "image" else (model.posterior_head, model.text_encoder)
+    batch = _batch()
+    feats = encoder(batch.image) if mode == "image" else encoder(batch.input_ids, batch.attention_mask)
+    assert torch.allclose(logits[0], model.classify(head(feats).mu))  # the same as the full head's mean
+    assert len(ran) == 1  # only the reference call above ran logvar

@@ -55,6 +55,11 @@ class GaussianHead(nn.Module):
         h = self.net(features)
         return Gaussian(self.mu(h), self.logvar(h).clamp(-10.0, 10.0))
 
+    def mean(self, features: torch.Tensor) -> torch.Tensor:
+        """mu alone. Where only the mean is used, logvar is not run: ZeRO-3 fails in backward on a module whose
+        forward ran but whose output takes no gradient."""
+        return self.mu(self.net(features))
+
 
 class VKDModel(nn.Module):
     """`image_encoder` / `text_encoder` map inputs to feature vectors; either may be None for baselines."""
@@ -78,13 +83,23 @@ class VKDModel(nn.Module):
         feats = self.image_encoder(image)
         return self.prior_head(feats), feats
 
-    def posterior(self, input_ids=None, attention_mask=None, image_features=None, text_features=None) -> Gaussian:
+    def prior_mean(self, image: torch.Tensor) -> torch.Tensor:
+        return self.prior_head.mean(self.image_encoder(image))
+
+    def _posterior_input(self, input_ids, attention_mask, image_features, text_features) -> torch.Tensor:
         if text_features is None:
             text_features = self.text_encoder(input_ids, attention_mask)
         text_features = text_features.to(self.classifier[0].weight.dtype)
         if self.posterior_kind == "image_text":
             text_features = torch.cat([text_features, image_features], dim=-1)
-        return self.posterior_head(text_features)
+        return text_features
+
+    def posterior(self, input_ids=None, attention_mask=None, image_features=None, text_features=None) -> Gaussian:
+        return self.posterior_head(self._posterior_input(input_ids, attention_mask, image_features, text_features))
+
+    def posterior_mean(self, input_ids=None, attention_mask=None, text_features=None) -> torch.Tensor:
+        """The text-only posterior's mean (text_only objective and teacher; q(z|t) only)."""
+        return self.posterior_head.mean(self._posterior_input(input_ids, attention_mask, None, text_features))
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(z)
@@ -93,11 +108,10 @@ class VKDModel(nn.Module):
     def forward(self, batch, mode: str = "vkd", num_samples: int = 1) -> VKDOutput:
         """mode: vkd (both paths, K samples each) | image (prior mean) | text (posterior mean)."""
         if mode == "image":
-            p, _ = self.prior(batch.image)
-            return VKDOutput(prior=p, prior_logits=self.classify(p.mu)[None])
+            return VKDOutput(prior_logits=self.classify(self.prior_mean(batch.image))[None])
         if mode == "text":
-            q = self.posterior(batch.input_ids, batch.attention_mask, text_features=batch.text_features)
-            return VKDOutput(posterior=q, post_logits=self.classify(q.mu)[None])
+            mu = self.posterior_mean(batch.input_ids, batch.attention_mask, batch.text_features)
+            return VKDOutput(post_logits=self.classify(mu)[None])
         p, img_feats = self.prior(batch.image)
         q = self.posterior(batch.input_ids, batch.attention_mask, img_feats, batch.text_features)
         return VKDOutput(prior=p, posterior=q, post_logits=self.classify(q.sample(num_samples)),
@@ -107,17 +121,16 @@ class VKDModel(nn.Module):
     @torch.no_grad()
     def predict(self, image: torch.Tensor, mode: str = "prior_mean", num_samples: int = 16):
         """Image-only probabilities [B, 14] and, for mode='mc', their spread over K prior samples."""
-        p, _ = self.prior(image)
         if mode == "prior_mean":
-            return torch.sigmoid(self.classify(p.mu).float()), None
+            return torch.sigmoid(self.classify(self.prior_mean(image)).float()), None
+        p, _ = self.prior(image)
         probs = torch.sigmoid(self.classify(p.sample(num_samples)).float())
         return probs.mean(0), probs.std(0)
 
     @torch.no_grad()
     def predict_text(self, input_ids, attention_mask, text_features=None):
         """Report-only probabilities (the text_only teacher / upper bound)."""
-        q = self.posterior(input_ids, attention_mask, text_features=text_features)
-        return torch.sigmoid(self.classify(q.mu).float()), None
+        return torch.sigmoid(self.classify(self.posterior_mean(input_ids, attention_mask, text_features)).float()), None
 
     def deploy_state_dict(self) -> dict:
         """The deployable part: image encoder, prior head and classifier; everything for a text-only model."""
