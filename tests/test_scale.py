@@ -124,7 +124,9 @@ def accelerate_launch(config: str, overrides: list[str], nproc: int = 2) -> floa
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    if proc.returncode != 0:  # pytest.fail prints the message whole, where an assert's repr is cut short
+        pytest.fail(f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n"
+                    f"--- stderr (tail)\n{proc.stderr[-6000:]}", pytrace=False)
     assert "Building extension" not in proc.stdout + proc.stderr  # no g++ JIT compile on the CPU path
     return time.perf_counter() - t0
 
