@@ -340,9 +340,9 @@ def _model_and_step(b: Bench, cfg=None, vocab=None, channels_last: bool = False)
     import torch
 
     from vkd_dist.data.augment import BatchAugment
+    from vkd_dist.distributed import mark_text_length_dynamic
     from vkd_dist.models.build import build_model
     from vkd_dist.objectives import Objective
-    from vkd_dist.distributed import mark_text_length_dynamic
     from vkd_dist.train import _optimizer
 
     cfg = cfg or b.cfg
