@@ -86,9 +86,9 @@ class _Exploding(torch.nn.Module):
         raise AssertionError("the text encoder must not run at inference")
 
 
-def _batch(b=6, seed=0):
+def _batch(b=6, seed=0, size=4):
     g = torch.Generator().manual_seed(seed)
-    return Batch(image=torch.randint(0, 255, (b, 1, 4, 4), dtype=torch.uint8, generator=g),
+    return Batch(image=torch.randint(0, 255, (b, 1, size, size), dtype=torch.uint8, generator=g),
                  input_ids=torch.randint(0, 50, (b, 9), generator=g), attention_mask=torch.ones(b, 9, dtype=torch.long),
                  targets=(torch.rand(b, 14, generator=g) > 0.5).float(), target_mask=torch.rand(b, 14, generator=g) > 0.2)
 
@@ -175,10 +175,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
             block.forward = counted("vit", block.forward)
         for layer in model.text_encoder.model.encoder.layer:  # transformers replays the layer's class forward
             layer.attention.forward = counted("bert", layer.attention.forward)
-        g = torch.Generator().manual_seed(1)
-        batch = Batch(image=torch.randint(0, 255, (3, 1, 32, 32), dtype=torch.uint8, generator=g),
-                      input_ids=torch.randint(5, 50, (3, 8), generator=g), attention_mask=torch.ones(3, 8, dtype=torch.long),
-                      targets=torch.ones(3, 14), target_mask=torch.ones(3, 14, dtype=torch.bool))
+        batch = _batch(3, seed=1, size=32)
         torch.manual_seed(2)  # dropout and latent samples: checkpointing replays the same random state
         loss = Objective(cfg.objective, num_samples=2)(model, batch, step=0)["loss"]
         loss.backward()
@@ -204,7 +201,7 @@ def test_a_three_channel_stem_sees_the_grayscale_image_in_every_channel():
     state = rgb.state_dict()
     state["backbone.patch_embed.proj.weight"] = state["backbone.patch_embed.proj.weight"].sum(1, keepdim=True)
     gray.load_state_dict(state)
-    image = torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8)
+    image = _batch(2, size=32).image
     assert torch.allclose(rgb(image), gray(image), atol=1e-5)
 
 
@@ -215,10 +212,10 @@ def test_the_baseline_modes_use_the_mean_and_never_run_logvar(mode):
     ran = []
     for head in (model.prior_head, model.posterior_head):
         head.logvar.register_forward_hook(lambda *_: ran.append(1))
-    out = model(_batch(), mode=mode)
+    batch = _batch()
+    out = model(batch, mode=mode)
     logits = out.prior_logits if mode == "image" else out.post_logits
     head, encoder = (model.prior_head, model.image_encoder) if mode == "image" else (model.posterior_head, model.text_encoder)
-    batch = _batch()
     feats = encoder(batch.image) if mode == "image" else encoder(batch.input_ids, batch.attention_mask)
     assert torch.allclose(logits[0], model.classify(head(feats).mu))  # the same as the full head's mean
     assert len(ran) == 1  # only the reference call above ran logvar
