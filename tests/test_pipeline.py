@@ -124,14 +124,33 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tiny_data, tokenizer
     assert batches[-1].skipped == pipeline.SKIPPED.count
 
 
-def test_label_policy_reaches_the_batch(tiny_data, tokenizer):
+def test_training_policy_reaches_train_batches_and_eval_uses_the_datasets(tiny_data, tokenizer):
     info = read_dataset(tiny_data)
-    ignore = next(iter(eval_loader(info, "val", _cfg(num_workers=0, uncertain="ignore", missing="mask"), tokenizer)))
-    neg = next(iter(eval_loader(info, "val", _cfg(num_workers=0, uncertain="ones", missing="negative"), tokenizer)))
+    first = lambda cfg: next(iter(train_loader(info, "train", cfg, tokenizer).epoch(0)))  # noqa: E731
+    ignore = first(_cfg(num_workers=0, uncertain="ignore", missing="mask"))
+    neg = first(_cfg(num_workers=0, uncertain="ones", missing="negative"))
     assert ignore.keys == neg.keys
     assert neg.target_mask.sum() > ignore.target_mask.sum()
     assert neg.target_mask.all()  # missing -> negative, uncertain -> one: every entry counts
     assert neg.targets.sum() >= ignore.targets.sum()
+    # Evaluation ignores the training policy: blank is negative and uncertain left out, as dataset.json says.
+    assert info.eval_policy.to_dict() == {"uncertain": "ignore", "missing": "negative"}
+    a = next(iter(eval_loader(info, "val", _cfg(num_workers=0, uncertain="ignore", missing="mask"), tokenizer)))
+    b = next(iter(eval_loader(info, "val", _cfg(num_workers=0, uncertain="ones", missing="negative"), tokenizer)))
+    assert a.keys == b.keys and torch.equal(a.targets, b.targets) and torch.equal(a.target_mask, b.target_mask)
+    assert len(a.patient_ids) == len(a.keys) and all(a.patient_ids)
+    from vkd_dist.labels import encode_labels
+
+    samples = {s["key"]: s for s in pipeline.decoded(iter(_raw_samples(info, "val")), 48)}
+    for i, key in enumerate(a.keys):
+        t, m = encode_labels(samples[key]["labels"], "ignore", "negative")
+        assert a.targets[i].tolist() == t.tolist() and a.target_mask[i].tolist() == m.tolist()
+
+
+def _raw_samples(info, split):
+    import webdataset as wds
+
+    return wds.DataPipeline(wds.SimpleShardList(info.shards(split)), wds.tarfile_to_samples())
 
 
 @pytest.mark.parametrize("max_len", [128, 24])

@@ -37,7 +37,8 @@ def openi(tmp_path_factory):
 
 def test_mesh_table():
     labels, unmapped = mesh_labels(["normal"])
-    assert labels["No Finding"] == 1 and all(labels[n] is None for n in LABELS[1:]) and unmapped == []
+    # A coded report is negative for every label its terms do not name.
+    assert labels["No Finding"] == 1 and all(labels[n] == 0 for n in LABELS[1:]) and unmapped == []
     labels, unmapped = mesh_labels(["Pulmonary Edema/bilateral/interstitial/moderate", "Cardiomegaly",
                                     "Pleural Effusion/bilateral", "Heart Failure/moderate"])
     assert (labels["Edema"], labels["Cardiomegaly"], labels["Pleural Effusion"], labels["No Finding"]) == (1, 1, 1, 0)
@@ -52,10 +53,12 @@ def test_mesh_table():
     for term, name in cases.items():
         labels, _ = mesh_labels([term])
         assert labels[name] == 1, term
-    labels, _ = mesh_labels(["Catheters, Indwelling"])  # a device alone says nothing about No Finding
-    assert labels["No Finding"] is None
-    labels, unmapped = mesh_labels(["Spine/degenerative", "Emphysema"])
-    assert all(v is None for v in labels.values()) and len(unmapped) == 2
+    labels, _ = mesh_labels(["Catheters, Indwelling"])  # only `normal` makes No Finding positive
+    assert labels["No Finding"] == 0 and labels["Support Devices"] == 1 and labels["Edema"] == 0
+    labels, unmapped = mesh_labels(["Spine/degenerative", "Emphysema"])  # coded, none of the 14 named
+    assert all(v == 0 for v in labels.values()) and len(unmapped) == 2
+    labels, unmapped = mesh_labels([])  # an uncoded report is unlabelled
+    assert all(v is None for v in labels.values()) and unmapped == []
 
 
 def test_parse_report_sections_and_images():
@@ -119,3 +122,21 @@ def test_all_views_split_by_report_and_tgz(openi, tmp_path):
 def test_openi_missing_sample_dir_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="--images"):
         plan(tmp_path, tmp_path / "nope")
+
+
+def test_sample_has_both_classes_for_every_mentioned_label(openi, tmp_path):
+    """The real sample: every label some report names has positives and negatives once converted, so its AUROC
+    is defined; the evaluation policy leaves only uncoded reports out."""
+    images, _ = openi
+    meta = convert_openi(XML, images, tmp_path / "out", opts=ConvertOptions(image_size=32), workers=1,
+                         progress=False)
+    assert meta["eval_policy"] == {"uncertain": "ignore", "missing": "mask"}
+    totals = {n: {"1": 0, "0": 0, "null": 0} for n in LABELS}
+    for split in meta["label_counts"].values():
+        for name, c in split.items():
+            for k in totals[name]:
+                totals[name][k] += c[k]
+    mentioned = [n for n in LABELS if totals[n]["1"] > 0]
+    assert {"No Finding", "Cardiomegaly"} <= set(mentioned)
+    for name in mentioned:
+        assert totals[name]["0"] > 0, name

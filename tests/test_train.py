@@ -70,9 +70,24 @@ def test_eval_cli_writes_the_metrics_json(vkd_run, tiny_data, tmp_path):
                       "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["auroc"]) == set(LABELS) and set(report["n"]) == set(LABELS)
-    assert report["auroc"]["No Finding"] is None  # the synthetic reports never negate "No Finding"
-    defined = [v for v in report["auroc"].values() if v is not None]
+    assert report["checkpoint"] == "final" and report["split"] == "test"
+    # The data set's evaluation policy, not the training one (data.missing=mask): blank counts as negative, so
+    # No Finding (only ever 1 or blank in the reports) is scored, and every label is scored on all 60 studies
+    # but those with an uncertain mention.
+    assert report["eval_policy"] == {"uncertain": "ignore", "missing": "negative"}
+    assert report["auroc"]["No Finding"] is not None and report["n"]["No Finding"] == 60
+    info = read_dataset(tiny_data)
+    counts = info.meta["label_counts"]["test"]
+    assert report["n"] == {n: 60 - counts[n]["-1"] for n in LABELS}
+    assert report["macro_labels"] == info.scorable_labels("test") == [n for n in LABELS if report["auroc"][n] is not None]
+    defined = [report["auroc"][n] for n in report["macro_labels"]]
     assert report["macro_auroc"] == pytest.approx(sum(defined) / len(defined))
+    lo, hi = report["macro_auroc_ci"]
+    assert lo < report["macro_auroc"] < hi and report["bootstrap"]["unit"] == "patient"
+    for name in report["macro_labels"]:
+        per = report["per_label"][name]
+        assert per["auroc_ci"][0] <= per["auroc"] <= per["auroc_ci"][1]
+        assert 0 <= per["auprc"] <= 1 and 0 <= per["ece"] <= 1 and 0 <= per["sens_at_90_spec"] <= 1
     five = [report["auroc"][k] for k in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")]
     assert report["macro_auroc_chexpert5"] == pytest.approx(sum(v for v in five if v is not None) / len([v for v in five if v is not None]))
     assert 0 <= report["micro_auroc"] <= 1

@@ -98,7 +98,7 @@ class ObjectiveConfig:
     beta_cycle_steps: int = 500
     beta_cycle_ramp: float = 0.5  # fraction of each cycle spent ramping up
     prior_bce_weight: float = 1.0  # BCE on z from the prior, so the deployed path is trained directly
-    pos_weight: Optional[list] = None  # per-label BCE pos_weight (14 floats) or None
+    pos_weight: Optional[list] = None  # per-label BCE pos_weight (one float per data set label) or None
     kd_teacher: Optional[str] = None  # run dir or checkpoint of a text_only run (objective=kd)
     kd_alpha: float = 0.5
     kd_temperature: float = 2.0
@@ -127,6 +127,7 @@ class TrainConfig:
     compile: bool = False
     test_at_end: bool = True
     deterministic: bool = False
+    bootstrap_resamples: int = 1000  # patient-bootstrap resamples for the AUROC CIs (0 = no CIs)
 
 
 @dataclass
@@ -352,6 +353,7 @@ def validate(cfg: Config) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value!r} must be positive")
     for key in ("data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "optim.warmup_steps",
+                "train.bootstrap_resamples",
                 "objective.beta", "objective.prior_bce_weight", "optim.weight_decay", "data.shuffle_buffer"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
@@ -363,8 +365,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers")
     if cfg.model.in_chans not in (1, 3):
         raise ConfigError(f"model.in_chans={cfg.model.in_chans} is not allowed (allowed: 1, 3)")
-    if cfg.objective.pos_weight is not None and len(cfg.objective.pos_weight) != 14:
-        raise ConfigError(f"objective.pos_weight must list 14 numbers (one per CheXpert label), got {len(cfg.objective.pos_weight)}")
     if cfg.objective.name == "kd" and not cfg.objective.kd_teacher:
         raise ConfigError("objective.kd_teacher must name a text_only run directory or checkpoint when objective=kd")
     if cfg.objective.kd_teacher and not Path(cfg.objective.kd_teacher).exists():

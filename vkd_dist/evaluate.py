@@ -1,5 +1,8 @@
-"""Evaluation: image-only inference over a split, every sample exactly once across ranks, AUROC on the
-gathered predictions. `vkd-eval --run RUN --data DIR --split test --out FILE.json` for a finished run."""
+"""Evaluation: image-only inference over a split, every sample exactly once across ranks, metrics with
+patient-bootstrap CIs on the gathered predictions, under the data set's evaluation policy.
+
+`vkd-eval --run RUN [--checkpoint best|final|last] [--data DIR] [--split test] [--out M.json]
+[--predictions P.csv] [--plots DIR]` for a finished run."""
 
 from __future__ import annotations
 
@@ -9,27 +12,26 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import yaml
 
 from vkd_dist import checkpoint
 from vkd_dist.config import config_from_dict
 from vkd_dist.data.pipeline import eval_loader
-from vkd_dist.metrics import auroc_report, format_table, gather_predictions
-from vkd_dist.prepare import teacher_run_dir, tokenizer_dir
+from vkd_dist.metrics import Predictions, format_table, report
+from vkd_dist.prepare import check_same_labels, run_labels, teacher_run_dir, tokenizer_dir
 
 
 @torch.no_grad()
-def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batches: Optional[int] = None):
-    """(probs, targets, mask, keys) of this rank's share of `split`, gathered from all ranks."""
+def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batches: Optional[int] = None) -> Predictions:
+    """The predictions of every sample of `split` (each rank predicts its share; gathered on all ranks)."""
     net = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     was_training = model.training
     model.eval()
-    probs, targets, masks, keys = [], [], [], []
+    parts: list[Predictions] = []
     batches = iter(eval_loader(info, split, cfg.data, tokenizer, rank, world, max_batches))
     while True:
         batch = next(batches, None)
@@ -40,30 +42,26 @@ def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batc
             if accelerator.reduce(pending, reduction="sum").item() == 0:
                 break
             if batch is None:
-                _predict(net, cfg, _empty_batch(cfg, tokenizer, device))
+                _predict(net, cfg, _empty_batch(cfg, tokenizer, device, len(info.labels)))
                 continue
         elif batch is None:
             break
         batch = batch.to(device)
-        p = _predict(net, cfg, batch)
-        probs.append(p.float().cpu().numpy())
-        targets.append(batch.targets.cpu().numpy())
-        masks.append(batch.target_mask.cpu().numpy())
-        keys.extend(batch.keys)
+        probs, std = _predict(net, cfg, batch)
+        parts.append(Predictions(probs.float().cpu().numpy(), batch.targets.cpu().numpy(),
+                                 batch.target_mask.cpu().numpy(), list(batch.keys), list(batch.patient_ids),
+                                 std.float().cpu().numpy() if std is not None else None))
     model.train(was_training)
-    empty = lambda dt: np.zeros((0, 14), dtype=dt)  # noqa: E731
-    return gather_predictions(np.concatenate(probs) if probs else empty(np.float32),
-                              np.concatenate(targets) if targets else empty(np.float32),
-                              np.concatenate(masks) if masks else empty(bool), keys)
+    return Predictions.concat(parts, len(info.labels)).gathered()
 
 
-def _predict(net, cfg, batch) -> torch.Tensor:
+def _predict(net, cfg, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if net.image_encoder is None:  # text_only: the teacher reads the report
-        return net.predict_text(batch.input_ids, batch.attention_mask, batch.text_features)[0]
-    return net.predict(batch.image, cfg.model.inference, cfg.model.num_samples)[0]  # the deployed path: images only
+        return net.predict_text(batch.input_ids, batch.attention_mask, batch.text_features)
+    return net.predict(batch.image, cfg.model.inference, cfg.model.num_samples)  # the deployed path: images only
 
 
-def _empty_batch(cfg, tokenizer, device):
+def _empty_batch(cfg, tokenizer, device, num_labels: int):
     from vkd_dist.data.pipeline import Batch
 
     size = cfg.data.image_size
@@ -74,15 +72,21 @@ def _empty_batch(cfg, tokenizer, device):
 
         features = torch.zeros(1, feature_dim(cfg.data.text_features), device=device)
     return Batch(image=torch.zeros(1, 1, size, size, dtype=torch.uint8, device=device), input_ids=ids,
-                 attention_mask=torch.ones_like(ids), targets=torch.zeros(1, 14, device=device),
-                 target_mask=torch.zeros(1, 14, dtype=torch.bool, device=device), text_features=features)
+                 attention_mask=torch.ones_like(ids), targets=torch.zeros(1, num_labels, device=device),
+                 target_mask=torch.zeros(1, num_labels, dtype=torch.bool, device=device), text_features=features)
 
 
-def evaluate(model, cfg, info, split: str, tokenizer, accelerator=None, max_batches: Optional[int] = None) -> dict:
-    probs, targets, mask, keys = predict_split(model, cfg, info, split, tokenizer, accelerator, max_batches)
-    report = auroc_report(probs, targets, mask)
-    report["split"] = split
-    return report
+def evaluate(model, cfg, info, split: str, tokenizer, accelerator=None, max_batches: Optional[int] = None,
+             checkpoint_name: str = "current", predictions: Optional[list] = None) -> dict:
+    """Metrics of `split` under the data set's evaluation policy, naming the checkpoint they describe. Pass a
+    list as `predictions` to receive the Predictions too."""
+    pred = predict_split(model, cfg, info, split, tokenizer, accelerator, max_batches)
+    if predictions is not None:
+        predictions.append(pred)
+    rep = report(pred, info.labels, info.scorable_labels(split), cfg.train.bootstrap_resamples, cfg.train.seed)
+    rep.update(split=split, checkpoint=checkpoint_name, eval_policy=info.eval_policy.to_dict(),
+               truncated=max_batches is not None)
+    return rep
 
 
 def load_run_config(run_dir: str | Path):
@@ -100,7 +104,8 @@ def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[
     cfg = load_run_config(run_dir)
     objective = objective or cfg.objective.name
     tokenizer = load_tokenizer(tokenizer_dir(cfg, run_dir))
-    model = build_model(cfg, len(tokenizer), objective=objective, with_text=objective == "text_only")
+    model = build_model(cfg, len(tokenizer), objective=objective, with_text=objective == "text_only",
+                        num_labels=len(run_labels(run_dir)))
     state = checkpoint.load_weights(checkpoint.find_weights(run_dir, which))
     wanted = model.deploy_state_dict()
     missing = [k for k in wanted if k not in state]
@@ -123,31 +128,63 @@ def load_teacher(cfg, device):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="vkd-eval", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vkd-eval", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory of a training run")
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH")
     parser.add_argument("--data", help="shard directory (default: the run's data.path)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", help="write the metrics JSON here")
+    parser.add_argument("--predictions", help="write one CSV row per sample here: key, patient_id, a probability "
+                                              "per label (and <label>_std with model.inference=mc)")
+    parser.add_argument("--plots", help="write ROC and reliability-diagram PNGs into this folder")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help="patient-bootstrap resamples for the CIs (default: the run's train.bootstrap_resamples)")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--inference", choices=("prior_mean", "mc"), help="override the run's model.inference")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, KeyError, ValueError) as exc:  # a bad path, split or label set: one line
+        print(f"vkd-eval: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
+        return 2
 
+
+def _run(args) -> int:
     from accelerate import Accelerator
 
     from vkd_dist.data.schema import read_dataset
 
+    if args.checkpoint not in ("best", "last", "final") and not Path(args.checkpoint).exists():
+        raise ValueError(f"--checkpoint {args.checkpoint!r}: expected best, last, final or an existing path")
+    load_run_config(args.run)  # a wrong --run fails here, before any model is built
+    info = read_dataset(args.data or load_run_config(args.run).data.path)
+    check_same_labels(run_labels(args.run), info.labels, args.run, info.root)
+    info.split(args.split)  # a missing split fails before the model is loaded
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, cfg, tokenizer = load_exported(args.run, args.checkpoint, device=accelerator.device)
     if args.batch_size:
         cfg.data.eval_batch_size = args.batch_size
-    info = read_dataset(args.data or cfg.data.path)
-    report = evaluate(model, cfg, info, args.split, tokenizer, accelerator)
-    report.update(run=str(args.run), checkpoint=args.checkpoint, data=str(info.root))
+    if args.bootstrap is not None:
+        cfg.train.bootstrap_resamples = args.bootstrap
+    if args.inference:
+        cfg.model.inference = args.inference
+    preds: list[Predictions] = []
+    rep = evaluate(model, cfg, info, args.split, tokenizer, accelerator, checkpoint_name=args.checkpoint,
+                   predictions=preds)
+    rep.update(run=str(args.run), data=str(info.root))
     if accelerator.is_main_process:
-        print(format_table(report))
+        print(format_table(rep))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2))
+            Path(args.out).write_text(json.dumps(rep, indent=2))
+        if args.predictions:
+            preds[0].write_csv(args.predictions, info.labels)
+        if args.plots:
+            from vkd_dist.plots import save_plots
+
+            for path in save_plots(preds[0], info.labels, args.plots):
+                print(f"wrote {path}")
     return 0
 
 

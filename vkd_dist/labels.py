@@ -1,8 +1,15 @@
-"""The 14 CheXpert labels and the policies that turn 1/0/-1/missing values into (targets, mask)."""
+"""Label sets and the policies that turn 1/0/-1/missing values into (targets, mask).
+
+A data set declares its label names in order (`dataset.json` "labels": the 14 CheXpert labels by default, or a
+manifest's own columns) and its **evaluation policy**: how blank and uncertain entries are scored. Training may
+use another policy (`data.uncertain`, `data.missing`); evaluation always uses the data set's, so two runs
+trained differently are scored on the same targets.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -23,18 +30,66 @@ LABELS: tuple[str, ...] = (
     "Support Devices",
 )
 NUM_LABELS = len(LABELS)
-LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
 CHEXPERT5: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-VALID_VALUES = (1, 0, -1, None)
+UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
+MISSING_POLICIES = ("mask", "negative")
 
 
-def check_label_dict(labels: Mapping[str, Optional[float]], where: str = "sample") -> dict[str, Optional[int]]:
-    """Normalise a label mapping to {name: 1|0|-1|None} for all 14 labels, with a specific error if bad."""
-    unknown = set(labels) - set(LABELS)
+@dataclass(frozen=True)
+class EvalPolicy:
+    """How a data set's blank (missing) and uncertain (-1) entries are scored. The default is the published
+    MIMIC-CXR / CheXpert convention: blank counts as negative, uncertain is left out."""
+
+    uncertain: str = "ignore"
+    missing: str = "negative"
+
+    def __post_init__(self):
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise ValueError(f"eval policy: uncertain={self.uncertain!r} (expected {', '.join(UNCERTAIN_POLICIES)})")
+        if self.missing not in MISSING_POLICIES:
+            raise ValueError(f"eval policy: missing={self.missing!r} (expected {', '.join(MISSING_POLICIES)})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def scored(self, counts: Mapping[str, int]) -> tuple[int, int]:
+        """(positives, negatives) of one label given its value counts {"1", "0", "-1", "null"}."""
+        pos, neg = counts.get("1", 0), counts.get("0", 0)
+        if self.uncertain == "ones":
+            pos += counts.get("-1", 0)
+        elif self.uncertain == "zeros":
+            neg += counts.get("-1", 0)
+        if self.missing == "negative":
+            neg += counts.get("null", 0)
+        return pos, neg
+
+
+# The literature's convention per source (README "Data"): MIMIC-CXR and the synthetic corpus (whose reports
+# determine labels as MIMIC's do) score blank as negative; the OpenI converter writes explicit negatives for
+# every label a MeSH-coded report does not name, so a blank there means an uncoded report and is left out.
+SOURCE_EVAL_POLICY = {"mimic-cxr": EvalPolicy(), "synthetic": EvalPolicy(), "manifest": EvalPolicy(),
+                      "openi": EvalPolicy(uncertain="ignore", missing="mask")}
+
+
+def check_label_names(names: Sequence[str], where: str) -> tuple[str, ...]:
+    names = tuple(names)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{where}: labels must be a non-empty list of names, got {list(names)}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: label {dupes[0]!r} appears more than once")
+    return names
+
+
+def check_label_dict(labels: Mapping[str, Optional[float]], where: str = "sample",
+                     names: Sequence[str] = LABELS) -> dict[str, Optional[int]]:
+    """Normalise a label mapping to {name: 1|0|-1|None} for every name of the set, with a specific error."""
+    unknown = set(labels) - set(names)
     if unknown:
-        raise ValueError(f"{where}: unknown label name {sorted(unknown)[0]!r} (expected CheXpert names)")
+        raise ValueError(f"{where}: unknown label name {sorted(unknown)[0]!r} (this data set's labels: "
+                         f"{', '.join(names)})")
     out: dict[str, Optional[int]] = {}
-    for name in LABELS:
+    for name in names:
         value = labels.get(name)
         if value is not None:
             if isinstance(value, float) and np.isnan(value):
@@ -47,12 +102,13 @@ def check_label_dict(labels: Mapping[str, Optional[float]], where: str = "sample
     return out
 
 
-def encode_labels(labels: Mapping[str, Optional[int]], uncertain: str = "ignore", missing: str = "mask"):
-    """Return (targets float32[14], mask bool[14]) under the uncertain (ignore|ones|zeros) and
+def encode_labels(labels: Mapping[str, Optional[int]], uncertain: str = "ignore", missing: str = "mask",
+                  names: Sequence[str] = LABELS):
+    """Return (targets float32[L], mask bool[L]) under the uncertain (ignore|ones|zeros) and
     missing (mask|negative) policies. Masked entries have target 0 and contribute to no loss or metric."""
-    targets = np.zeros(NUM_LABELS, dtype=np.float32)
-    mask = np.zeros(NUM_LABELS, dtype=bool)
-    for i, name in enumerate(LABELS):
+    targets = np.zeros(len(names), dtype=np.float32)
+    mask = np.zeros(len(names), dtype=bool)
+    for i, name in enumerate(names):
         value = labels.get(name)
         if value == 1:
             targets[i], mask[i] = 1.0, True
@@ -71,3 +127,10 @@ def encode_labels(labels: Mapping[str, Optional[int]], uncertain: str = "ignore"
             elif missing != "mask":
                 raise ValueError(f"unknown missing-label policy {missing!r} (mask, negative)")
     return targets, mask
+
+
+def scorable_labels(label_counts: Mapping[str, Mapping[str, int]], names: Sequence[str],
+                    policy: EvalPolicy) -> list[str]:
+    """The labels with both classes under `policy`, given a split's value counts: the fixed set a split's
+    macro AUROC averages over."""
+    return [n for n in names if min(policy.scored(label_counts.get(n, {}))) > 0]

@@ -4,10 +4,14 @@ result."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Sequence
 
+from vkd_dist.config import ConfigError
 from vkd_dist.data.schema import DatasetInfo, read_dataset
 from vkd_dist.data.tokens import build_token_table
+from vkd_dist.labels import LABELS
 from vkd_dist.models.encoders import load_tokenizer, report_texts, train_wordpiece
 
 
@@ -73,3 +77,43 @@ def token_table(cfg, info: DatasetInfo, tokenizer, accelerator=None):
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return table if is_main else build()  # the others find rank 0's table
+
+
+LABELS_FILE = "labels.json"
+
+
+def run_labels(run_dir: str | Path) -> tuple[str, ...]:
+    """The label names a run was trained on (RUN/labels.json); the 14 CheXpert labels for runs made before
+    runs recorded them."""
+    path = Path(run_dir) / LABELS_FILE
+    return tuple(json.loads(path.read_text())["labels"]) if path.is_file() else LABELS
+
+
+def check_same_labels(run: Sequence[str], data: Sequence[str], run_dir, data_dir) -> None:
+    if tuple(run) != tuple(data):
+        raise ValueError(f"run {run_dir} was trained on labels [{', '.join(run)}] but {data_dir} has labels "
+                         f"[{', '.join(data)}]")
+
+
+def record_run_labels(cfg, info: DatasetInfo, accelerator=None) -> None:
+    """Write RUN/labels.json (the label list and evaluation policy) on a new run; on a resumed run, refuse
+    data with other labels. Checks objective.pos_weight against the label count."""
+    path = Path(cfg.run_dir) / LABELS_FILE
+    if path.is_file():
+        check_same_labels(run_labels(cfg.run_dir), info.labels, cfg.run_dir, info.root)
+    elif accelerator is None or accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"labels": list(info.labels), "eval_policy": info.eval_policy.to_dict(),
+                                    "data": str(info.root)}, indent=2))
+    weights = cfg.objective.pos_weight
+    if weights is not None and len(weights) != len(info.labels):
+        raise ConfigError(f"objective.pos_weight lists {len(weights)} numbers; {info.root} has "
+                          f"{len(info.labels)} labels ({', '.join(info.labels)})")
+
+
+def warn_unscorable(info: DatasetInfo, split: str, log) -> None:
+    """Once at start: labels of the validation split that have a single class are left out of its macro AUROC."""
+    left_out = [n for n in info.labels if n not in info.scorable_labels(split)]
+    if left_out:
+        log(f"warning: on split {split!r} these labels have a single class under the evaluation policy and are "
+            f"left out of its macro AUROC: {', '.join(left_out)}")

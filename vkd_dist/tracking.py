@@ -34,6 +34,22 @@ class RunLogger:
             if v is not None:
                 self.writer.add_scalar(f"{prefix}{k}", float(v), step)
 
+    def evaluation(self, step: int, report: dict, pred, prefix: str = "val") -> None:
+        """Every summary figure of an evaluation report, per-label AUROCs, and each label's PR curve and one
+        ROC figure."""
+        if self.writer is None:
+            return
+        summary = {k: v for k, v in report.items() if isinstance(v, float) and k != "num_samples"}
+        self.scalars(step, summary, f"{prefix}/")
+        self.scalars(step, report["auroc"], f"{prefix}_auroc/")
+        for i, name in enumerate(report["labels"]):
+            m = pred.mask[:, i].astype(bool)
+            if m.any():
+                self.writer.add_pr_curve(f"{prefix}_pr/{name}", pred.targets[m, i], pred.probs[m, i], step)
+        from vkd_dist.plots import roc_figure
+
+        self.writer.add_figure(f"{prefix}/roc", roc_figure(pred, report["labels"]), step)
+
     def hparams(self, hparams: dict, metrics: dict) -> None:
         if self.writer is not None:
             clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}

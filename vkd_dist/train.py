@@ -29,7 +29,7 @@ from vkd_dist.evaluate import evaluate, load_teacher
 from vkd_dist.metrics import format_table
 from vkd_dist.models.build import build_model
 from vkd_dist.objectives import Objective
-from vkd_dist.prepare import ensure_dataset, resolve_tokenizer, token_table
+from vkd_dist.prepare import ensure_dataset, record_run_labels, resolve_tokenizer, token_table, warn_unscorable
 from vkd_dist.tracking import RunLogger, Throughput
 
 
@@ -140,8 +140,9 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
     # -- data, tokenizer, model -------------------------------------------------------------------------
     info = ensure_dataset(cfg, accelerator)
+    record_run_labels(cfg, info, accelerator)
     tokenizer = resolve_tokenizer(cfg, info, accelerator)
-    model = build_model(cfg, len(tokenizer))
+    model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     teacher = load_teacher(cfg, accelerator.device) if cfg.objective.name == "kd" else None
     objective = Objective(cfg.objective, cfg.model.num_samples, teacher)
     optimizer = _optimizer(model, cfg)
@@ -157,6 +158,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
     # -- resume ------------------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_macro_auroc": None, "samples": 0}
+    val_labels = info.scorable_labels(cfg.data.val_split)  # best/ compares macro AUROCs over this set only
     ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume)
     if ckpt is not None:
         state.update(checkpoint.load(accelerator, ckpt))
@@ -166,7 +168,8 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
         log.info(f"resumed from {ckpt} at step {step} (epoch {state['epoch']}, batch {state['batch_in_epoch']})")
     log.info(f"run {run_dir} | objective {cfg.objective.name} | {accelerator.num_processes} process(es) on "
              f"{accelerator.device} | {stream.batches_per_epoch} batches/epoch/rank | "
-             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
+    warn_unscorable(info, cfg.data.val_split, log.info)
     batches = _batches(stream, state["epoch"], state["batch_in_epoch"])
     meter, skipped_by_worker, result = Throughput(), {}, TrainResult(step=step, run_dir=str(run_dir))
     model.train()
@@ -226,18 +229,20 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
             log.scalars(step, scalars, "train/")
             log.info(f"step {step:>6} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         if eval_now:
-            report = evaluate(model, cfg, info, cfg.data.val_split, tokenizer, accelerator, cfg.train.eval_max_batches)
+            preds: list = []
+            report = evaluate(model, cfg, info, cfg.data.val_split, tokenizer, accelerator, cfg.train.eval_max_batches,
+                              checkpoint_name=f"step-{step:08d}", predictions=preds)
             model.train()
             result.val = report
-            log.scalars(step, {"macro_auroc": report["macro_auroc"], "micro_auroc": report["micro_auroc"],
-                               "macro_auroc_chexpert5": report["macro_auroc_chexpert5"]}, "val/")
-            log.scalars(step, report["auroc"], "val_auroc/")
-            log.info(f"step {step:>6} val macro AUROC {report['macro_auroc']}")
+            log.evaluation(step, report, preds[0], "val")
+            log.info(f"step {step:>6} val macro AUROC {report['macro_auroc']} over {len(report['macro_labels'])} labels")
             best = state["best_macro_auroc"]
-            if report["macro_auroc"] is not None and (best is None or report["macro_auroc"] > best):
+            comparable = report["macro_labels"] == val_labels  # like with like: the same label set every time
+            if comparable and report["macro_auroc"] is not None and (best is None or report["macro_auroc"] > best):
                 state["best_macro_auroc"] = report["macro_auroc"]
                 checkpoint.export_image_model(accelerator, model, run_dir / "best",
-                                              {"step": step, "val": report, "objective": cfg.objective.name})
+                                              {"step": step, "val": report, "objective": cfg.objective.name,
+                                               "labels": list(info.labels)})
         if save_now:
             save_checkpoint()
         if stop_now:
@@ -249,11 +254,13 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     if not result.preempted:
         digests = param_digests(accelerator, model)  # every rank must end with the same model
         checkpoint.export_image_model(accelerator, model, run_dir / "final",
-                                      {"step": step, "objective": cfg.objective.name, "param_digests": digests})
+                                      {"step": step, "objective": cfg.objective.name, "param_digests": digests,
+                                       "labels": list(info.labels)})
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks ended training with different parameters (digests {digests}); see final/meta.json")
         if cfg.train.test_at_end:
-            result.test = evaluate(model, cfg, info, cfg.data.test_split, tokenizer, accelerator)
+            result.test = evaluate(model, cfg, info, cfg.data.test_split, tokenizer, accelerator,
+                                   checkpoint_name="final")
             log.scalars(step, {"macro_auroc": result.test["macro_auroc"]}, "test/")
             log.hparams({"objective": cfg.objective.name, "lr": cfg.optim.lr, "beta": cfg.objective.beta,
                          "latent_dim": cfg.model.latent_dim, "seed": cfg.train.seed, "max_steps": cfg.train.max_steps},

@@ -25,7 +25,7 @@ import os
 import random
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from webdataset.filters import _shuffle
 
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import fast_backend
-from vkd_dist.labels import encode_labels
+from vkd_dist.labels import LABELS, encode_labels
 
 
 @dataclass
@@ -46,9 +46,10 @@ class Batch:
     image: torch.Tensor  # uint8 [B, 1, H, W] (float 0..255 once augmented); normalised on the device
     input_ids: torch.Tensor  # long [B, T]
     attention_mask: torch.Tensor  # long [B, T]
-    targets: torch.Tensor  # float [B, 14]
-    target_mask: torch.Tensor  # bool [B, 14]
+    targets: torch.Tensor  # float [B, L], L = the data set's labels
+    target_mask: torch.Tensor  # bool [B, L]
     keys: list = field(default_factory=list)
+    patient_ids: list = field(default_factory=list)  # the bootstrap resamples patients, not images
     skipped: int = 0  # the producing worker's running count of skipped samples
     worker: int = 0
     text_features: Optional[torch.Tensor] = None  # [B, D] precomputed text-encoder output (frozen-text fast path)
@@ -113,8 +114,10 @@ class Collate:
 
     CACHE_REPORTS = 200_000  # token ids kept per worker (int32, unpadded) for reports missing from the table
 
-    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, text_features=None, tokens=None):
+    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, labels: Sequence[str] = LABELS,
+                 text_features=None, tokens=None):
         self.tokenizer, self.max_len, self.uncertain, self.missing = tokenizer, max_len, uncertain, missing
+        self.labels = labels
         self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
         self.tokens = tokens  # TokenTable or None
         self._backend, self._ids = None, {}  # built lazily in the worker (see _token_ids)
@@ -157,13 +160,14 @@ class Collate:
         images = torch.from_numpy(np.stack([s["image"] for s in samples]))[:, None]
         keys = [s["key"] for s in samples]
         enc = self._tokenize([s["text"] for s in samples], keys)
-        encoded = [encode_labels(s["labels"], self.uncertain, self.missing) for s in samples]
+        encoded = [encode_labels(s["labels"], self.uncertain, self.missing, self.labels) for s in samples]
         targets = torch.from_numpy(np.stack([t for t, _ in encoded]))
         mask = torch.from_numpy(np.stack([m for _, m in encoded]))
         wid, _ = _worker()
         feats = self.text_features(keys) if self.text_features is not None else None
         return Batch(images, enc["input_ids"], enc["attention_mask"], targets, mask,
-                     keys=keys, skipped=SKIPPED.count, worker=wid, text_features=feats)
+                     keys=keys, patient_ids=[s["patient_id"] for s in samples], skipped=SKIPPED.count, worker=wid,
+                     text_features=feats)
 
 
 def decode_sample(raw: dict, size: int) -> dict:
@@ -178,7 +182,8 @@ def decode_sample(raw: dict, size: int) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
         raise ValueError(f"{raw.get('__url__', '?')}: sample {key} json has no 'labels' mapping")
     image = fit(decode_image(raw[img_key]), size)
-    return {"key": key, "image": image, "text": raw["txt"].decode("utf-8"), "labels": meta["labels"]}
+    return {"key": key, "image": image, "text": raw["txt"].decode("utf-8"), "labels": meta["labels"],
+            "patient_id": str(meta.get("patient_id") or key)}
 
 
 def decoded(src: Iterator[dict], size: int) -> Iterator[dict]:
@@ -288,7 +293,8 @@ def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, w
         wds.tarfile_to_samples(handler=SKIPPED),
         _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position),
         wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing,
-                                                         _text_features(cfg, split), tokens), partial=False),
+                                                         info.labels, _text_features(cfg, split), tokens),
+                    partial=False),
         _EpochBatches(per_worker, position),
     )
     return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers)
@@ -336,12 +342,16 @@ class _EvalShards(IterableDataset):
 
 def eval_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
                 max_batches: Optional[int] = None) -> Iterable[Batch]:
+    """Targets follow the data set's evaluation policy, not the training one (data.uncertain / data.missing),
+    so runs trained under different policies are scored on the same targets."""
     urls = info.shards(split)
+    policy = info.eval_policy
     shards = _EvalShards(urls, rank, world)
     pipeline = wds.DataPipeline(
         shards, wds.tarfile_to_samples(handler=SKIPPED), shards.select, partial(decoded, size=cfg.image_size),
-        wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain,
-                                                              cfg.missing, _text_features(cfg, split)), partial=True),
+        wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, policy.uncertain,
+                                                              policy.missing, info.labels, _text_features(cfg, split)),
+                    partial=True),
     )
     loader = _loader(pipeline, min(cfg.num_workers, max(1, len(urls))) if len(urls) > 0 else 0)
     return loader if max_batches is None else itertools.islice(loader, max_batches)

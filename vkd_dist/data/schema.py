@@ -5,9 +5,13 @@ A sample in a shard tar is three members with one key:
               decodes ~3x faster than PNG at 256 px (0.23 ms vs 0.62-0.73 ms) and is ~25% smaller; sources such
               as MIMIC-CXR-JPG are JPEG already. `.png` (lossless) is accepted everywhere as an alternative.
   <key>.txt   the report text (normalised, UTF-8)
-  <key>.json  {"labels": {<CheXpert name>: 1|0|-1|null, ...}, "patient_id", "study_id", "view", "source", ...}
+  <key>.json  {"labels": {<label name>: 1|0|-1|null, ...}, "patient_id", "study_id", "view", "source", ...}
 Shards live at DIR/<split>/shard-000000.tar; DIR/dataset.json describes them; DIR/rejects.csv lists
 every item a writer skipped, with the reason.
+
+dataset.json declares the label names in order ("labels": the 14 CheXpert labels unless a manifest was
+converted with its own columns) and the evaluation policy ("eval_policy": how blank and uncertain entries are
+scored; see vkd_dist/labels.py). Files written before eval_policy existed get their source's convention.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-from vkd_dist.labels import LABELS, check_label_dict
+from vkd_dist.labels import (LABELS, SOURCE_EVAL_POLICY, EvalPolicy, check_label_dict, check_label_names,
+                             scorable_labels)
 
 SCHEMA_VERSION = 1
 IMAGE_KEYS = ("jpg", "png")
@@ -45,8 +50,8 @@ class Record:
     source: str = ""
     extra: dict = field(default_factory=dict)
 
-    def meta(self) -> dict:
-        return {"labels": check_label_dict(self.labels, where=self.key), "patient_id": str(self.patient_id),
+    def meta(self, names: Sequence[str] = LABELS) -> dict:
+        return {"labels": check_label_dict(self.labels, where=self.key, names=names), "patient_id": str(self.patient_id),
                 "study_id": str(self.study_id), "view": self.view, "source": self.source, **self.extra}
 
 
@@ -100,21 +105,21 @@ def _jpeg_decoder():
     return decode_jpeg
 
 
-def to_sample(record: Record, fmt: str = "jpg") -> dict:
+def to_sample(record: Record, fmt: str = "jpg", names: Sequence[str] = LABELS) -> dict:
     return {"__key__": record.key, fmt: encode_image(record.image, fmt), "txt": record.text.encode("utf-8"),
-            "json": json.dumps(record.meta(), sort_keys=True).encode("utf-8")}
+            "json": json.dumps(record.meta(names), sort_keys=True).encode("utf-8")}
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def empty_label_counts() -> dict:
-    return {name: {"1": 0, "0": 0, "-1": 0, "null": 0} for name in LABELS}
+def empty_label_counts(names: Sequence[str] = LABELS) -> dict:
+    return {name: {"1": 0, "0": 0, "-1": 0, "null": 0} for name in names}
 
 
 def add_label_counts(counts: dict, labels: dict) -> None:
-    for name in LABELS:
+    for name in counts:
         value = labels.get(name)
         counts[name]["null" if value is None else str(int(value))] += 1
 
@@ -125,11 +130,13 @@ def prevalence(counts: dict, num_samples: int) -> dict:
 
 
 def write_dataset_json(out_dir: Path, splits: dict, rejects: int, params: dict, source: str,
-                       label_counts: dict, rejects_by_reason: Optional[dict] = None) -> dict:
+                       label_counts: dict, rejects_by_reason: Optional[dict] = None,
+                       labels: Sequence[str] = LABELS, eval_policy: Optional[EvalPolicy] = None) -> dict:
     meta = {
         "schema_version": SCHEMA_VERSION,
         "source": source,
-        "labels": list(LABELS),
+        "labels": list(labels),
+        "eval_policy": (eval_policy or SOURCE_EVAL_POLICY.get(source, EvalPolicy())).to_dict(),
         "splits": splits,
         "prevalence": {s: prevalence(label_counts[s], splits[s]["num_samples"]) for s in splits},
         "label_counts": label_counts,
@@ -160,6 +167,22 @@ class DatasetInfo:
                            f"(has: {', '.join(self.meta['splits'])})")
         return self.meta["splits"][split]
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.meta["labels"])
+
+    @property
+    def eval_policy(self) -> EvalPolicy:
+        raw = self.meta.get("eval_policy")
+        return EvalPolicy(**raw) if raw else SOURCE_EVAL_POLICY.get(self.meta.get("source", ""), EvalPolicy())
+
+    def scorable_labels(self, split: str) -> list[str]:
+        """The labels with both classes on `split` under the evaluation policy: what its macro AUROC averages."""
+        counts = self.meta.get("label_counts", {}).get(split)
+        if counts is None:
+            return list(self.labels)  # no counts recorded: every label, and the metrics say which were defined
+        return scorable_labels(counts, self.labels, self.eval_policy)
+
 
 def read_dataset(root: str | Path) -> DatasetInfo:
     root = Path(root)
@@ -173,8 +196,12 @@ def read_dataset(root: str | Path) -> DatasetInfo:
     for key in ("labels", "splits"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")
-    if list(meta["labels"]) != list(LABELS):
-        raise ValueError(f"{path}: 'labels' must be the 14 CheXpert names in order, got {meta['labels']}")
+    check_label_names(meta["labels"], f"{path}: 'labels'")
+    if meta.get("eval_policy") is not None:
+        try:
+            EvalPolicy(**meta["eval_policy"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: 'eval_policy' {meta['eval_policy']}: {exc}") from exc
     return DatasetInfo(root, meta)
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from vkd_dist.data.schema import (Record, Reject, add_label_counts, empty_label_counts, shard_name, to_sample,
                                   write_dataset_json)
+from vkd_dist.labels import LABELS, EvalPolicy
 
 MakeRecord = Callable[[Any], Union[Record, Reject]]
 PROGRESS_DIR = ".progress"
@@ -45,10 +46,10 @@ def _progress_path(out_dir: Path, split: str, index: int) -> Path:
 
 
 def _write_shard(job: tuple) -> dict:
-    out_dir, split, index, items, make_record, fmt, fingerprint = job
+    out_dir, split, index, items, make_record, fmt, fingerprint, labels = job
     tar_path = out_dir / split / shard_name(index)
     tmp_path = tar_path.with_name(f".tmp-{tar_path.name}")
-    counts, rejects, n = empty_label_counts(), [], 0
+    counts, rejects, n = empty_label_counts(labels), [], 0
     with wds.TarWriter(str(tmp_path), mtime=0) as sink:  # an int: a float mtime adds a PAX header per member
         for item in items:
             try:
@@ -58,7 +59,7 @@ def _write_shard(job: tuple) -> dict:
             if isinstance(rec, Reject):
                 rejects.append(rec.__dict__)
                 continue
-            sample = to_sample(rec, fmt)
+            sample = to_sample(rec, fmt, labels)
             sink.write(sample)
             add_label_counts(counts, json.loads(sample["json"])["labels"])
             n += 1
@@ -72,7 +73,7 @@ def _write_shard(job: tuple) -> dict:
 
 def write_split(out_dir: Path, split: str, items: Sequence, make_record: MakeRecord, *,
                 samples_per_shard: int = 1000, workers: int = 1, fmt: str = "jpg",
-                progress: bool = True, fingerprint: str = "") -> SplitResult:
+                progress: bool = True, fingerprint: str = "", labels: Sequence[str] = LABELS) -> SplitResult:
     """Write `items` of one split as shards; `make_record(item)` returns a Record or a Reject.
 
     `fingerprint` identifies the inputs and parameters: a finished shard is kept on a rerun only when
@@ -81,7 +82,7 @@ def write_split(out_dir: Path, split: str, items: Sequence, make_record: MakeRec
     (out_dir / split).mkdir(parents=True, exist_ok=True)
     (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     chunks = [items[i: i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
-    result = SplitResult()
+    result = SplitResult(label_counts=empty_label_counts(labels))
     done: dict[int, dict] = {}
     jobs = []
     for index, chunk in enumerate(chunks):
@@ -90,7 +91,7 @@ def write_split(out_dir: Path, split: str, items: Sequence, make_record: MakeRec
         if record and record.get("fingerprint") == fingerprint and (out_dir / split / shard_name(index)).is_file():
             done[index] = record
         else:
-            jobs.append((out_dir, split, index, chunk, make_record, fmt, fingerprint))
+            jobs.append((out_dir, split, index, chunk, make_record, fmt, fingerprint, tuple(labels)))
     result.kept = len(done)
     bar = tqdm(total=len(chunks), initial=len(done), desc=f"{split} shards", unit="shard",
                disable=not progress, leave=False)
@@ -117,7 +118,8 @@ def write_split(out_dir: Path, split: str, items: Sequence, make_record: MakeRec
 
 
 def finish_dataset(out_dir: Path, results: dict[str, SplitResult], params: dict, source: str,
-                   extra_rejects: Iterable[Reject] = ()) -> dict:
+                   extra_rejects: Iterable[Reject] = (), labels: Sequence[str] = LABELS,
+                   eval_policy: Optional[EvalPolicy] = None) -> dict:
     """Write rejects.csv and dataset.json for the splits written by `write_split`."""
     out_dir = Path(out_dir)
     rejects = [*extra_rejects, *(r for res in results.values() for r in res.rejects)]
@@ -132,7 +134,8 @@ def finish_dataset(out_dir: Path, results: dict[str, SplitResult], params: dict,
         by_reason[kind] = by_reason.get(kind, 0) + 1
     splits = {name: {"num_samples": res.num_samples, "shards": res.shards} for name, res in results.items()}
     return write_dataset_json(out_dir, splits, len(rejects), params, source,
-                              {name: res.label_counts for name, res in results.items()}, by_reason)
+                              {name: res.label_counts for name, res in results.items()}, by_reason, labels,
+                              eval_policy)
 
 
 def summary_line(meta: dict, seconds: Optional[float] = None) -> str:

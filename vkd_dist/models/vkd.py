@@ -36,8 +36,8 @@ def kl_diag_gaussians(q: Gaussian, p: Gaussian) -> torch.Tensor:
 class VKDOutput:
     prior: Optional[Gaussian] = None
     posterior: Optional[Gaussian] = None
-    post_logits: Optional[torch.Tensor] = None  # [K, B, 14] from z ~ q
-    prior_logits: Optional[torch.Tensor] = None  # [K, B, 14] from z ~ p (or [1, B, 14] from the prior mean)
+    post_logits: Optional[torch.Tensor] = None  # [K, B, L] from z ~ q
+    prior_logits: Optional[torch.Tensor] = None  # [K, B, L] from z ~ p (or [1, B, L] from the prior mean)
 
 
 class GaussianHead(nn.Module):
@@ -65,7 +65,8 @@ class VKDModel(nn.Module):
     """`image_encoder` / `text_encoder` map inputs to feature vectors; either may be None for baselines."""
 
     def __init__(self, image_encoder: Optional[nn.Module], text_encoder: Optional[nn.Module], *, latent_dim: int,
-                 hidden_dim: int, posterior: str = "text", dropout: float = 0.1, text_dim: Optional[int] = None):
+                 hidden_dim: int, posterior: str = "text", dropout: float = 0.1, text_dim: Optional[int] = None,
+                 num_labels: int = NUM_LABELS):
         super().__init__()
         self.image_encoder, self.text_encoder, self.posterior_kind = image_encoder, text_encoder, posterior
         img_dim = image_encoder.out_dim if image_encoder is not None else 0
@@ -76,7 +77,7 @@ class VKDModel(nn.Module):
             self.posterior_head = GaussianHead(post_in, hidden_dim, latent_dim, dropout)
         else:
             self.posterior_head = None
-        self.classifier = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, NUM_LABELS))
+        self.classifier = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, num_labels))
 
     # -- the two paths --------------------------------------------------------------------------------
     def prior(self, image: torch.Tensor) -> tuple[Gaussian, torch.Tensor]:
@@ -120,7 +121,7 @@ class VKDModel(nn.Module):
     # -- deployment -------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: torch.Tensor, mode: str = "prior_mean", num_samples: int = 16):
-        """Image-only probabilities [B, 14] and, for mode='mc', their spread over K prior samples."""
+        """Image-only probabilities [B, L] and, for mode='mc', their spread over K prior samples."""
         if mode == "prior_mean":
             return torch.sigmoid(self.classify(self.prior_mean(image)).float()), None
         p, _ = self.prior(image)

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from vkd_dist.labels import LABELS, EvalPolicy
+
 SPLIT_NAMES = ("train", "val", "test")
 LABEL_TEXT = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "": None, "nan": None, "NaN": None}
 
@@ -88,8 +90,10 @@ def plan_fingerprint(params: dict, items: Sequence) -> str:
 
 def convert(out: str | Path, items_by_split: dict, make_record: Callable, params: dict, source: str,
             extra_rejects: Iterable = (), *, samples_per_shard: int = 1000, workers: int = 0, fmt: str = "jpg",
-            progress: bool = True) -> dict:
-    """Write every split's items as shards and finish dataset.json / rejects.csv. Returns dataset.json."""
+            progress: bool = True, labels: Sequence[str] = LABELS, eval_policy: Optional[EvalPolicy] = None) -> dict:
+    """Write every split's items as shards and finish dataset.json / rejects.csv. Returns dataset.json.
+    `labels` is the data set's label names in order; `eval_policy` how its blanks and uncertains are scored
+    (default: the source's convention, vkd_dist/labels.py SOURCE_EVAL_POLICY)."""
     from vkd_dist.data.shards import finish_dataset, write_split
 
     out = Path(out)
@@ -100,9 +104,10 @@ def convert(out: str | Path, items_by_split: dict, make_record: Callable, params
         items = items_by_split.get(split, [])
         results[split] = write_split(out, split, items, make_record, samples_per_shard=samples_per_shard,
                                      workers=workers, fmt=fmt, progress=progress,
-                                     fingerprint=plan_fingerprint(params, items))
+                                     fingerprint=plan_fingerprint({**params, "labels": list(labels)}, items),
+                                     labels=labels)
     return finish_dataset(out, results, {**params, "samples_per_shard": samples_per_shard}, source=source,
-                          extra_rejects=list(extra_rejects))
+                          extra_rejects=list(extra_rejects), labels=labels, eval_policy=eval_policy)
 
 
 def add_split_args(p, note: str = "") -> None:

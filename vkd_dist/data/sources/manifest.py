@@ -5,12 +5,18 @@
 One row = one sample: an image path (relative paths are resolved against --image-root, default the
 CSV's folder), the report text, labels, and a patient id.
 Labels, one of:
-  --label-cols A,B,...  columns holding 1 / 0 / -1 / blank (1.0 / 0.0 / -1.0 accepted). Each is a
-                        CheXpert name, or `column=CheXpert Name` to map a differently named column.
-                        Labels not given are null (missing).
+  --label-cols A,B,...  columns holding 1 / 0 / -1 / blank (1.0 / 0.0 / -1.0 accepted).
+                        With --label-set chexpert (default) each is a CheXpert name, or `column=CheXpert
+                        Name` to map a differently named column; CheXpert labels not given are null.
+                        With --label-set columns the data set's labels are exactly these columns, in this
+                        order (`column=Name` renames), for findings outside CheXpert (COVID-19, a nodule
+                        type, a device); the model, metrics and vkd-predict are then sized and named by them.
   --label-col C         one categorical column whose value is a CheXpert name (case-insensitive; several
                         joined by "|" allowed): those labels are 1, the other 13 are 0; a blank cell
                         leaves all 14 null.
+Evaluation policy (dataset.json "eval_policy"; training has its own, data.uncertain / data.missing):
+  --eval-missing negative (default, as MIMIC-CXR: a blank cell is a negative) | mask (blank is left out)
+  --eval-uncertain ignore (default: -1 is left out) | ones | zeros
 Split: --split-col (train / val / validate / test) if given, else a deterministic patient-level hash
 split of --patient-col with --val-frac / --test-frac / --seed (a missing patient column is an error;
 pass --patient-col "" to treat every row as its own patient).
@@ -29,7 +35,7 @@ from vkd_dist.data.schema import Reject
 from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
                                    convert, hash_split, open_table, options_from_args, options_params, parse_label,
                                    require_columns, run_and_report)
-from vkd_dist.labels import LABELS
+from vkd_dist.labels import LABELS, MISSING_POLICIES, UNCERTAIN_POLICIES, EvalPolicy
 
 SOURCE = "manifest"
 SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val",
@@ -37,14 +43,23 @@ SPLIT_VALUES = {"train": "train", "val": "val", "valid": "val", "validate": "val
 _BY_LOWER = {n.lower(): n for n in LABELS}
 
 
-def parse_label_cols(spec: str) -> list[tuple[str, str]]:
-    """'A,col=B' -> [(column, CheXpert name)], with a specific error for a name that is not a label."""
+LABEL_SETS = ("chexpert", "columns")
+
+
+def parse_label_cols(spec: str, label_set: str = "chexpert") -> list[tuple[str, str]]:
+    """'A,col=B' -> [(column, label name)]. Under the chexpert set a name must be a CheXpert label (any case);
+    under `columns` any name is a label of its own."""
     out = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         col, _, name = part.partition("=")
         name = (name or col).strip()
+        if label_set == "columns":
+            if name in {n for _, n in out}:
+                raise ValueError(f"--label-cols: label {name!r} is given twice")
+            out.append((col.strip(), name))
+            continue
         if name.lower() not in _BY_LOWER:
             raise ValueError(f"--label-cols: {name!r} is not a CheXpert label (expected one of: {', '.join(LABELS)}; "
                              "map other column names with column=Label)")
@@ -76,15 +91,21 @@ def make_record(item: tuple, opts: ConvertOptions):
 def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = "image", text_col: str = "text",
          label_cols: Optional[str] = None, label_col: Optional[str] = None, patient_col: str = "patient_id",
          study_col: Optional[str] = None, split_col: Optional[str] = None, val_frac: float = 0.1,
-         test_frac: float = 0.1, seed: int = 0):
+         test_frac: float = 0.1, seed: int = 0, label_set: str = "chexpert"):
+    """(items by split, rejects, counts, label names in order)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"--csv {csv_path}: not found")
     if bool(label_cols) == bool(label_col):
         raise ValueError("give exactly one of --label-cols A,B,... (one column per label) or --label-col C "
                          "(one categorical column)")
+    if label_set not in LABEL_SETS:
+        raise ValueError(f"--label-set: got {label_set!r}, expected one of {', '.join(LABEL_SETS)}")
+    if label_set == "columns" and not label_cols:
+        raise ValueError("--label-set columns takes its labels from --label-cols A,B,... (not --label-col)")
     check_fractions(val_frac, test_frac)
-    mapping = parse_label_cols(label_cols) if label_cols else []
+    mapping = parse_label_cols(label_cols, label_set) if label_cols else []
+    names = tuple(n for _, n in mapping) if label_set == "columns" else LABELS
     image_root = Path(image_root) if image_root else csv_path.parent
     needed = [image_col, text_col, *(c for c, _ in mapping), *([label_col] if label_col else []),
               *([patient_col] if patient_col else []), *([study_col] if study_col else []),
@@ -117,7 +138,7 @@ def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = 
             path = Path(image) if Path(image).is_absolute() else image_root / image
             try:
                 if mapping:
-                    labels = {n_: None for n_ in LABELS}
+                    labels = {n_: None for n_ in names}
                     for col, name in mapping:
                         labels[name] = parse_label(row[col], f"{csv_path.name} line {line} column {col!r}")
                 else:
@@ -128,26 +149,28 @@ def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = 
             study = (row[study_col] or "").strip() if study_col else key
             items[split].append((split, key, str(path), row[text_col] or "", tuple(labels.items()), patient,
                                  study or key))
-    return items, rejects, {"rows": rows, "planned": sum(len(v) for v in items.values())}
+    return items, rejects, {"rows": rows, "planned": sum(len(v) for v in items.values())}, names
 
 
 def convert_manifest(csv_path, out, *, opts: ConvertOptions = ConvertOptions(), image_root=None,
                      image_col: str = "image", text_col: str = "text", label_cols: Optional[str] = None,
                      label_col: Optional[str] = None, patient_col: str = "patient_id", study_col: Optional[str] = None,
                      split_col: Optional[str] = None, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
+                     label_set: str = "chexpert", eval_policy: EvalPolicy = EvalPolicy(),
                      samples_per_shard: int = 1000, workers: int = 0, progress: bool = True) -> dict:
     """Convert a CSV manifest into `out`; returns the dataset.json contents."""
     opts.check()
-    items, rejects, counts = plan(csv_path, image_root=image_root, image_col=image_col, text_col=text_col,
-                                  label_cols=label_cols, label_col=label_col, patient_col=patient_col,
-                                  study_col=study_col, split_col=split_col, val_frac=val_frac, test_frac=test_frac,
-                                  seed=seed)
+    items, rejects, counts, names = plan(
+        csv_path, image_root=image_root, image_col=image_col, text_col=text_col, label_cols=label_cols,
+        label_col=label_col, patient_col=patient_col, study_col=study_col, split_col=split_col, val_frac=val_frac,
+        test_frac=test_frac, seed=seed, label_set=label_set)
     params = {**options_params(opts), "image_col": image_col, "text_col": text_col, "label_cols": label_cols,
-              "label_col": label_col, "patient_col": patient_col, "split_col": split_col,
+              "label_col": label_col, "label_set": label_set, "patient_col": patient_col, "split_col": split_col,
               "split": "column" if split_col else "patient-hash",
               **({} if split_col else {"val_frac": val_frac, "test_frac": test_frac, "seed": seed}), "counts": counts}
     return convert(out, items, partial(make_record, opts=opts), params, SOURCE, rejects,
-                   samples_per_shard=samples_per_shard, workers=workers, fmt=opts.fmt, progress=progress)
+                   samples_per_shard=samples_per_shard, workers=workers, fmt=opts.fmt, progress=progress,
+                   labels=names, eval_policy=eval_policy)
 
 
 def add_subcommand(sub) -> None:
@@ -159,6 +182,12 @@ def add_subcommand(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--label-cols", help="comma-separated label columns (CheXpert names, or column=Label)")
     g.add_argument("--label-col", help="one categorical column holding a CheXpert label name per row")
+    p.add_argument("--label-set", choices=LABEL_SETS, default="chexpert",
+                   help="chexpert: the 14 CheXpert labels; columns: exactly the --label-cols, in order")
+    p.add_argument("--eval-missing", choices=MISSING_POLICIES, default="negative",
+                   help="how evaluation scores a blank label cell (negative: as MIMIC-CXR; mask: left out)")
+    p.add_argument("--eval-uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
+                   help="how evaluation scores -1 (ignore: left out, as MIMIC-CXR)")
     p.add_argument("--patient-col", default="patient_id", help="patient id for the patient-level split "
                                                                "('' = every row its own patient)")
     p.add_argument("--study-col", help="optional study id column")
@@ -174,4 +203,5 @@ def _run(args) -> int:
         args.csv, args.out, opts=opts, image_root=args.image_root, image_col=args.image_col, text_col=args.text_col,
         label_cols=args.label_cols, label_col=args.label_col, patient_col=args.patient_col, study_col=args.study_col,
         split_col=args.split_col, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
+        label_set=args.label_set, eval_policy=EvalPolicy(args.eval_uncertain, args.eval_missing),
         **common_kwargs(args)))

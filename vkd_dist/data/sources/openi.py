@@ -5,7 +5,10 @@ Inputs: the XML reports (a folder of *.xml, searched recursively, or NLMCXR_repo
 release's images folder, where each image is `<parentImage id>.png`.
 Text: the `AbstractText Label=...` sections chosen by --sections (default FINDINGS,IMPRESSION; the
 whole report - COMPARISON, INDICATION, ... - when both are empty, unless --no-fallback).
-Labels: MeSH `<major>` terms mapped onto the 14 CheXpert labels by MESH_TABLE below; see mesh_labels.
+Labels: MeSH `<major>` terms mapped onto the 14 CheXpert labels by MESH_TABLE below; see mesh_labels. A
+report with MeSH coding is negative for every label its codes do not name (the literature's convention for
+OpenI), and `normal` means No Finding = 1; a report without any MeSH term is unlabelled (all null). The
+evaluation policy in dataset.json therefore leaves blanks out (missing: mask) and there are no uncertains.
 Split: OpenI has no official split, so a deterministic report-level hash split (the collection has no
 patient ids; one report = one patient study) with --val-frac / --test-frac / --seed; every image of
 a report lands in the same split.
@@ -86,10 +89,12 @@ PATHOLOGIES = tuple(n for n in LABELS if n not in ("No Finding", "Support Device
 def mesh_labels(terms: Sequence[str]) -> tuple[dict, list[str]]:
     """MeSH major terms -> ({label: 1 | 0 | None} for all 14, the terms that mapped to nothing).
 
-    A mapped term makes its label 1; labels never mentioned stay None (OpenI's MeSH coding is not a
-    negation list). No Finding: 1 for `normal` (unless a pathology is also coded, then 0); 0 when any of
-    the 12 pathologies (all but No Finding and Support Devices) is positive; None otherwise."""
-    labels: dict = {n: None for n in LABELS}
+    A mapped term makes its label 1. A coded report (any term) is negative for every label its terms do not
+    name: OpenI's indexers code every finding they see, so an uncoded label is an absent finding. No Finding
+    is 1 only for `normal`, and 0 when any of the 12 pathologies (all but No Finding and Support Devices) is
+    also coded. A report with no terms at all stays unlabelled (all None)."""
+    coded = any(t.strip() for t in terms)
+    labels: dict = {n: (0 if coded else None) for n in LABELS}
     unmapped = []
     for term in terms:
         parts = [p.strip().lower() for p in term.split("/")]

@@ -1,0 +1,304 @@
+"""vkd_dist.stats: the hand-written weighted AUROC against sklearn's, the patient bootstrap's invariants, the CI
+and paired-comparison wrappers against a by-hand pipeline and known answers, and calibration / operating
+point helpers against hand computations."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from vkd_dist.stats import (auprc, auroc_ci, bootstrap_weights, expected_calibration_error, paired_delta,
+                            patient_index, reliability, sensitivity_at_specificity, weighted_auroc)
+
+
+def _table(n, num_labels=3, signal=1.0, seed=0, prevalence=0.3):
+    """probs/targets/mask [n, L]: scores shifted up by `signal` for positives, every entry unmasked."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, num_labels)) < prevalence).astype(np.float32)
+    p = (signal * y + rng.normal(size=(n, num_labels))).astype(np.float32)
+    return p, y, np.ones((n, num_labels), dtype=bool)
+
+
+# ------------------------------------------------------------------------------------------ weighted AUROC
+
+@pytest.mark.parametrize("decimals", [None, 1, 0])  # continuous, heavy ties, almost all tied
+def test_weighted_auroc_matches_sklearn_sample_weight(decimals):
+    rng = np.random.default_rng(0 if decimals is None else decimals + 1)
+    for trial in range(25):
+        n = int(rng.integers(5, 200))
+        prevalence = [0.05, 0.3, 0.5, 0.8][trial % 4]  # > 0.5 takes the negatives-as-anchor branch
+        y = rng.random(n) < prevalence
+        y[:2] = [True, False]
+        s = rng.random(n) if decimals is None else np.round(rng.random(n), decimals)
+        w = rng.random((6, n)) * (rng.random((6, n)) < 0.7)  # zero weights included
+        w[0] = rng.integers(0, 4, n)  # integer counts like the bootstrap's
+        w[1, ~y] = 0.0  # no negative weight
+        w[2, y] = 0.0  # no positive weight
+        got = weighted_auroc(s, y, w)
+        assert got.shape == (6,)
+        for i in range(6):
+            if w[i, y].sum() == 0 or w[i, ~y].sum() == 0:
+                assert np.isnan(got[i])
+            else:
+                assert got[i] == pytest.approx(roc_auc_score(y, s, sample_weight=w[i]), abs=1e-12)
+
+
+def test_weighted_auroc_with_unit_weights_is_roc_auc_score():
+    rng = np.random.default_rng(3)
+    y = rng.random(5000) < 0.2
+    for s in (rng.normal(size=5000) + y, np.round(rng.random(5000), 2), (rng.random(5000) < 0.5) * 1.0):
+        got = weighted_auroc(s, y, np.ones((2, 5000)))
+        assert np.all(np.abs(got - roc_auc_score(y, s)) <= 1e-12)
+    assert weighted_auroc(s, y, np.ones(5000)).shape == (1,)  # one [n] row
+    assert np.isnan(weighted_auroc(s, np.zeros(5000), np.ones((1, 5000)))).all()  # no positives at all
+
+
+def test_weighted_auroc_known_values():
+    # positives 0.8, 0.4; negatives 0.4, 0.1: pairs (0.8 > 0.4, 0.8 > 0.1, 0.4 = 0.4 -> 1/2, 0.4 > 0.1) = 3.5 / 4
+    s, y = np.array([0.8, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0])
+    assert weighted_auroc(s, y, np.ones((1, 4)))[0] == 0.875
+    assert weighted_auroc(s, y, np.array([[0, 1, 1, 0]]))[0] == 0.5  # only the tie left
+    assert weighted_auroc(s, y, np.array([[1, 0, 3, 0]]))[0] == 1.0
+
+
+# -------------------------------------------------------------------------------------------- resampling
+
+def test_patient_index():
+    idx, p = patient_index(None, 4)
+    assert p == 4 and idx.tolist() == [0, 1, 2, 3]
+    idx, p = patient_index(["b", "a", "b", "c"], 4)
+    assert p == 3 and idx.tolist() == [1, 0, 1, 2]
+    with pytest.raises(ValueError):
+        patient_index(["a"], 2)
+
+
+def test_bootstrap_weights_one_sample_per_patient():
+    idx, p = patient_index(None, 50)
+    rows = np.concatenate(list(bootstrap_weights(idx, p, 300, seed=5, chunk=64)))
+    assert rows.shape == (300, 50) and rows.dtype == np.float32
+    assert np.all(rows.sum(axis=1) == 50)  # 50 draws of 50 patients
+    assert np.all(rows == np.round(rows)) and rows.min() >= 0
+    assert abs(rows.mean() - 1.0) < 1e-6 and 0.9 < rows.var() < 1.1  # Binomial(50, 1/50): mean 1, var ~0.98
+
+
+def test_bootstrap_weights_independent_of_chunk_and_deterministic():
+    idx, p = patient_index([f"p{i % 37}" for i in range(101)], 101)
+    ref = np.concatenate(list(bootstrap_weights(idx, p, 130, seed=7, chunk=64)))
+    for chunk in (1, 7, 130, 1000):
+        chunks = list(bootstrap_weights(idx, p, 130, seed=7, chunk=chunk))
+        assert all(c.shape[0] <= chunk for c in chunks)
+        assert np.array_equal(np.concatenate(chunks), ref)
+    assert not np.array_equal(np.concatenate(list(bootstrap_weights(idx, p, 130, seed=8))), ref)
+
+
+def test_bootstrap_weights_follow_patients():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 40, 300).astype(str)
+    idx, p = patient_index(ids, 300)
+    for w in bootstrap_weights(idx, p, 200, seed=1, chunk=50):
+        for patient in range(p):  # all of a patient's samples share one weight
+            cols = w[:, idx == patient]
+            assert np.all(cols == cols[:, :1])
+        first = np.unique(idx, return_index=True)[1]
+        assert np.all(w[:, first].sum(axis=1) == p)  # per-patient counts sum to the P draws
+
+
+# ---------------------------------------------------------------------------------------------- auroc_ci
+
+def _by_hand(probs, targets, mask, label_idx, patient_ids, n_boot, seed, level):
+    """The documented procedure spelled out: weight rows, per-label AUROC per row, percentile intervals."""
+    idx, p = patient_index(patient_ids, probs.shape[0])
+    w = np.concatenate(list(bootstrap_weights(idx, p, n_boot, seed)))
+    rows = np.stack([weighted_auroc(probs[mask[:, j], j], targets[mask[:, j], j], w[:, mask[:, j]])
+                     for j in range(probs.shape[1])], axis=1)
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    per = [tuple(np.quantile(r[np.isfinite(r)], q)) for r in rows.T]
+    macro_rows = rows[:, label_idx][np.isfinite(rows[:, label_idx]).all(axis=1)].mean(axis=1)
+    return per, tuple(np.quantile(macro_rows, q)), macro_rows.size
+
+
+def test_auroc_ci_equals_the_procedure_by_hand():
+    probs, targets, mask = _table(300, num_labels=4, signal=0.8, seed=1)
+    mask[::3, 1] = False
+    targets[:, 3] = 0.0
+    targets[[10, 50], 3] = 1.0  # two positive patients: both left out of ~13 % of the resamples
+    ids = [f"p{i // 3}" for i in range(300)]  # 3 samples per patient
+    got = auroc_ci(probs, targets, mask, [0, 1, 3], patient_ids=ids, n_boot=200, seed=4, level=0.9)
+    per, macro, valid = _by_hand(probs, targets, mask, [0, 1, 3], ids, 200, 4, 0.9)
+    assert np.allclose(got["per_label"], per, atol=1e-12, rtol=0)
+    assert np.allclose(got["macro"], macro, atol=1e-12, rtol=0)
+    assert got["valid_macro_resamples"] == valid and 140 < valid < 195
+    assert {k: got[k] for k in ("resamples", "seed", "level", "unit", "num_patients")} == \
+        {"resamples": 200, "seed": 4, "level": 0.9, "unit": "patient", "num_patients": 100}
+
+
+def test_auroc_ci_separable_is_one():
+    probs, targets, mask = _table(200, signal=100.0)
+    got = auroc_ci(probs, targets, mask, [0, 1, 2], n_boot=100)
+    assert got["per_label"] == [(1.0, 1.0)] * 3 and got["macro"] == (1.0, 1.0)
+    assert got["valid_macro_resamples"] == 100 and got["num_patients"] == 200
+
+
+def test_auroc_ci_random_scores_contains_half_and_shrinks_like_sqrt_n():
+    widths = []
+    for n in (400, 3600):
+        probs, targets, mask = _table(n, num_labels=2, signal=0.0, seed=n)
+        got = auroc_ci(probs, targets, mask, [0, 1], n_boot=400, seed=0)
+        lo, hi = got["macro"]
+        assert lo < 0.5 < hi
+        assert all(lo < 0.5 < hi for lo, hi in got["per_label"])
+        widths.append(hi - lo)
+    assert 2.0 < widths[0] / widths[1] < 4.5  # sqrt(3600 / 400) = 3
+
+
+def test_auroc_ci_deterministic_for_a_seed():
+    probs, targets, mask = _table(150, signal=0.5)
+    a = auroc_ci(probs, targets, mask, [0, 1, 2], n_boot=100, seed=3)
+    assert a == auroc_ci(probs, targets, mask, [0, 1, 2], n_boot=100, seed=3)
+    assert a["macro"] != auroc_ci(probs, targets, mask, [0, 1, 2], n_boot=100, seed=4)["macro"]
+
+
+def test_auroc_ci_one_class_label_is_none():
+    probs, targets, mask = _table(120, signal=0.5)
+    targets[:, 1] = 0.0
+    got = auroc_ci(probs, targets, mask, [0, 1, 2], n_boot=50)
+    assert got["per_label"][1] is None and got["per_label"][0] is not None
+    assert got["macro"] is None and got["valid_macro_resamples"] == 0
+    got = auroc_ci(probs, targets, mask, [0, 2], n_boot=50)  # the macro without it is defined
+    assert got["macro"] is not None and got["valid_macro_resamples"] == 50
+    mask[targets[:, 0] == 1, 0] = False  # only negatives left unmasked
+    assert auroc_ci(probs, targets, mask, [2], n_boot=50)["per_label"][0] is None
+
+
+def test_auroc_ci_ignores_masked_entries():
+    probs, targets, mask = _table(150, signal=0.5)
+    mask[::2, 0] = False
+    a = auroc_ci(probs, targets, mask, [0, 1], n_boot=100)
+    probs[::2, 0], targets[::2, 0] = 99.0, 1.0 - targets[::2, 0]
+    assert auroc_ci(probs, targets, mask, [0, 1], n_boot=100) == a
+
+
+def test_auroc_ci_resamples_patients_not_samples():
+    probs, targets, mask = _table(200, signal=0.7, seed=2)
+    ids = [f"p{i:03d}" for i in range(200)]
+    base = auroc_ci(probs, targets, mask, [0, 1, 2], patient_ids=ids, n_boot=300, seed=1)
+    # five copies of every sample under its patient: the same draws weight each copy alike, so AUROC per
+    # resample is unchanged (numerator and denominator both scale by 25, exactly in floating point)
+    rep = lambda a: np.repeat(a, 5, axis=0)  # noqa: E731
+    dup = auroc_ci(rep(probs), rep(targets), rep(mask), [0, 1, 2], patient_ids=np.repeat(ids, 5), n_boot=300,
+                   seed=1)
+    assert dup["per_label"] == base["per_label"] and dup["macro"] == base["macro"]
+    assert dup["num_patients"] == 200
+    # the copies as independent patients: 5x the effective sample size, a ~sqrt(5) narrower (overconfident) CI
+    naive = auroc_ci(rep(probs), rep(targets), rep(mask), [0, 1, 2], n_boot=300, seed=1)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert naive["num_patients"] == 1000
+    assert 1.5 < width(base["macro"]) / width(naive["macro"]) < 3.5
+
+
+# ------------------------------------------------------------------------------------------ paired_delta
+
+def test_paired_delta_identical_arms():
+    probs, targets, mask = _table(150, signal=0.5)
+    other = _table(150, signal=0.5, seed=9)[0]
+    got = paired_delta([probs, other], [probs, other], targets, mask, [0, 1, 2], n_boot=200)
+    assert got["delta"] == 0.0 and got["ci"] == (0.0, 0.0) and got["p_value"] == 1.0
+    assert got["valid_resamples"] == 200 and got["resamples"] == 200
+    assert got["per_seed_delta"] == [0.0, 0.0] and got["macro_a"] == got["macro_b"]
+
+
+def test_paired_delta_better_arm():
+    rng = np.random.default_rng(0)
+    _, targets, mask = _table(300, seed=5)
+    good = [targets + 0.5 * rng.normal(size=targets.shape) for _ in range(2)]
+    noise = [rng.normal(size=targets.shape) for _ in range(2)]
+    got = paired_delta(good, noise, targets, mask, [0, 1, 2], n_boot=300, seed=2)
+    macro = lambda p: np.mean([roc_auc_score(targets[:, j], p[:, j]) for j in range(3)])  # noqa: E731
+    assert got["macro_a"] == pytest.approx([macro(p) for p in good], abs=1e-12)
+    assert got["macro_b"] == pytest.approx([macro(p) for p in noise], abs=1e-12)
+    assert got["delta"] == pytest.approx(np.mean(got["macro_a"]) - np.mean(got["macro_b"]), abs=1e-12)
+    assert got["per_seed_delta"] == pytest.approx([a - b for a, b in zip(got["macro_a"], got["macro_b"])])
+    lo, hi = got["ci"]
+    assert 0 < lo < got["delta"] < hi
+    assert got["p_value"] == pytest.approx(2 / 301)  # no resample at or below 0: the +1 floor
+    reverse = paired_delta(noise, good, targets, mask, [0, 1, 2], n_boot=300, seed=2)
+    assert reverse["ci"] == pytest.approx((-hi, -lo), abs=1e-12)
+
+
+def test_paired_delta_is_paired_by_hand():
+    """One seed per arm: d per resample is the difference of the two macros on the same weight row."""
+    probs_a, targets, mask = _table(120, signal=0.6, seed=1)
+    probs_b = probs_a + np.random.default_rng(1).normal(size=probs_a.shape).astype(np.float32)
+    ids = [f"p{i // 2}" for i in range(120)]
+    got = paired_delta([probs_a], [probs_b], targets, mask, [0, 2], patient_ids=ids, n_boot=150, seed=3)
+    idx, p = patient_index(ids, 120)
+    w = np.concatenate(list(bootstrap_weights(idx, p, 150, seed=3)))
+    macro = lambda pr: np.mean([weighted_auroc(pr[:, j], targets[:, j], w) for j in (0, 2)], axis=0)  # noqa
+    d = macro(probs_a) - macro(probs_b)
+    assert got["ci"] == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])), abs=1e-12)
+    below, above = (d <= 0).sum(), (d >= 0).sum()
+    assert got["p_value"] == pytest.approx(min(1.0, 2 * min(below + 1, above + 1) / 151))
+
+
+def test_paired_delta_unequal_seeds_and_undefined():
+    probs, targets, mask = _table(100, signal=0.5)
+    got = paired_delta([probs, probs * 2], [probs], targets, mask, [0, 1], n_boot=50)
+    assert got["per_seed_delta"] is None and len(got["macro_a"]) == 2 and len(got["macro_b"]) == 1
+    targets[:, 1] = 1.0
+    got = paired_delta([probs], [probs], targets, mask, [0, 1], n_boot=50)
+    assert got["delta"] is None and got["ci"] is None and got["valid_resamples"] == 0
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+def test_expected_calibration_error_by_hand():
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.05, 0.15, 0.12, 0.95, 1.0])  # p == 1 joins the last bin
+    # bin 0: |0 - 0.05| * 1/5; bin 1: |1 - 0.135| * 2/5; bin 9: |0.5 - 0.975| * 2/5
+    expected = 0.05 / 5 + 0.865 * 2 / 5 + 0.475 * 2 / 5
+    assert expected_calibration_error(y, p) == pytest.approx(expected, abs=1e-12)
+    assert expected_calibration_error(y, p, n_bins=1) == pytest.approx(abs(3 / 5 - p.mean()), abs=1e-12)
+    assert expected_calibration_error([], []) is None
+
+
+def test_expected_calibration_error_zero_when_calibrated():
+    y = np.array([1, 0, 0, 0, 1, 1, 1, 0])
+    p = np.array([0.25] * 4 + [0.75] * 4)
+    assert expected_calibration_error(y, p) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_reliability_bins():
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.05, 0.15, 0.12, 0.95, 1.0])
+    r = reliability(y, p, n_bins=10)
+    assert r["bin_edges"] == pytest.approx(np.linspace(0, 1, 11).tolist())
+    assert r["count"] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert r["mean_pred"][1] == pytest.approx(0.135) and r["frac_pos"][9] == 0.5
+    assert np.isnan(r["mean_pred"][4]) and np.isnan(r["frac_pos"][4])
+
+
+# -------------------------------------------------------------------------------------- operating points
+
+def test_sensitivity_at_specificity_by_hand():
+    neg = np.arange(10) / 10  # 0.0 .. 0.9
+    pos = np.array([0.95, 0.85, 0.5, 0.3, 0.05])
+    y, p = np.r_[np.zeros(10), np.ones(5)], np.r_[neg, pos]
+    assert sensitivity_at_specificity(y, p, 1.0) == pytest.approx(0.2)  # above every negative: 0.95 only
+    assert sensitivity_at_specificity(y, p, 0.9) == pytest.approx(0.4)  # threshold 0.85: 1 negative of 10
+    assert sensitivity_at_specificity(y, p, 0.5) == pytest.approx(0.6)  # threshold 0.5: 5 negatives
+    assert sensitivity_at_specificity(y, p, 0.0) == 1.0
+    assert sensitivity_at_specificity(np.ones(4), np.arange(4), 0.9) is None
+
+
+def test_sensitivity_at_specificity_keeps_collinear_points():
+    # three tied (positive, negative) pairs: the ROC points (1/3, 1/3), (2/3, 2/3) are collinear, and
+    # roc_curve's default drop_intermediate would lose the one that answers FPR <= 0.4
+    y, p = np.array([1, 0, 1, 0, 1, 0]), np.array([0.9, 0.9, 0.5, 0.5, 0.1, 0.1])
+    assert sensitivity_at_specificity(y, p, 0.6) == pytest.approx(1 / 3)
+
+
+def test_auprc_is_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.random(500) < 0.2
+    p = np.round(rng.random(500) + 0.3 * y, 1)
+    assert auprc(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-15)
+    assert auprc(np.zeros(5), np.arange(5)) is None

@@ -1,0 +1,278 @@
+"""A model that leaves its run: `vkd-export RUN [--checkpoint best|final|last] --out DIR` and the
+self-contained `VKDImageClassifier` it writes.
+
+DIR holds `config.json` (architecture, label names, preprocessing, inference mode, provenance),
+`model.safetensors` (the image path only, fp32) and `README.md` (a short model card).
+`VKDImageClassifier.from_pretrained(DIR)` needs nothing else: no run directory, tokenizer, text stack, shards,
+ImageNet weights file or network. Preprocessing is the converters' own (`vkd_dist/data/images.py`
+`load_image` at the data set's image size and resize mode, then the trainer's resize to the model's input
+size), so a file predicted from disk gets exactly the pixels its converted shard sample had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vkd_dist.models.encoders import ImageEncoder
+from vkd_dist.models.vkd import VKDModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+FORMAT = "vkd_dist.image_classifier"
+FORMAT_VERSION = 1
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be loaded; the message names the file."""
+
+
+class VKDImageClassifier(VKDModel):
+    """The deployed image path of a VKD (or baseline) run: image encoder -> prior p(z|x) -> classifier."""
+
+    def __init__(self, config: dict):
+        arch = config["architecture"]
+        encoder = ImageEncoder(arch["image_encoder"], config["preprocessing"]["image_size"], arch["in_chans"],
+                               None, arch.get("image_encoder_kwargs") or {})
+        norm = config["preprocessing"]["normalisation"]
+        encoder.mean.fill_(norm["mean"])  # the statistics the run used, whatever timm's defaults become
+        encoder.std.fill_(norm["std"])
+        super().__init__(encoder, None, latent_dim=arch["latent_dim"], hidden_dim=arch["hidden_dim"],
+                         dropout=arch.get("dropout", 0.0), num_labels=len(config["labels"]))
+        self.config = config
+        self.labels: tuple[str, ...] = tuple(config["labels"])
+        self.eval()
+
+    # -- files --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device="cpu") -> "VKDImageClassifier":
+        model_dir = Path(model_dir)
+        cfg_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
+        if not cfg_path.is_file():
+            raise ModelDirError(f"{cfg_path}: not found; {model_dir} is not a vkd-export model directory")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelDirError(f"{cfg_path}: not valid JSON ({exc})") from exc
+        if config.get("format") != FORMAT:
+            raise ModelDirError(f"{cfg_path}: format {config.get('format')!r}, expected {FORMAT!r}")
+        for key in ("labels", "architecture", "preprocessing"):
+            if key not in config:
+                raise ModelDirError(f"{cfg_path}: missing key {key!r}")
+        if not weights_path.is_file():
+            raise ModelDirError(f"{weights_path}: not found")
+        model = cls(config)
+        try:
+            state = load_file(str(weights_path))
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise ModelDirError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+        _load_exactly(model, state, weights_path)
+        return model.to(device)
+
+    def save_pretrained(self, out_dir: str | Path, card: Optional[str] = None) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        (out_dir / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
+        if card is not None:
+            (out_dir / CARD_FILE).write_text(card)
+        return out_dir
+
+    # -- inference ----------------------------------------------------------------------------------------
+    def load_image(self, path: str | Path) -> np.ndarray:
+        """A file (PNG, JPEG, DICOM) -> uint8 [S, S], exactly as the converters and the loader prepared it.
+        Raises vkd_dist.data.images.ImageError for a file that cannot be used."""
+        from vkd_dist.data.images import load_image
+        from vkd_dist.data.pipeline import fit
+
+        pre = self.config["preprocessing"]
+        return fit(load_image(path, pre["source_size"], pre["resize"]), pre["image_size"])
+
+    @torch.no_grad()
+    def predict_images(self, images: np.ndarray, mc_samples: Optional[int] = None):
+        """uint8 [B, S, S] -> (probabilities [B, L], spread [B, L] or None). `mc_samples` K averages K prior
+        samples and gives their standard deviation; otherwise the configured inference mode."""
+        device = next(self.parameters()).device
+        x = torch.from_numpy(np.ascontiguousarray(images))[:, None].to(device)
+        mode = "mc" if mc_samples else self.config["inference"]["mode"]
+        probs, std = self.predict(x, mode, mc_samples or self.config["inference"]["num_samples"])
+        return probs.cpu().numpy(), None if std is None else std.cpu().numpy()
+
+
+def _load_exactly(model: torch.nn.Module, state: dict, path: Path) -> None:
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        raise ModelDirError(f"{path}: tensors do not match config.json's architecture ("
+                            + (f"missing {len(missing)}, e.g. {missing[0]!r}" if missing else "")
+                            + ("; " if missing and extra else "")
+                            + (f"unexpected {len(extra)}, e.g. {extra[0]!r}" if extra else "") + ")")
+    bad = next((k for k in want if tuple(want[k].shape) != tuple(state[k].shape)), None)
+    if bad is not None:
+        raise ModelDirError(f"{path}: tensor {bad!r} has shape {tuple(state[bad].shape)}, config.json's "
+                            f"architecture needs {tuple(want[bad].shape)}")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+
+
+# -- export from a run -------------------------------------------------------------------------------------
+def classifier_config(cfg, labels: Sequence[str], dataset_meta: Optional[dict], provenance: dict) -> dict:
+    """config.json for a run's image path. `dataset_meta` (its dataset.json) gives the converters' image size and
+    resize mode; without it the model's input size and `crop` are assumed, and the file says so."""
+    m = cfg.model
+    probe = ImageEncoder(m.image_encoder, cfg.data.image_size, m.in_chans, None, m.image_encoder_kwargs)
+    params = (dataset_meta or {}).get("params", {})
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "labels": list(labels),
+        "architecture": {"image_encoder": m.image_encoder, "image_encoder_kwargs": dict(m.image_encoder_kwargs),
+                         "in_chans": m.in_chans, "latent_dim": m.latent_dim, "hidden_dim": m.hidden_dim,
+                         "dropout": m.dropout},
+        "preprocessing": {
+            "source_size": int(params.get("image_size", cfg.data.image_size)),
+            "resize": params.get("resize", "crop"),
+            "image_size": cfg.data.image_size,
+            "channels": m.in_chans,
+            "normalisation": {"mean": float(probe.mean.item()), "std": float(probe.std.item()),
+                              "scale": "pixel values 0..255"},
+            "from_dataset_json": dataset_meta is not None,
+            "steps": "load_image(source_size, resize) [16-bit/DICOM windowed to 8 bits] -> bilinear to image_size "
+                     "-> (x - mean) / std; grayscale",
+        },
+        "inference": {"mode": m.inference, "num_samples": m.num_samples if m.inference == "mc" else 16},
+        "provenance": provenance,
+    }
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
+               metrics_path: Optional[str | Path] = None) -> Path:
+    """Write RUN's image model (checkpoint `which`) as a self-contained directory; returns it."""
+    from vkd_dist import checkpoint
+    from vkd_dist.evaluate import load_run_config
+    from vkd_dist.prepare import run_labels
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    if cfg.objective.name == "text_only":
+        raise ValueError(f"{run_dir} is a text_only run: it reads reports and has no image model to deploy")
+    labels = run_labels(run_dir)
+    weights_path = checkpoint.find_weights(run_dir, which)
+    dataset_json = Path(cfg.data.path) / "dataset.json"
+    dataset_meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else None
+    export_meta_path = weights_path.parent / "meta.json"
+    export_meta = json.loads(export_meta_path.read_text()) if export_meta_path.is_file() else {}
+    metrics = _metrics_for(run_dir, which, metrics_path)
+    provenance = {"run": str(run_dir.resolve()), "checkpoint": which, "weights": str(weights_path),
+                  "step": export_meta.get("step"), "objective": cfg.objective.name, "data": cfg.data.path,
+                  "source": (dataset_meta or {}).get("source"), "eval_policy": (dataset_meta or {}).get("eval_policy"),
+                  "test_metrics": _metrics_summary(metrics)}
+    config = classifier_config(cfg, labels, dataset_meta, provenance)
+    model = VKDImageClassifier(config)
+    state = checkpoint.load_weights(weights_path)
+    deploy = {k: v for k, v in state.items() if k in model.state_dict()}
+    _load_exactly(model, deploy, weights_path)
+    card = model_card(config, dataset_meta, metrics)
+    return model.save_pretrained(out_dir, card)
+
+
+def _metrics_for(run_dir: Path, which: str, metrics_path) -> Optional[dict]:
+    """The metrics that describe this checkpoint: --metrics FILE, or RUN/test_metrics.json when it was computed
+    from the same checkpoint (it is computed from final/)."""
+    if metrics_path:
+        return json.loads(Path(metrics_path).read_text())
+    path = run_dir / "test_metrics.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text())
+        if metrics.get("checkpoint", "final") == which:
+            return metrics
+    return None
+
+
+def _metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
+    if not metrics:
+        return None
+    keys = ("split", "checkpoint", "macro_auroc", "macro_auroc_ci", "macro_labels", "macro_auprc", "macro_ece",
+            "num_samples", "num_patients", "eval_policy")
+    return {k: metrics.get(k) for k in keys}
+
+
+def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dict]) -> str:
+    from vkd_dist.metrics import format_table
+
+    prov, pre, arch = config["provenance"], config["preprocessing"], config["architecture"]
+    splits = (dataset_meta or {}).get("splits", {})
+    split_line = ", ".join(f"{k} {v['num_samples']}" for k, v in splits.items()) or "unknown (dataset.json not found)"
+    lines = [
+        f"# VKD image classifier ({', '.join(config['labels'][:3])}{', ...' if len(config['labels']) > 3 else ''})",
+        "",
+        "Chest X-ray multi-label classifier trained with vkd_dist (variational knowledge distillation, van Sonsbeek "
+        "et al., IPMI 2021, or one of its baselines). It reads the image only; the report was used in training.",
+        "",
+        "## Model",
+        f"- objective: `{prov['objective']}`; checkpoint `{prov['checkpoint']}` (step {prov['step']})",
+        f"- image encoder: timm `{arch['image_encoder']}` {arch['image_encoder_kwargs'] or ''}, latent {arch['latent_dim']}",
+        f"- labels ({len(config['labels'])}): {', '.join(config['labels'])}",
+        f"- inference: `{config['inference']['mode']}`",
+        "",
+        "## Data",
+        f"- source: {prov['source']} at `{prov['data']}`; splits: {split_line}",
+        f"- evaluation policy: {prov['eval_policy']}",
+        "",
+        "## Preprocessing",
+        f"- {pre['steps']}",
+        f"- source size {pre['source_size']} px ({pre['resize']}), model input {pre['image_size']} px, "
+        f"mean {pre['normalisation']['mean']:.2f}, std {pre['normalisation']['std']:.2f} on 0..255",
+        "",
+        "## Metrics",
+    ]
+    if metrics:
+        lines += ["", "```", format_table(metrics), "```", "",
+                  "95 % CIs: percentile bootstrap over patients. Macro figures average the labels listed in "
+                  "`macro_labels` (those with both classes on the split)."]
+    else:
+        lines += [f"Not evaluated for this checkpoint: run `vkd-eval --run RUN --checkpoint {prov['checkpoint']}` "
+                  "and export with `--metrics FILE`."]
+    lines += [
+        "",
+        "## Intended use and limits",
+        "- Research on chest radiograph classification. Not a medical device; not for diagnosis or triage.",
+        "- Valid only for images like its training data (views, population, scanner, preprocessing); performance "
+        "on other sites is unknown until measured there.",
+        "- Labels mined from reports are noisy; metrics inherit that noise.",
+        "- Probabilities may be miscalibrated on new data (see ECE); recalibrate before using thresholds.",
+        "",
+        "Load: `VKDImageClassifier.from_pretrained(DIR)`; predict files: `vkd-predict --model DIR PATH...`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vkd-export", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run", help="run directory of a training run")
+    parser.add_argument("--checkpoint", default="best", choices=("best", "final", "last"))
+    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--metrics", help="a vkd-eval JSON for the model card (default: RUN/test_metrics.json "
+                                          "when it was computed from this checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_run(args.run, args.out, args.checkpoint, args.metrics)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"vkd-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({CONFIG_FILE}, {WEIGHTS_FILE}, {CARD_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
