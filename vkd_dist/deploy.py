@@ -102,7 +102,7 @@ class VKDImageClassifier(VKDModel):
         """uint8 [B, S, S] -> (probabilities [B, L], spread [B, L] or None). `mc_samples` K averages K prior
         samples and gives their standard deviation; otherwise the configured inference mode."""
         device = next(self.parameters()).device
-        x = torch.from_numpy(np.ascontiguousarray(images))[:, None].to(device)
+        x = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))[:, None].to(device)
         mode = "mc" if mc_samples else self.config["inference"]["mode"]
         probs, std = self.predict(x, mode, mc_samples or self.config["inference"]["num_samples"])
         return probs.cpu().numpy(), None if std is None else std.cpu().numpy()

@@ -5,6 +5,7 @@ result."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -103,8 +104,10 @@ def record_run_labels(cfg, info: DatasetInfo, accelerator=None) -> None:
         check_same_labels(run_labels(cfg.run_dir), info.labels, cfg.run_dir, info.root)
     elif accelerator is None or accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"labels": list(info.labels), "eval_policy": info.eval_policy.to_dict(),
-                                    "data": str(info.root)}, indent=2))
+        tmp = path.with_suffix(".tmp")  # renamed into place: another rank may be reading it already
+        tmp.write_text(json.dumps({"labels": list(info.labels), "eval_policy": info.eval_policy.to_dict(),
+                                   "data": str(info.root)}, indent=2))
+        os.replace(tmp, path)
     weights = cfg.objective.pos_weight
     if weights is not None and len(weights) != len(info.labels):
         raise ConfigError(f"objective.pos_weight lists {len(weights)} numbers; {info.root} has "

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shlex
 import signal
 import socket
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from vkd_dist import DefaultsHelpFormatter
+
 STRATEGIES = ("ddp", "deepspeed-zero2", "deepspeed-zero3")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
@@ -42,20 +45,38 @@ SUBMITIT_DIR = "submitit"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
+TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_TIME_RE = re.compile(r"(?:(\d+)-)?(\d+(?::\d+){0,2})")
+
+
 def _parse_time(text: str) -> int:
-    """SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, as sbatch --time) -> whole minutes (rounded up)."""
+    """SLURM time (as sbatch --time: TIME_FORMATS) -> whole minutes (rounded up). ValueError if not one of them."""
     text = str(text).strip()
-    days, rest = (text.split("-", 1) if "-" in text else ("0", text))
-    parts = [int(p) for p in rest.split(":")]
-    if "-" in text:
+    match = _TIME_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a SLURM time limit; use {TIME_FORMATS}")
+    days, parts = match.group(1), [int(p) for p in match.group(2).split(":")]
+    if days is not None:
         h, m, sec = (parts + [0, 0])[:3]
     elif len(parts) == 1:
         h, m, sec = 0, parts[0], 0
     elif len(parts) == 2:
         h, m, sec = 0, parts[0], parts[1]
     else:
-        h, m, sec = parts[:3]
-    return int(days) * 1440 + h * 60 + m + (1 if sec else 0)
+        h, m, sec = parts
+    minutes = int(days or 0) * 1440 + h * 60 + m + (1 if sec else 0)
+    if minutes < 1:
+        raise ValueError(f"{text!r}: the time limit must be positive ({TIME_FORMATS})")
+    return minutes
+
+
+def _time_arg(text: str) -> str:
+    """argparse `type` of --time: checks the format (a one-line usage error otherwise), keeps the text."""
+    try:
+        _parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return str(text).strip()
 
 
 def _parse_kv(items: list[str], what: str) -> dict[str, Any]:
@@ -70,20 +91,20 @@ def _parse_kv(items: list[str], what: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launchers/slurm.py",
+    p = argparse.ArgumentParser(  # prog: vkd-slurm as the console script, slurm.py via launchers/
+        formatter_class=DefaultsHelpFormatter,
         description="Launch VKD training on SLURM through submitit (one task per GPU; preemption-safe).",
         epilog="Positional key=value arguments are training config overrides (as for vkd-train).")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs (= tasks) per node; default 1 on GPU clusters, 0 with --cpu")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="processes per node (default: --gpus-per-node, or 1 with --cpu)")
     p.add_argument("--cpus-per-task", type=int, default=None, help="default 8 on GPUs, 1 with --cpu")
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--time", default="24:00:00", help="time limit ([D-]HH:MM:SS or minutes)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--time", type=_time_arg, default="24:00:00", help=f"time limit: {TIME_FORMATS}")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="data-parallel training strategy")
     p.add_argument("--config", default=None, help="training YAML (default: configs/default.yaml)")
     p.add_argument("--job-name", default=None, help="default: vkd-<run dir name>")
     p.add_argument("--cluster", choices=("slurm", "local"), default="slurm",

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from accelerate.utils import set_seed
 
-from vkd_dist import checkpoint
+from vkd_dist import RawDefaultsHelpFormatter, checkpoint
 from vkd_dist.config import Config, ConfigError, load_config, save_config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import train_loader
@@ -133,14 +133,13 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     if cfg.train.compile:
         check_compile_toolchain(accelerator.device)
     run_dir = Path(cfg.run_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
 
     # -- data, tokenizer, model -------------------------------------------------------------------------
     info = ensure_dataset(cfg, accelerator)
-    record_run_labels(cfg, info, accelerator)
+    record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
     tokenizer = resolve_tokenizer(cfg, info, accelerator)
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     teacher = load_teacher(cfg, accelerator.device) if cfg.objective.name == "kd" else None
@@ -276,8 +275,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
-    parser = argparse.ArgumentParser(prog="vkd-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="vkd-train", description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 objective=image_only")
     args = parser.parse_args(argv)

@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from vkd_dist import DefaultsHelpFormatter
 from vkd_dist.data.shards import Timer, summary_line
 
 
 def _add_synthetic(sub) -> None:
-    p = sub.add_parser("synthetic", help="generate the synthetic paired chest X-ray corpus")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-train", type=int, default=2000)
-    p.add_argument("--num-val", type=int, default=500)
-    p.add_argument("--num-test", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lesion-contrast", type=float, default=1.0, help="finding visibility multiplier")
-    p.add_argument("--noise", type=float, default=1.0, help="image noise/texture multiplier")
-    p.add_argument("--label-noise", type=float, default=0.05, help="chance the image disagrees with the report")
-    p.add_argument("--prevalence-scale", type=float, default=1.0, help="multiplies every finding's base rate")
-    p.add_argument("--samples-per-shard", type=int, default=250)
-    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    p = sub.add_parser("synthetic", help="generate the synthetic paired chest X-ray corpus",
+                       description="Render the synthetic corpus (vkd_dist/data/synthetic.py): chest-radiograph-like "
+                                   "images with paired reports; labels come from the reports. Same arguments, "
+                                   "same bytes.")
+    p.add_argument("--out", required=True,
+                   help="output directory: shards per split + dataset.json (a rerun with the same arguments "
+                        "keeps finished shards)")
+    p.add_argument("--num-train", type=int, default=2000, help="samples (one patient each) in the train split")
+    p.add_argument("--num-val", type=int, default=500, help="samples in the val split")
+    p.add_argument("--num-test", type=int, default=500, help="samples in the test split")
+    p.add_argument("--image-size", type=int, default=256, help="side of the square images in pixels")
+    p.add_argument("--seed", type=int, default=0,
+                   help="every sample is drawn from a generator seeded by (seed, split, index)")
+    p.add_argument("--lesion-contrast", type=float, default=1.0,
+                   help="multiplies how visible each finding is in the image (the reports are unchanged)")
+    p.add_argument("--noise", type=float, default=1.0,
+                   help="multiplies the image's quantum noise and lung-marking texture")
+    p.add_argument("--label-noise", type=float, default=0.05,
+                   help="chance a reported finding is not drawn in the image; a fifth of it: an unmentioned "
+                        "finding is drawn")
+    p.add_argument("--prevalence-scale", type=float, default=1.0,
+                   help="multiplies every finding's base rate (each capped at 0.9)")
+    p.add_argument("--samples-per-shard", type=int, default=250, help="samples per tar shard")
+    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="image encoding in the shards")
+    p.add_argument("--workers", type=int, default=0, help="rendering processes (0 = all cores)")
     p.set_defaults(func=_run_synthetic)
 
 
@@ -42,7 +55,9 @@ def _run_synthetic(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vkd-data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vkd-data", description=__doc__, formatter_class=DefaultsHelpFormatter,
+                                     epilog="A user error (bad path, column or value) prints one line and exits "
+                                            "2; VKD_DEBUG=1 shows its traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthetic(sub)
     from vkd_dist.data.text_features import add_subcommand as _add_embed_text
@@ -54,12 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
         register_subcommands = None
     if register_subcommands:
         register_subcommands(sub)
+    for subparser in sub.choices.values():  # add_parser does not pass the parent's formatter_class on
+        subparser.formatter_class = DefaultsHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # a user error (bad column, path, value): one line, no traceback
+        if os.environ.get("VKD_DEBUG") == "1":
+            raise
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"vkd-data: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

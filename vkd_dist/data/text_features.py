@@ -155,7 +155,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--config", help="training config (default: configs/default.yaml)")
     p.add_argument("--splits", nargs="+", default=None, help="default: the config's train, val and test splits")
     p.add_argument("--out", help="sidecar root (default: DATA/text_features)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="reports per text-encoder forward pass")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, as for vkd-train")
     p.set_defaults(func=_run)
 

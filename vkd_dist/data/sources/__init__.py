@@ -119,17 +119,17 @@ def add_split_args(p, note: str = "") -> None:
 
 def add_common_args(p) -> None:
     p.add_argument("--out", required=True, help="output directory (shards, dataset.json, rejects.csv)")
-    p.add_argument("--image-size", type=int, default=256, help="output size in pixels (default 256)")
+    p.add_argument("--image-size", type=int, default=256, help="output size in pixels")
     p.add_argument("--resize", choices=("crop", "pad", "keep-aspect"), default="crop",
-                   help="crop: shorter side to --image-size then center-crop square (default); pad: longer "
+                   help="crop: shorter side to --image-size then center-crop square; pad: longer "
                         "side to --image-size, pad square with black; keep-aspect: shorter side, no crop")
-    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="image encoding in the shards")
     p.add_argument("--deid", choices=("keep", "token"), default="keep",
-                   help="de-identified spans (___ / XXXX): keep as is (default) or replace each run by --deid-token")
-    p.add_argument("--deid-token", default="[DEID]")
+                   help="de-identified spans (___ / XXXX): keep as is, or replace each run by --deid-token")
+    p.add_argument("--deid-token", default="[DEID]", help="replacement text with --deid token")
     p.add_argument("--empty-report", choices=("skip", "keep"), default="skip",
-                   help="an item whose report text is empty: skip it as a reject (default) or keep it")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+                   help="an item whose report text is empty: skip it as a reject, or keep it")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -215,11 +215,11 @@ def add_subcommand(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--jpg-root", required=True, help="MIMIC-CXR-JPG root (files/ and the csv.gz tables)")
     p.add_argument("--reports", required=True, help="mimic-cxr-reports.zip or its extracted folder")
-    p.add_argument("--labels", choices=tuple(LABEL_CSV), default="chexpert", help="label source (default chexpert)")
-    p.add_argument("--views", default="PA,AP", help="comma-separated ViewPosition values to keep, or 'all' "
-                                                    "(default PA,AP: frontal)")
+    p.add_argument("--labels", choices=tuple(LABEL_CSV), default="chexpert", help="label source")
+    p.add_argument("--views", default="PA,AP", help="comma-separated ViewPosition values to keep (PA,AP: the "
+                                                    "frontal views), or 'all'")
     p.add_argument("--sections", default="FINDINGS,IMPRESSION",
-                   help="report sections forming the text, in order (default FINDINGS,IMPRESSION)")
+                   help="report sections forming the text, in order")
     p.add_argument("--no-fallback", action="store_true",
                    help="do not fall back to the whole report when none of --sections is present")
     p.add_argument("--split", choices=("official", "patient"), default="official",

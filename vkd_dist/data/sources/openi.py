@@ -226,11 +226,11 @@ def add_subcommand(sub) -> None:
     p = sub.add_parser("openi", help="convert OpenI / Indiana XML reports + PNG images into shards")
     p.add_argument("--reports", required=True, help="folder of ecgen-radiology XML files or NLMCXR_reports.tgz")
     p.add_argument("--images", required=True, help="folder of <parentImage id>.png files")
-    p.add_argument("--image-ext", default="png")
+    p.add_argument("--image-ext", default="png", help="extension of the image files")
     p.add_argument("--views", choices=VIEW_MODES, default="first",
-                   help="first: one sample per report from its first image (usually frontal; default); "
+                   help="first: one sample per report from its first image (usually frontal); "
                         "all: one sample per image")
-    p.add_argument("--sections", default="FINDINGS,IMPRESSION")
+    p.add_argument("--sections", default="FINDINGS,IMPRESSION", help="report sections forming the text, in order")
     p.add_argument("--no-fallback", action="store_true",
                    help="do not fall back to the whole report when none of --sections has text")
     add_split_args(p)
