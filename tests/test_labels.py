@@ -29,3 +29,52 @@ def test_bad_label_values_are_reported_by_name():
     with pytest.raises(ValueError, match="Heart Attack"):
         check_label_dict({"Heart Attack": 1}, where="s1")
     assert check_label_dict({"Edema": float("nan"), "Cardiomegaly": 1.0})["Edema"] is None
+
+
+def test_eval_policy_scores_counts_as_the_literature_does():
+    from vkd_dist.labels import SOURCE_EVAL_POLICY, EvalPolicy
+
+    counts = {"1": 5, "0": 2, "-1": 3, "null": 10}
+    assert EvalPolicy().scored(counts) == (5, 12)  # MIMIC: blank is negative, uncertain left out
+    assert EvalPolicy("ones", "mask").scored(counts) == (8, 2)
+    assert EvalPolicy("zeros", "mask").scored(counts) == (5, 5)
+    assert SOURCE_EVAL_POLICY["openi"] == EvalPolicy("ignore", "mask")
+    with pytest.raises(ValueError, match="missing='blank'"):
+        EvalPolicy("ignore", "blank")
+
+
+def test_macro_label_set_and_the_start_warning(tmp_path):
+    from vkd_dist.data.schema import DatasetInfo
+    from vkd_dist.prepare import warn_unscorable
+
+    counts = {"A": {"1": 3, "0": 0, "-1": 0, "null": 4}, "B": {"1": 0, "0": 7, "-1": 0, "null": 0},
+              "C": {"1": 2, "0": 5, "-1": 0, "null": 0}}
+    info = DatasetInfo(tmp_path, {"labels": ["A", "B", "C"], "splits": {}, "label_counts": {"val": counts},
+                                  "eval_policy": {"uncertain": "ignore", "missing": "negative"}})
+    assert info.scorable_labels("val") == ["A", "C"]  # B has no positive
+    said = []
+    warn_unscorable(info, "val", said.append)
+    assert len(said) == 1 and "B" in said[0] and "A" not in said[0].split(":")[-1]
+    info.meta["eval_policy"] = {"uncertain": "ignore", "missing": "mask"}
+    assert info.scorable_labels("val") == ["C"]  # A's blanks no longer count as negatives
+
+
+def test_report_macro_is_over_the_fixed_set_and_says_so():
+    from vkd_dist.metrics import Predictions, report
+
+    rng = np.random.default_rng(0)
+    y = np.stack([rng.integers(0, 2, 40), np.r_[np.ones(2), np.zeros(38)], rng.integers(0, 2, 40)], 1).astype(np.float32)
+    p = rng.random((40, 3)).astype(np.float32)
+    pred = Predictions(p, y, np.ones_like(y, dtype=bool), [f"k{i}" for i in range(40)], [f"p{i // 2}" for i in range(40)])
+    full = report(pred, ["A", "B", "C"], ["A", "B", "C"], n_boot=100)
+    assert full["macro_labels"] == ["A", "B", "C"] and full["num_patients"] == 20
+    assert full["macro_auroc"] == pytest.approx(np.mean([full["auroc"][n] for n in "ABC"]))
+    assert "macro_auroc_chexpert5" not in full
+    # The first 20 samples (a truncated evaluation) hold no positive of B: B drops out of the macro, visibly.
+    head = Predictions(p[:20], y[:20].copy(), np.ones((20, 3), bool), pred.keys[:20], pred.patient_ids[:20])
+    head.targets[:, 1] = 0
+    part = report(head, ["A", "B", "C"], ["A", "B", "C"], n_boot=100)
+    assert part["macro_labels"] == ["A", "C"] and part["scorable_labels"] == ["A", "B", "C"]
+    # The loss of the image path: summed over labels, averaged over studies.
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    assert full["bce"] == pytest.approx(float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).sum(1).mean()), rel=1e-5)

@@ -61,6 +61,10 @@ def test_tensorboard_scalars_read_back(vkd_run):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("val/macro_auroc")] == [3, 6]
+    for tag in ("val/bce", "val/macro_auprc", "val/macro_ece", "val/micro_auroc", "val/macro_auroc_chexpert5"):
+        assert [e.step for e in acc.Scalars(tag)] == [3, 6], tag  # every summary figure, the val loss too
+    assert "val_pr/Cardiomegaly" in acc.Tags()["tensors"]  # PR curves
+    assert [e.step for e in acc.Images("val/roc")] == [3, 6]  # the ROC figure
 
 
 def test_eval_cli_writes_the_metrics_json(vkd_run, tiny_data, tmp_path):
