@@ -110,6 +110,11 @@ def _one_thread():
 
 
 # ------------------------------------------------------------------------------------------------ data
+def _labels_and_patient(raw_json: bytes) -> dict:
+    meta = json.loads(raw_json)
+    return {"labels": meta["labels"], "patient_id": meta["patient_id"]}
+
+
 def measure_decode(b: Bench) -> dict:
     """Read the tar members and decode each image to uint8 grayscale: nothing else. One core."""
     from vkd_dist.data.schema import decode_image
@@ -231,7 +236,7 @@ def _pipeline_breakdown(b: Bench, tokens) -> dict:
             read_ms(wds.DataPipeline(wds.SimpleShardList(b.urls[:1]), wds.tarfile_to_samples())) for _ in range(3))
         images = timed("decode", lambda: [decode_image(r["jpg"]) for r in raws])
         samples = timed("json_text", lambda: [
-            {"key": r["__key__"], "image": o, "text": r["txt"].decode(), "labels": json.loads(r["json"])["labels"]}
+            {"key": r["__key__"], "image": o, "text": r["txt"].decode(), **_labels_and_patient(r["json"])}
             for r, o in zip(raws, images)])
         batches = timed("collate, token table", lambda: collate_all(tabled))
         timed("collate, no table, tokenising", lambda: collate_all(live), repeat=1)

@@ -71,6 +71,18 @@ SOURCE_EVAL_POLICY = {"mimic-cxr": EvalPolicy(), "synthetic": EvalPolicy(), "man
                       "openi": EvalPolicy(uncertain="ignore", missing="mask")}
 
 
+def describe_policy(source: str) -> str:
+    """One paragraph for a converter's --help: how its data set's labels are scored in evaluation."""
+    policy = SOURCE_EVAL_POLICY.get(source, EvalPolicy())
+    blank = "a negative" if policy.missing == "negative" else "left out"
+    uncertain = {"ignore": "left out", "ones": "a positive", "zeros": "a negative"}[policy.uncertain]
+    why = {"openi": " The converter writes 0 for every label a MeSH-coded report does not name ('normal' is No "
+                    "Finding = 1), so only reports without MeSH terms are blank.",
+           "manifest": " Set with --eval-missing / --eval-uncertain."}.get(source, "")
+    return (f"Evaluation policy (dataset.json eval_policy; vkd-eval always uses it, whatever the training "
+            f"policy): a blank label is {blank}, an uncertain (-1) one {uncertain}.{why}")
+
+
 def check_label_names(names: Sequence[str], where: str) -> tuple[str, ...]:
     names = tuple(names)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):

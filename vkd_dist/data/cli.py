@@ -8,6 +8,7 @@ import sys
 
 from vkd_dist import DefaultsHelpFormatter
 from vkd_dist.data.shards import Timer, summary_line
+from vkd_dist.labels import SOURCE_EVAL_POLICY, describe_policy
 
 
 def _add_synthetic(sub) -> None:
@@ -69,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         register_subcommands = None
     if register_subcommands:
         register_subcommands(sub)
-    for subparser in sub.choices.values():  # add_parser does not pass the parent's formatter_class on
+    for name, subparser in sub.choices.items():  # add_parser does not pass the parent's formatter_class on
         subparser.formatter_class = DefaultsHelpFormatter
+        if name in SOURCE_EVAL_POLICY:
+            subparser.epilog = describe_policy(name)
     return parser
 
 
