@@ -24,6 +24,9 @@ Parts (`--only` names), each a function returning a dict, assembled into one JSO
               measured on the same device in this run
   frozen_text the model step with a BERT-base-sized live text encoder (random init, seq max_text_len) against
               the same step given precomputed text features (VKDModel.posterior(text_features=...))
+  profile     torch.profiler over the benchmark's own step split into components (image/text encoder fwd/bwd,
+              heads+loss, clip, optimizer): wall / busy / host ms, FLOPs and MFU per component, the Chrome
+              trace next to --json (benchmarks/step_profile.py)
   scaling     1 vs 2 processes (OMP_NUM_THREADS=1 each, torchrun, in-memory batches): weak-scaling
               efficiency; DDP vs DeepSpeed ZeRO-2 vs ZeRO-3 step time and peak memory per rank
 Every figure is a rate measured in this run; ratios are taken between figures of the same run, so that a
@@ -53,7 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-PARTS = ("decode", "pipeline", "open_clip", "model_step", "trainer", "end_to_end", "mfu", "frozen_text", "scaling")
+PARTS = ("decode", "pipeline", "open_clip", "model_step", "trainer", "end_to_end", "mfu", "frozen_text", "profile",
+         "scaling")
 QUICK = {  # a seconds-long configuration (cf. tests/conftest.py tiny_overrides)
     "data.image_size": 64, "data.batch_size": 8, "data.num_workers": 2, "data.shuffle_buffer": 16,
     "model.image_encoder": "vit_small_patch16_224",
@@ -617,9 +621,16 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def measure_profile(b: Bench) -> dict:
+    import step_profile
+
+    return step_profile.measure(b, sys.modules[__name__])
+
+
 MEASURES = {"decode": measure_decode, "pipeline": measure_pipeline, "open_clip": measure_open_clip,
             "model_step": measure_model_step, "trainer": measure_trainer, "end_to_end": measure_end_to_end,
-            "mfu": measure_mfu, "frozen_text": measure_frozen_text, "scaling": measure_scaling}
+            "mfu": measure_mfu, "frozen_text": measure_frozen_text, "profile": measure_profile,
+            "scaling": measure_scaling}
 
 
 def _ratio(res: dict, a: str, b: str):
@@ -644,6 +655,8 @@ def ratios(res: dict) -> dict:
         for key, rate in (("mfu", "end_to_end_samples_s"), ("mfu_model_step", "mfu_model_step_samples_s")):
             if rate in res:
                 out[key] = res["flops_per_sample"] * res[rate] / res["matmul_flop_s"]
+                if res.get("peak_flop_s"):  # CUDA: also against the device's datasheet dense-bf16 peak
+                    out[key + "_vs_datasheet_peak"] = res["flops_per_sample"] * res[rate] / res["peak_flop_s"]
     sc = res.get("scaling", {})
     one, two = sc.get("1proc", {}).get("samples_s"), sc.get("ddp_2proc", {}).get("samples_s")
     out["weak_scaling_efficiency_2proc"] = two / (2 * one) if one and two else None
@@ -694,6 +707,9 @@ def table(res: dict) -> str:
         else:
             lines.append(f"| scaling {name}: samples/s, step, peak RSS/rank | {_fmt(r['samples_s'])}, "
                          f"{_fmt(r['step_ms'])} ms, {'/'.join(f'{m:.0f}' for m in r['peak_rss_mb_per_rank'])} MB | |")
+    import step_profile
+
+    lines += step_profile.table_rows(res)
     lines.append("| **ratio** | | |")
     for k, v in res.get("ratios", {}).items():
         lines.append(f"| {k} | {_fmt(v) if v is not None else 'n/a'} | x |")
@@ -725,6 +741,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny corpus and model (seconds; the smoke test)")
     ap.add_argument("--repeat", type=int, default=None, help="best of this many interleaved runs (default 2; quick 1)")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
+    ap.add_argument("--peak-tflops", type=float, help="CUDA: dense bf16 peak TFLOP/s for MFU (default: the "
+                    "datasheet figure of the device, benchmarks/step_profile.py PEAK_BF16)")
+    ap.add_argument("--profile-compile-split", action="store_true", help="profile part, CUDA: compile the image "
+                    "and text encoders of the split step too (default: the split step is eager)")
     ap.add_argument("--scaling-timeout", type=int, default=400, help="seconds per scaling launch")
     ap.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (runs, tokenizer)")
@@ -775,12 +795,18 @@ def main(argv=None) -> int:
         bench_cfg = replace(cfg, run_dir=str(workdir))
         tokenizer = resolve_tokenizer(bench_cfg, info)
         b = Bench(args, cfg, info, tokenizer, workdir, tokenizer_dir(bench_cfg, workdir))
-        res: dict = {"machine": machine(), "device": args.device, "quick": args.quick, "repeat": args.repeat,
+        res: dict = {"machine": machine(), "device": args.device, "compile": b.compile, "quick": args.quick,
+                     "repeat": args.repeat,
                      "config": args.config_source, "overrides": list(args.overrides),
                      "model": {"image_encoder": cfg.model.image_encoder, "text_encoder": cfg.model.text_encoder,
                                "text_config": cfg.model.text_config},
                      "data": str(info.root), "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
                      "max_text_len": cfg.data.max_text_len, "parts": list(parts), "seconds": {}}
+        if b.cuda:  # MFU against the datasheet peak too (ratios: *_vs_datasheet_peak)
+            import step_profile
+
+            res["peak_flop_s"], res["peak_source"] = step_profile.datasheet_peak(torch.cuda.get_device_name(),
+                                                                                 args.peak_tflops)
         for part in parts:
             t0 = time.perf_counter()
             try:

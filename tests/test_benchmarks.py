@@ -66,3 +66,44 @@ def test_throughput_quick_scaling(tmp_path):
         assert run["processes"] == nproc and _positive(run["samples_s"]) and _positive(run["step_ms"])
         assert len(run["peak_rss_mb_per_rank"]) == nproc and all(_positive(m) for m in run["peak_rss_mb_per_rank"])
     assert _positive(res["ratios"]["weak_scaling_efficiency_2proc"])
+
+
+@pytest.mark.timeout(120)
+def test_profile_part_breaks_the_step_down(tmp_path):
+    """The profile part: every component timed and counted, the components' FLOPs add up to the mfu part's
+    FLOPs of one step, busy + host = wall, and the trace it names holds the component ranges."""
+    import gzip
+
+    res = _run(tmp_path, "mfu,profile", 110)
+    p = res["profile"]
+    comps = p["components"]
+    assert list(comps) == ["augment", "image_encoder.fwd", "text_encoder.fwd", "heads_loss.fwd", "heads_loss.bwd",
+                           "text_encoder.bwd", "image_encoder.bwd", "grad_clip", "optimizer.step"]
+    for name, c in comps.items():
+        assert _positive(c["wall_ms"]) and 0 <= c["busy_ms"] <= c["wall_ms"] + 1e-3, (name, c)
+        assert c["host_ms"] == pytest.approx(c["wall_ms"] - c["busy_ms"], abs=2e-3)
+    for name in ("image_encoder.fwd", "image_encoder.bwd", "text_encoder.fwd", "text_encoder.bwd", "heads_loss.fwd"):
+        assert comps[name]["flops"] > 0 and 0 < comps[name]["mfu_vs_matmul"] < 1, name
+    assert "mfu_vs_peak" not in comps["image_encoder.fwd"] and p["peak_flop_s"] is None  # no datasheet peak on a CPU
+    assert p["flops_per_sample"] == pytest.approx(res["flops_per_sample"], rel=1e-3)
+    assert p["text_attn_implementation"] == "sdpa" and p["image_attention"].startswith("fused")
+    assert set(p["optimizer_impl_ms"]) == {"fused", "foreach", "single_tensor"}
+    assert set(p["text_fwd_bwd_ms_by_attention"]) == {"sdpa", "eager"}
+    assert p["trace"] == str(tmp_path / "bench.trace.json.gz")
+    with gzip.open(p["trace"], "rt") as f:
+        names = {e.get("name") for e in json.load(f)["traceEvents"]}
+    assert {f"vkd/split/{c}" for c in comps} | {"vkd/step"} <= names
+
+
+def test_datasheet_peaks_and_interval_union():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_profile
+
+    assert step_profile.datasheet_peak("NVIDIA H200")[0] == 989e12
+    assert step_profile.datasheet_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert step_profile.datasheet_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert step_profile.datasheet_peak("NVIDIA H200 NVL")[0] == 835e12
+    assert step_profile.datasheet_peak("NVIDIA H200", 500)[0] == 500e12
+    assert step_profile.datasheet_peak("Some GPU")[0] is None
+    # [0,10) and [5,20) overlap, [30,40) is clipped to [30,35): 20 + 5 us
+    assert step_profile._union_ms([(0, 10), (5, 20), (30, 40), (50, 60)], 0, 35) == pytest.approx(0.025)

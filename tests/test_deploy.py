@@ -98,6 +98,12 @@ def test_resume_or_eval_on_other_labels_is_refused(hospital, tiny_data, capsys):
     with pytest.raises(ValueError, match=r"trained on labels \[COVID-19, Nodule\].*No Finding"):
         train(load_config(overrides=tiny_overrides(tiny_data, run, resume="latest", **{"data.image_size": 48})))
     assert (run / "config.yaml").read_text() == before  # the refused resume left the run as it was
+    from vkd_dist.train import main as train_main
+
+    capsys.readouterr()
+    assert train_main(tiny_overrides(tiny_data, run, resume="latest", **{"data.image_size": 48})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "COVID-19, Nodule" in err[0] and "No Finding" in err[0]
     assert eval_main(["--run", str(run), "--data", str(tiny_data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "COVID-19, Nodule" in err[0] and "No Finding" in err[0]

@@ -81,6 +81,9 @@ class ModelConfig:
     freeze_text: bool = False
     text_trainable_layers: Optional[int] = None  # train only the top N layers of the text encoder
     gradient_checkpointing: bool = False
+    # the text encoder's attention: sdpa (torch's fused scaled_dot_product_attention; eager where a model type
+    # has none) | eager (transformers' matmul + softmax path: the reference, and what output_attentions needs)
+    attn_implementation: str = "sdpa"
     latent_dim: int = 64
     hidden_dim: int = 256
     posterior: str = "text"  # q(z|t) = text | q(z|x,t) = image_text
@@ -163,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.uncertain": ("ignore", "ones", "zeros"),
     "data.missing": ("mask", "negative"),
     "model.text_pooling": ("cls", "mean"),
+    "model.attn_implementation": ("sdpa", "eager"),
     "model.posterior": ("text", "image_text"),
     "model.inference": ("prior_mean", "mc"),
     "objective.name": ("vkd", "image_only", "text_only", "kd"),

@@ -188,11 +188,15 @@ def _metrics_for(run_dir: Path, which: str, metrics_path) -> Optional[dict]:
     """The metrics that describe this checkpoint: --metrics FILE, or RUN/test_metrics.json when it was computed
     from the same checkpoint (it is computed from final/)."""
     if metrics_path:
-        return json.loads(Path(metrics_path).read_text())
+        metrics = json.loads(Path(metrics_path).read_text())
+        if "per_label" not in metrics:
+            raise ValueError(f"--metrics {metrics_path}: not a vkd-eval metrics JSON (no 'per_label')")
+        return metrics
     path = run_dir / "test_metrics.json"
     if path.is_file():
         metrics = json.loads(path.read_text())
-        if metrics.get("checkpoint", "final") == which:
+        # Files from before metrics named their checkpoint (and had CIs) are not used for the card.
+        if metrics.get("checkpoint") == which and "per_label" in metrics:
             return metrics
     return None
 

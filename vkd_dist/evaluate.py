@@ -157,8 +157,8 @@ def _run(args) -> int:
 
     if args.checkpoint not in ("best", "last", "final") and not Path(args.checkpoint).exists():
         raise ValueError(f"--checkpoint {args.checkpoint!r}: expected best, last, final or an existing path")
-    load_run_config(args.run)  # a wrong --run fails here, before any model is built
-    info = read_dataset(args.data or load_run_config(args.run).data.path)
+    run_cfg = load_run_config(args.run)  # a wrong --run fails here, before any model is built
+    info = read_dataset(args.data or run_cfg.data.path)
     check_same_labels(run_labels(args.run), info.labels, args.run, info.root)
     info.split(args.split)  # a missing split fails before the model is loaded
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

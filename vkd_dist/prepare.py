@@ -92,7 +92,7 @@ def run_labels(run_dir: str | Path) -> tuple[str, ...]:
 
 def check_same_labels(run: Sequence[str], data: Sequence[str], run_dir, data_dir) -> None:
     if tuple(run) != tuple(data):
-        raise ValueError(f"run {run_dir} was trained on labels [{', '.join(run)}] but {data_dir} has labels "
+        raise ConfigError(f"run {run_dir} was trained on labels [{', '.join(run)}] but {data_dir} has labels "
                          f"[{', '.join(data)}]")
 
 

@@ -87,13 +87,52 @@ class StopRequest:
         self._group = None
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def adamw_implementation(device: torch.device | str) -> str:
+    """Which AdamW kernel to use on `device`: "fused" (one pass over each tensor) where torch has the fused
+    kernel for it (CUDA; the CPU since torch 2.4), else "foreach" (multi-tensor kernels). On the CPU fused
+    was measured fastest, one thread, one step (`step_profile.optimizer_impl_ms`): the default config's model
+    (1.2M parameters) 3.3 ms fused / 9.1 foreach / 9.7 per tensor; with a ViT-S/16 image encoder (22M)
+    38 / 178 / 119 ms."""
+    kind = torch.device(device).type
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused = _get_fused_kernels_supported_devices()
+    except ImportError:  # a torch that does not say: CUDA has had the fused kernel longest
+        fused = ["cuda"]
+    return "fused" if kind in ("cuda", "cpu") and kind in fused else "foreach"
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config, device: torch.device | str | None = None,
+               implementation: str | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, no weight decay on biases, norms, position embeddings and the
+    class token. `device`: where the parameters will live when it steps (default: where they are now);
+    `implementation`: "fused" | "foreach" | "single_tensor" (default: adamw_implementation(device)).
+
+    The state_dict format is the same for every implementation (the flags only are recorded in its
+    param_groups), so checkpoints resume across them; a loaded state_dict's flags are replaced by this
+    optimizer's own, so a run resumed from an older (or another machine's) checkpoint keeps its kernel."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    if device is None:
+        device = next((p.device for p in decay + no_decay), torch.device("cpu"))
+    implementation = implementation or adamw_implementation(device)
+    flags = {"fused": implementation == "fused" or None, "foreach": implementation == "foreach" or None}
+    if implementation == "single_tensor":
+        flags["foreach"] = False
+    elif implementation not in ("fused", "foreach"):
+        raise ValueError(f"AdamW implementation {implementation!r} (allowed: fused, foreach, single_tensor)")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), **flags)
+
+    def keep_implementation(opt, state_dict):  # torch would take "fused"/"foreach" from the saved groups
+        groups = [{**g, **flags} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    optimizer.register_load_state_dict_pre_hook(keep_implementation)
+    return optimizer
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -144,7 +183,7 @@ def _train(cfg: Config, stop: StopRequest) -> TrainResult:
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     teacher = load_teacher(cfg, accelerator.device) if cfg.objective.name == "kd" else None
     objective = Objective(cfg.objective, cfg.model.num_samples, teacher)
-    optimizer = _optimizer(model, cfg)
+    optimizer = _optimizer(model, cfg, accelerator.device)  # the model is still on the CPU here
     if cfg.train.compile:
         # In place: the module and its state-dict keys stay as they are, so checkpoints and the image-only
         # export are the same with and without compile (torch.compile's wrapper would prefix "_orig_mod.").
@@ -286,10 +325,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     config_path, overrides = parse_args(argv)
     try:
         cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
+        result = train(cfg)
+    except ConfigError as exc:  # also what only the data can tell: e.g. a resume onto other labels
         print(f"vkd-train: config error: {exc}", file=sys.stderr)
         return 2
-    result = train(cfg)
     return 0 if result.step >= cfg.train.max_steps or result.preempted else 1
 
 

@@ -63,18 +63,28 @@ def target_size(width: int, height: int, size: int, resize: str) -> tuple[int, i
 def window_to_uint8(arr: np.ndarray, percentiles: tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
     """Linear window of high-bit-depth data onto 0..255 between robust percentiles of the data itself
     (12-bit data stored in 16-bit PNGs would otherwise come out almost black)."""
-    arr = arr.astype(np.float32, copy=False)
-    finite = arr[np.isfinite(arr)]
+    # Integer data (every PNG, most DICOM) has no NaN or inf: skip those scans and copies, a third of the
+    # time of a 16-bit 2k x 2k image. Float data goes through float32 as before, so results are unchanged.
+    arr = np.asarray(arr)
+    all_finite = arr.dtype.kind in "iub"
+    if not all_finite:
+        arr = arr.astype(np.float32, copy=False)
+        finite_mask = np.isfinite(arr)
+        all_finite = bool(finite_mask.all())
+    finite = arr.ravel() if all_finite else arr[finite_mask]
     if finite.size == 0:
         return np.zeros(arr.shape, dtype=np.uint8)
-    sample = finite[:: max(1, finite.size // 1_000_000)]  # percentiles on <= ~1M pixels: fast, stable
+    sample = finite[:: max(1, finite.size // 1_000_000)].astype(np.float32)  # percentiles on <= ~1M pixels
     lo, hi = np.percentile(sample, percentiles)
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
-    out = (np.nan_to_num(arr, nan=lo) - lo) * (255.0 / (hi - lo))
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    out = arr.astype(np.float64) if all_finite else np.nan_to_num(arr, nan=lo).astype(np.float64)
+    out -= lo  # in place, float64 as the percentiles: one temporary instead of four
+    out *= 255.0 / (hi - lo)
+    out += 0.5
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def to_grayscale(img: Image.Image) -> Image.Image:

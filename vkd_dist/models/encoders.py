@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -81,12 +82,19 @@ def build_text_encoder(cfg, vocab_size: int) -> TextEncoder:
     """`cfg` is a ModelConfig: 'tiny-bert' is built at random from text_config; else a local directory."""
     from transformers import AutoModel, BertConfig, BertModel
 
+    attn = getattr(cfg, "attn_implementation", "sdpa")
     if cfg.text_encoder == "tiny-bert":
-        model = BertModel(BertConfig(**{**TINY_BERT, **cfg.text_config, "vocab_size": vocab_size}),
-                          add_pooling_layer=False)
+        model = BertModel(BertConfig(**{**TINY_BERT, **cfg.text_config, "vocab_size": vocab_size},
+                                     attn_implementation=attn), add_pooling_layer=False)
     else:
-        model = AutoModel.from_pretrained(cfg.text_encoder, local_files_only=True, add_pooling_layer=False) \
-            if _is_bert_like(cfg.text_encoder) else AutoModel.from_pretrained(cfg.text_encoder, local_files_only=True)
+        kwargs = dict(local_files_only=True, **({"add_pooling_layer": False} if _is_bert_like(cfg.text_encoder) else {}))
+        try:
+            model = AutoModel.from_pretrained(cfg.text_encoder, attn_implementation=attn, **kwargs)
+        except ValueError as exc:  # a model type without an SDPA path: transformers refuses an explicit "sdpa"
+            if attn == "eager" or not any(w in str(exc).lower() for w in ("attn", "attention")):
+                raise
+            warnings.warn(f"{cfg.text_encoder}: no {attn} attention for this model type ({exc}); using eager")
+            model = AutoModel.from_pretrained(cfg.text_encoder, attn_implementation="eager", **kwargs)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         if hasattr(model, "activation_checkpointing_enable"):  # the new name; the old one warns (transformers 5.24)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -95,6 +103,12 @@ def build_text_encoder(cfg, vocab_size: int) -> TextEncoder:
     encoder = TextEncoder(model, cfg.text_pooling)
     apply_text_freezing(encoder, cfg.freeze_text, cfg.text_trainable_layers)
     return encoder
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The attention path a Hugging Face model runs ("sdpa", "eager", ...), as transformers resolved it."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
 
 
 def _is_bert_like(path: str) -> bool:
