@@ -242,3 +242,13 @@ def test_compare_runs_is_paired(hospital, tmp_path, capsys):
     assert r["ci"][0] <= r["delta_macro_auroc"] <= r["ci"][1] and 0 < r["p_value"] <= 1
     assert r["per_seed_delta"] == [pytest.approx(r["delta_macro_auroc"])]
     assert "delta (a - b)" in capsys.readouterr().out
+
+
+def test_eval_predictions_with_mc_inference_carry_the_spread(hospital, tmp_path):
+    _, _, run, _ = hospital
+    out = tmp_path / "mc.csv"
+    assert eval_main(["--run", str(run), "--checkpoint", "final", "--inference", "mc", "--bootstrap", "0",
+                      "--predictions", str(out)]) == 0
+    rows = _read(out)
+    assert list(rows[0]) == ["key", "patient_id", *LABELS, *(f"{n}_std" for n in LABELS)]
+    assert len(rows) == 12 and all(float(r["Nodule_std"]) > 0 for r in rows)
