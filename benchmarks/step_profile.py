@@ -63,6 +63,21 @@ def datasheet_peak(device_name: str, override_tflops: float | None = None) -> tu
     return None, f"unknown device {device_name!r}: pass --peak-tflops"
 
 
+def register_cpu_sdpa_flops() -> None:
+    """torch.utils.flop_counter counts the CUDA SDPA kernels (flash, efficient, cudnn) but not the CPU flash
+    kernel that SDPA runs without dropout (eval mode, a frozen encoder): count it with the same formulas, so
+    that SDPA and eager attention count the same FLOPs on the CPU too. Before any FlopCounterMode is made."""
+    import torch
+    from torch.utils import flop_counter
+
+    aten, registry = torch.ops.aten, flop_counter.flop_registry
+    for cpu_op, like in ((aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention),
+                         (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                          aten._scaled_dot_product_flash_attention_backward)):
+        if cpu_op not in registry and like in registry:  # same argument order: (grad_out,) query, key, value
+            registry[cpu_op] = registry[like]
+
+
 class _Feed:
     """Stands in for an encoder inside the heads' view of the model: returns the features it was given."""
 
@@ -199,10 +214,11 @@ def text_attention_ms(b, model, batches, n: int) -> dict:
     encoders = {have: enc, attention_implementation(alt.model): alt}
     device_batches = [x.to(b.device) for x in batches[:2]]
 
-    def run(e, batch):
+    def run(e, batch):  # forward + backward as the step runs it (forward alone when frozen)
         with torch.autocast(b.device.type, dtype=torch.bfloat16, enabled=b.cuda):
             out = e(batch.input_ids, batch.attention_mask)
-        out.float().sum().backward()
+        if out.requires_grad:
+            out.float().sum().backward()
 
     times: dict = {k: [] for k in encoders}
     for k, e in encoders.items():
@@ -236,6 +252,7 @@ def measure(b, tp) -> dict:
 
     from vkd_dist.models.encoders import attention_implementation
 
+    register_cpu_sdpa_flops()
     n_time = 3 if b.quick else 8
     n_prof = 2
     batches = tp._in_memory_batches(b, 8)
@@ -245,7 +262,7 @@ def measure(b, tp) -> dict:
         plain_step(batches[i % len(batches)], i)
     step_ms = _median_ms(lambda: plain_step(batches[0], 0), n_time, b.sync)
 
-    # The split step: an eager model (its encoders compiled on their own when compiling).
+    # The split step: an eager model (its encoders compiled on their own with --profile-compile-split).
     b_compile, b.compile = b.compile, False
     try:
         model, objective, _ = tp._model_and_step(b, channels_last=True)
@@ -308,7 +325,7 @@ def measure(b, tp) -> dict:
         with phase("heads_loss.bwd", count):
             loss.backward()
         for k in ("text_encoder", "image_encoder"):
-            if k in feats:
+            if k in feats and feats[k].requires_grad:  # a frozen text encoder has no backward
                 with phase(f"{k}.bwd", count):
                     feats[k].backward(cut[k].grad)
         for feed in feeds.values():

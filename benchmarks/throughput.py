@@ -481,6 +481,9 @@ def measure_mfu(b: Bench) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    import step_profile
+
+    step_profile.register_cpu_sdpa_flops()  # SDPA's CPU flash kernel (ViT attention, no dropout) counts too
     batches = _in_memory_batches(b, 8)
     b_compile, b.compile = b.compile, False  # count FLOPs eagerly
     model, objective, _ = _model_and_step(b)

@@ -95,9 +95,12 @@ def test_profile_part_breaks_the_step_down(tmp_path):
     assert {f"vkd/split/{c}" for c in comps} | {"vkd/step"} <= names
 
 
-def test_datasheet_peaks_and_interval_union():
+def test_profile_helpers_peaks_intervals_and_cpu_sdpa_flops():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import step_profile
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertModel
 
     assert step_profile.datasheet_peak("NVIDIA H200")[0] == 989e12
     assert step_profile.datasheet_peak("NVIDIA H100 80GB HBM3")[0] == 989e12
@@ -107,3 +110,15 @@ def test_datasheet_peaks_and_interval_union():
     assert step_profile.datasheet_peak("Some GPU")[0] is None
     # [0,10) and [5,20) overlap, [30,40) is clipped to [30,35): 20 + 5 us
     assert step_profile._union_ms([(0, 10), (5, 20), (30, 40), (50, 60)], 0, 35) == pytest.approx(0.025)
+    # SDPA without dropout runs torch's CPU flash kernel, which flop_counter does not count by itself
+    step_profile.register_cpu_sdpa_flops()
+    flops = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    vocab_size=50, attn_implementation=impl), add_pooling_layer=False).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            bert(input_ids=torch.randint(5, 50, (2, 16)), attention_mask=torch.ones(2, 16, dtype=torch.long))
+        flops[impl] = counter.get_total_flops()
+    assert flops["sdpa"] == flops["eager"] > 0

@@ -89,10 +89,10 @@ class StopRequest:
 
 def adamw_implementation(device: torch.device | str) -> str:
     """Which AdamW kernel to use on `device`: "fused" (one pass over each tensor) where torch has the fused
-    kernel for it (CUDA; the CPU since torch 2.4), else "foreach" (multi-tensor kernels). On the CPU fused
-    was measured fastest, one thread, one step (`step_profile.optimizer_impl_ms`): the default config's model
-    (1.2M parameters) 3.3 ms fused / 9.1 foreach / 9.7 per tensor; with a ViT-S/16 image encoder (22M)
-    38 / 178 / 119 ms."""
+    kernel for it (CUDA; the CPU since torch 2.4), else "foreach" (multi-tensor kernels). On the CPU fused was
+    the fastest by far (benchmarks/throughput.py --only profile, optimizer_impl_ms, 1 thread, fused / foreach
+    / per-tensor ms per step): 2.5 / 6.8 / 7.2 with the default config's model (1.2M parameters), 286 / 2010
+    / 1080 with the MIMIC recipe's ViT-B/16 + BERT-base-sized encoder (175M)."""
     kind = torch.device(device).type
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
