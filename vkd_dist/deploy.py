@@ -223,7 +223,8 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
         "",
         "## Model",
         f"- objective: `{prov['objective']}`; checkpoint `{prov['checkpoint']}` (step {prov['step']})",
-        f"- image encoder: timm `{arch['image_encoder']}` {arch['image_encoder_kwargs'] or ''}, latent {arch['latent_dim']}",
+        f"- image encoder: timm `{arch['image_encoder']}`"
+        + (f" {arch['image_encoder_kwargs']}" if arch["image_encoder_kwargs"] else "") + f", latent {arch['latent_dim']}",
         f"- labels ({len(config['labels'])}): {', '.join(config['labels'])}",
         f"- inference: `{config['inference']['mode']}`",
         "",
