@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vkd_dist import stats
-from vkd_dist.metrics import Predictions
+from vkd_dist import RawDefaultsHelpFormatter, stats
+from vkd_dist.metrics import Predictions, macro_label_set
 
 
 def _predictions(run: str, info, split: str, which: str, batch_size: Optional[int]) -> Predictions:
@@ -46,10 +46,7 @@ def compare(a_runs: Sequence[str], b_runs: Sequence[str], data: str, split: str 
     for run, p in preds.items():
         if p.keys != ref.keys:
             raise RuntimeError(f"{run} predicted other samples than {a_runs[0]} on {data} {split}")
-    scorable = info.scorable_labels(split)
-    defined = [n for i, n in enumerate(info.labels)
-               if len(np.unique(ref.targets[ref.mask[:, i].astype(bool), i])) == 2]
-    macro_labels = [n for n in scorable if n in defined]
+    macro_labels = macro_label_set(ref, info.labels, info.scorable_labels(split))  # as vkd-eval's macro
     idx = [info.labels.index(n) for n in macro_labels]
     result = stats.paired_delta([preds[r].probs for r in a_runs], [preds[r].probs for r in b_runs], ref.targets,
                                 ref.mask, idx, ref.patient_ids, n_boot=n_boot, seed=seed)
@@ -83,7 +80,7 @@ def format_result(r: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-compare", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--a", nargs="+", required=True, metavar="RUN", help="run directories of arm a (seeds)")
     parser.add_argument("--b", nargs="+", required=True, metavar="RUN", help="run directories of arm b (seeds)")
     parser.add_argument("--data", help="shard directory (default: the first run's data.path)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.models.encoders import ImageEncoder
 from vkd_dist.models.vkd import VKDModel
 
@@ -263,7 +264,7 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-export", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("run", help="run directory of a training run")
     parser.add_argument("--checkpoint", default="best", choices=("best", "final", "last"))
     parser.add_argument("--out", required=True, help="model directory to write")

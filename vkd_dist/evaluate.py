@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import yaml
 
-from vkd_dist import checkpoint
+from vkd_dist import RawDefaultsHelpFormatter, checkpoint
 from vkd_dist.config import config_from_dict
 from vkd_dist.data.pipeline import eval_loader
 from vkd_dist.metrics import Predictions, format_table, report
@@ -129,7 +129,7 @@ def load_teacher(cfg, device):
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-eval", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory of a training run")
     parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH")
     parser.add_argument("--data", help="shard directory (default: the run's data.path)")

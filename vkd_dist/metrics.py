@@ -10,7 +10,7 @@ labels with both classes on the split under the data set's evaluation policy, an
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,11 +40,10 @@ class Predictions:
         if not parts:
             empty = np.zeros((0, num_labels), dtype=np.float32)
             return cls(empty, empty.copy(), empty.astype(bool))
-        arrays = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                  for f in fields(cls) if f.name in ("probs", "targets", "mask")}
-        std = np.concatenate([p.std for p in parts]) if parts[0].std is not None else None
-        return cls(**arrays, keys=[k for p in parts for k in p.keys],
-                   patient_ids=[k for p in parts for k in p.patient_ids], std=std)
+        joined = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return cls(joined("probs"), joined("targets"), joined("mask"), keys=[k for p in parts for k in p.keys],
+                   patient_ids=[k for p in parts for k in p.patient_ids],
+                   std=joined("std") if parts[0].std is not None else None)
 
     def gathered(self) -> "Predictions":
         """All ranks' predictions, concatenated in rank order. Itself without a process group."""
@@ -79,6 +78,14 @@ def _auroc(y: np.ndarray, p: np.ndarray) -> Optional[float]:
     return float(roc_auc_score(y, p))
 
 
+def macro_label_set(pred: Predictions, labels: Sequence[str], scorable: Sequence[str]) -> list[str]:
+    """The labels of the split's fixed set `scorable` that have both classes among these scored targets: what a
+    macro figure over `pred` averages (fewer than `scorable` only for a truncated evaluation)."""
+    labels = list(labels)
+    defined = lambda i: np.unique(pred.targets[pred.mask[:, i].astype(bool), i]).size == 2  # noqa: E731
+    return [n for n in scorable if defined(labels.index(n))]
+
+
 def _mean(values) -> Optional[float]:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -100,7 +107,7 @@ def report(pred: Predictions, labels: Sequence[str], scorable: Optional[Sequence
                      "n": int(m.sum()), "positives": int(y.sum())}
     if scorable is None:
         scorable = [n for n in labels if per[n]["auroc"] is not None]
-    macro_labels = [n for n in scorable if per[n]["auroc"] is not None]
+    macro_labels = macro_label_set(pred, labels, scorable)
     idx = [labels.index(n) for n in macro_labels]
     boot = stats.auroc_ci(pred.probs, pred.targets, pred.mask, idx, pred.patient_ids or None, n_boot=n_boot,
                           seed=seed) if n_boot > 0 and len(pred.probs) else None

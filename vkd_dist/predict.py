@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.data.images import ImageError, is_image_file
 from vkd_dist.deploy import ModelDirError, VKDImageClassifier
 
@@ -92,7 +93,7 @@ def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-predict", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="a model directory written by vkd-export")
     parser.add_argument("--out", help="CSV to write (default: standard output)")
     parser.add_argument("--mc", type=int, default=None, metavar="K",

@@ -116,7 +116,8 @@ def record_run_labels(cfg, info: DatasetInfo, accelerator=None) -> None:
 
 def warn_unscorable(info: DatasetInfo, split: str, log) -> None:
     """Once at start: labels of the validation split that have a single class are left out of its macro AUROC."""
-    left_out = [n for n in info.labels if n not in info.scorable_labels(split)]
+    scorable = info.scorable_labels(split)
+    left_out = [n for n in info.labels if n not in scorable]
     if left_out:
         log(f"warning: on split {split!r} these labels have a single class under the evaluation policy and are "
             f"left out of its macro AUROC: {', '.join(left_out)}")

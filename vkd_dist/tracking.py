@@ -39,7 +39,7 @@ class RunLogger:
         ROC figure."""
         if self.writer is None:
             return
-        summary = {k: v for k, v in report.items() if isinstance(v, float) and k != "num_samples"}
+        summary = {k: v for k, v in report.items() if isinstance(v, float)}
         self.scalars(step, summary, f"{prefix}/")
         self.scalars(step, report["auroc"], f"{prefix}_auroc/")
         for i, name in enumerate(report["labels"]):
