@@ -17,7 +17,7 @@ from conftest import tiny_overrides
 from vkd_dist.config import load_config
 from vkd_dist.data.pipeline import Batch
 from vkd_dist.models.build import build_model
-from vkd_dist.objectives import Objective
+from vkd_dist.objectives import build_objective
 
 pytestmark = pytest.mark.distributed
 GLOBAL_BATCH, STEPS, VOCAB = 8, 3, 300
@@ -52,7 +52,7 @@ def _train_steps(data, run, objective, out):
     model = build_model(cfg, VOCAB)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model, opt = accelerator.prepare(model, opt)
-    objective_fn = Objective(cfg.objective, cfg.model.num_samples)
+    objective_fn = build_objective(cfg.objective, cfg.model.num_samples)
     for step, batch in enumerate(_global_batches()):
         batch = _shard(batch, accelerator.process_index, accelerator.num_processes)
         loss = objective_fn(model, batch, step)["loss"]

@@ -155,9 +155,9 @@ def test_kd_distils_from_a_text_only_teacher(tiny_data, tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_before_anything_is_logged_or_saved(tiny_data, tmp_path, monkeypatch):
-    from vkd_dist import train as train_mod
+    from vkd_dist.objectives import Objective
 
-    original = train_mod.Objective.__call__
+    original = Objective.__call__
 
     def poisoned(self, model, batch, step):
         terms = original(self, model, batch, step)
@@ -165,7 +165,7 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_logged_or_saved(tiny
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_mod.Objective, "__call__", poisoned)
+    monkeypatch.setattr(Objective, "__call__", poisoned)
     cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path, objective="image_only", **{
         "train.max_steps": 6, "logging.log_every": 4, "train.ckpt_every": 4}))
     with pytest.raises(FloatingPointError, match="between steps 1 and 4"):

@@ -7,7 +7,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 from vkd_dist.config import ObjectiveConfig
 from vkd_dist.data.pipeline import Batch
 from vkd_dist.models.vkd import Gaussian, VKDModel, kl_diag_gaussians
-from vkd_dist.objectives import Objective, beta_at, masked_bce
+from vkd_dist.objectives import beta_at, build_objective, masked_bce
 
 
 def _gauss(b=5, d=7, seed=0):
@@ -103,7 +103,7 @@ def test_image_only_inference_never_touches_text():
     assert spread_mc.shape == (6, 14) and (spread_mc >= 0).all()
     assert torch.allclose(probs_mc, probs, atol=0.1)
     with pytest.raises(AssertionError, match="must not run"):
-        model(batch, mode="vkd")  # training does use the report
+        model(batch, mode="both")  # training does use the report
     model.text_encoder = None  # and the deployed model has no text path at all
     assert torch.equal(model.predict(batch.image)[0], probs)
 
@@ -114,9 +114,9 @@ def test_vkd_loss_terms_are_assembled_as_documented():
     cfg = ObjectiveConfig(beta=0.5, beta_schedule="constant", prior_bce_weight=0.7)
     batch = _batch()
     torch.manual_seed(1)
-    terms = Objective(cfg, num_samples=3)(model, batch, step=0)
+    terms = build_objective(cfg, num_samples=3)(model, batch, step=0)
     torch.manual_seed(1)
-    out = model(batch, mode="vkd", num_samples=3)
+    out = model(batch, mode="both", num_samples=3)
     assert out.post_logits.shape == (3, 6, 14) and out.prior_logits.shape == (3, 6, 14)
     bce = masked_bce(out.post_logits, batch.targets, batch.target_mask)
     prior_bce = masked_bce(out.prior_logits, batch.targets, batch.target_mask)
@@ -130,7 +130,7 @@ def test_vkd_loss_terms_are_assembled_as_documented():
 def test_image_text_posterior_uses_both():
     model = VKDModel(_Encoder(8), _Encoder(8, text=True), latent_dim=4, hidden_dim=8, posterior="image_text")
     assert model.posterior_head.net[1].in_features == 16
-    out = model(_batch(), mode="vkd", num_samples=2)
+    out = model(_batch(), mode="both", num_samples=2)
     assert out.posterior.mu.shape == (6, 4)
 
 
@@ -177,7 +177,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
             layer.attention.forward = counted("bert", layer.attention.forward)
         batch = _batch(3, seed=1, size=32)
         torch.manual_seed(2)  # dropout and latent samples: checkpointing replays the same random state
-        loss = Objective(cfg.objective, num_samples=2)(model, batch, step=0)["loss"]
+        loss = build_objective(cfg.objective, num_samples=2)(model, batch, step=0)["loss"]
         loss.backward()
         return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, calls
 

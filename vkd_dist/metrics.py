@@ -91,6 +91,18 @@ def _mean(values) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
+# The summary figures of `report` that can select best/, and which way is better.
+SELECTABLE: dict[str, str] = {"macro_auroc": "max", "macro_auprc": "max", "macro_sens_at_90_spec": "max",
+                              "micro_auroc": "max", "macro_auroc_chexpert5": "max", "macro_ece": "min", "bce": "min"}
+
+
+def is_better(metric: str, new: Optional[float], best: Optional[float]) -> bool:
+    """Whether `new` improves on `best` under `metric`'s direction (an undefined value never does)."""
+    if new is None:
+        return False
+    return best is None or (new > best if SELECTABLE[metric] == "max" else new < best)
+
+
 def report(pred: Predictions, labels: Sequence[str], scorable: Optional[Sequence[str]] = None,
            n_boot: int = 1000, seed: int = 0) -> dict:
     """Per-label and macro metrics. `scorable` is the split's fixed macro label set (default: the labels with

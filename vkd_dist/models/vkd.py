@@ -106,8 +106,8 @@ class VKDModel(nn.Module):
         return self.classifier(z)
 
     # -- training forward -----------------------------------------------------------------------------
-    def forward(self, batch, mode: str = "vkd", num_samples: int = 1) -> VKDOutput:
-        """mode: vkd (both paths, K samples each) | image (prior mean) | text (posterior mean)."""
+    def forward(self, batch, mode: str = "both", num_samples: int = 1) -> VKDOutput:
+        """mode: both (both paths, K samples each) | image (prior mean) | text (posterior mean)."""
         if mode == "image":
             return VKDOutput(prior_logits=self.classify(self.prior_mean(batch.image))[None])
         if mode == "text":

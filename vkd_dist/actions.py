@@ -1,0 +1,133 @@
+"""The loop's periodic work. Each action decides for itself when it runs (every N steps, at the last step, on
+an agreed stop); the loop only asks `due` and calls it. Then `finish` exports and tests the trained model.
+
+LogTerms     train/ scalars and a console line          every logging.log_every steps
+Validate     the validation split; best/ by train.select_metric   every train.eval_every steps
+Save         a resumable checkpoint (and on a stop)     every train.ckpt_every steps
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vkd_dist import checkpoint
+from vkd_dist.distributed import param_digests
+from vkd_dist.evaluate import evaluate
+from vkd_dist.metrics import format_table, is_better
+from vkd_dist.run import Run, TrainResult
+
+
+@dataclass
+class Tick:
+    """What the actions see after a step."""
+
+    step: int
+    terms: dict[str, torch.Tensor]
+    grad_norm: Optional[torch.Tensor]
+    final: bool  # the run's last step
+    stopping: bool  # every rank agreed to stop (preemption): checkpoint now
+
+
+class Periodic:
+    every: int
+
+    def __init__(self, run: Run, result: TrainResult):
+        self.run, self.result = run, result
+
+    def due(self, tick: Tick) -> bool:
+        return tick.step % self.every == 0 or tick.final
+
+    def __call__(self, tick: Tick) -> None:
+        raise NotImplementedError
+
+
+class LogTerms(Periodic):
+    def __init__(self, run: Run, result: TrainResult):
+        super().__init__(run, result)
+        self.every = run.cfg.logging.log_every
+
+    def __call__(self, tick: Tick) -> None:
+        run = self.run
+        terms = {k: float(v) for k, v in tick.terms.items()}
+        run.log.advance(0, loss=terms["loss"])
+        scalars = {**terms, "lr": run.optimizer.param_groups[0]["lr"], **run.meter.summary(),
+                   "skipped_samples": sum(run.skipped_by_worker.values())}
+        if tick.grad_norm is not None:
+            scalars["grad_norm"] = float(tick.grad_norm)
+        run.log.scalars(tick.step, scalars, "train/")
+        run.log.info(f"step {tick.step:>6} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+
+
+class Validate(Periodic):
+    """Evaluates the validation split; exports best/ when train.select_metric improves over the same label set."""
+
+    def __init__(self, run: Run, result: TrainResult):
+        super().__init__(run, result)
+        self.every = run.cfg.train.eval_every
+        self.metric = run.cfg.train.select_metric
+        self.labels = run.info.scorable_labels(run.cfg.data.val_split)  # like with like: the same label set
+
+    def __call__(self, tick: Tick) -> None:
+        run, cfg = self.run, self.run.cfg
+        preds: list = []
+        report = evaluate(run.model, cfg, run.info, cfg.data.val_split, run.tokenizer, run.accelerator,
+                          cfg.train.eval_max_batches, checkpoint_name=f"step-{tick.step:08d}", predictions=preds)
+        run.model.train()
+        self.result.val = report
+        run.log.evaluation(tick.step, report, preds[0], "val")
+        run.log.info(f"step {tick.step:>6} val {self.metric} {report.get(self.metric)} over "
+                     f"{len(report['macro_labels'])} labels")
+        value, state = report.get(self.metric), run.state
+        if report["macro_labels"] == self.labels and is_better(self.metric, value, state.best_value):
+            state.best_value = value
+            checkpoint.export_image_model(run.accelerator, run.model, run.run_dir / "best",
+                                          {"step": tick.step, "val": report, "objective": cfg.objective.name,
+                                           "select_metric": self.metric, "labels": list(run.info.labels)})
+
+
+class Save(Periodic):
+    def __init__(self, run: Run, result: TrainResult):
+        super().__init__(run, result)
+        self.every = run.cfg.train.ckpt_every
+
+    def due(self, tick: Tick) -> bool:
+        return super().due(tick) or tick.stopping
+
+    def __call__(self, tick: Tick) -> None:
+        run = self.run
+        path = checkpoint.save(run.accelerator, run.run_dir, tick.step, vars(run.state), run.cfg.train.keep_last)
+        self.result.checkpoints.append(str(path))
+
+
+def periodic_actions(run: Run, result: TrainResult) -> list[Periodic]:
+    return [LogTerms(run, result), Validate(run, result), Save(run, result)]
+
+
+def finish(run: Run, result: TrainResult) -> None:
+    """After the last step: export final/ (refusing ranks that disagree) and evaluate it on the test split."""
+    cfg, step = run.cfg, run.state.step
+    digests = param_digests(run.accelerator, run.model)  # every rank must end with the same model
+    checkpoint.export_image_model(run.accelerator, run.model, run.run_dir / "final",
+                                  {"step": step, "objective": cfg.objective.name, "param_digests": digests,
+                                   "labels": list(run.info.labels)})
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks ended training with different parameters (digests {digests}); see final/meta.json")
+    if not cfg.train.test_at_end:
+        return
+    preds: list = []
+    result.test = evaluate(run.model, cfg, run.info, cfg.data.test_split, run.tokenizer, run.accelerator,
+                           checkpoint_name="final", predictions=preds)
+    run.log.evaluation(step, result.test, preds[0], "test")
+    summary = {f"hparam/test_{k}": v for k, v in result.test.items() if isinstance(v, float)}
+    if result.val is not None:
+        summary[f"hparam/val_{cfg.train.select_metric}"] = result.val.get(cfg.train.select_metric)
+    run.log.hparams({"objective": cfg.objective.name, "lr": cfg.optim.lr, "beta": cfg.objective.beta,
+                     "latent_dim": cfg.model.latent_dim, "seed": cfg.train.seed, "max_steps": cfg.train.max_steps},
+                    summary)
+    if run.accelerator.is_main_process:
+        (run.run_dir / "test_metrics.json").write_text(json.dumps(result.test, indent=2))
+        run.log.info(f"test split ({cfg.data.test_split}), image-only inference:\n" + format_table(result.test))

@@ -1,0 +1,150 @@
+"""Everything a training run holds, built once before step 1: the accelerator, the data, the model, the
+objective, the optimizer and the data stream, resumed from a checkpoint when one is asked for.
+
+`build_run(cfg, stream)` is the set-up half of `vkd_dist.train.train`; an injected `stream` (any object with
+`batches_per_epoch` and `epoch(epoch, skip)` yielding Batches) replaces the shard stream, e.g. in-memory batches
+for a benchmark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from vkd_dist import checkpoint
+from vkd_dist.config import Config, save_config
+from vkd_dist.data.augment import BatchAugment
+from vkd_dist.data.pipeline import Batch, train_loader
+from vkd_dist.data.schema import DatasetInfo
+from vkd_dist.distributed import build_accelerator, check_compile_toolchain
+from vkd_dist.evaluate import load_teacher
+from vkd_dist.models.build import build_model
+from vkd_dist.objectives import Objective, build_objective, get_objective
+from vkd_dist.optim import build_optimizer, lr_lambda
+from vkd_dist.prepare import ensure_dataset, record_run_labels, resolve_tokenizer, token_table, warn_unscorable
+from vkd_dist.tracking import RunLogger, Throughput
+
+
+class BatchStream(Protocol):
+    batches_per_epoch: int
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[Batch]: ...
+
+
+@dataclass
+class TrainState:
+    """What train_state.json holds besides the tensors: the step, the data position, the best validation value."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+    best_metric: Optional[str] = None  # the train.select_metric that best_value was measured with
+    best_value: Optional[float] = None
+
+    @classmethod
+    def from_saved(cls, saved: dict, select_metric: str) -> TrainState:
+        saved = dict(saved)
+        if "best_macro_auroc" in saved:  # written before train.select_metric existed
+            saved["best_metric"], saved["best_value"] = "macro_auroc", saved.pop("best_macro_auroc")
+        state = cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
+        if state.best_metric != select_metric:  # best/ was chosen by another metric: start comparing afresh
+            state.best_metric, state.best_value = select_metric, None
+        return state
+
+
+@dataclass
+class TrainResult:
+    step: int
+    preempted: bool = False
+    val: Optional[dict] = None
+    test: Optional[dict] = None
+    run_dir: str = ""
+    checkpoints: list = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    info: DatasetInfo
+    tokenizer: Any
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    stream: BatchStream
+    augment: BatchAugment
+    log: RunLogger
+    state: TrainState
+    batches: Iterator[tuple[int, int, Batch]] = field(init=False)
+    meter: Throughput = field(default_factory=Throughput)
+    skipped_by_worker: dict = field(default_factory=dict)  # data workers' counts of skipped corrupt samples
+
+    def __post_init__(self) -> None:
+        self.schedule = lr_lambda(self.cfg.optim.warmup_steps, self.cfg.train.max_steps, self.cfg.optim.min_lr_ratio)
+        self.batches = epochs(self.stream, self.state.epoch, self.state.batch_in_epoch)
+        # Any non-finite loss since the last check, kept on the device: reading it makes the host wait.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
+        self.checked_step = self.state.step
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def check_finite(self) -> None:
+        """Raise if any loss since the last check was non-finite (called before anything is logged or saved)."""
+        if self.nonfinite.item():
+            raise FloatingPointError(f"non-finite loss between steps {self.checked_step + 1} and {self.state.step}; "
+                                     "lower optim.lr or check the data")
+        self.checked_step = self.state.step
+
+
+def epochs(stream: BatchStream, epoch: int, skip: int) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, index-in-epoch, batch) forever, starting `skip` batches into `epoch`."""
+    while True:
+        index = skip
+        for batch in stream.epoch(epoch, skip):
+            index += 1
+            yield epoch, index, batch
+        epoch, skip = epoch + 1, 0
+
+
+def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
+    accelerator = build_accelerator(cfg)
+    if cfg.train.compile:
+        check_compile_toolchain(accelerator.device)
+    set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
+    info = ensure_dataset(cfg, accelerator)
+    record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    tokenizer = resolve_tokenizer(cfg, info, accelerator)
+    model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
+    teacher = load_teacher(cfg, accelerator.device) if get_objective(cfg.objective.name).needs_teacher else None
+    objective = build_objective(cfg.objective, cfg.model.num_samples, teacher)
+    optimizer = build_optimizer(model, cfg, accelerator.device)  # the model is still on the CPU here
+    if cfg.train.compile:
+        # In place: the module and its state-dict keys stay as they are, so checkpoints and the image-only
+        # export are the same with and without compile (torch.compile's wrapper would prefix "_orig_mod.").
+        model.compile()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if stream is None:
+        stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
+                              accelerator.num_processes, cfg.train.seed, token_table(cfg, info, tokenizer, accelerator))
+    state = TrainState(best_metric=cfg.train.select_metric)
+    ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume)
+    if ckpt is not None:
+        state = TrainState.from_saved(checkpoint.load(accelerator, ckpt), cfg.train.select_metric)
+    log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
+    if ckpt is not None:
+        log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.num_processes} process(es) on "
+             f"{accelerator.device} | {stream.batches_per_epoch} batches/epoch/rank | "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
+    warn_unscorable(info, cfg.data.val_split, log.info)
+    augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
+    return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, stream, augment, log, state)
