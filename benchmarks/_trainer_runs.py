@@ -1,8 +1,8 @@
-"""Helpers for benchmarks/throughput.py: run the real trainer (`vkd_dist.train.train`) and read its throughput.
+"""Running the real trainer (`vkd_dist.train.train`) for the benchmark and reading its throughput back.
 
-Also the entry point of the scaling runs, one process per rank under torchrun:
+Also the entry point of the scaling runs, one process per rank under torchrun (from the repository root):
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/_trainer_runs.py --out DIR [--in-memory] key=value ...
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m benchmarks._trainer_runs --out DIR [--in-memory N] key=value ...
 
 Each rank writes DIR/rank<R>.json (peak memory); rank 0 also writes the trainer's samples/s and data-wait
 fraction read back from the run's TensorBoard, warm-up window excluded.
@@ -15,27 +15,25 @@ import json
 import os
 import resource
 import sys
-from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vkd_dist.config import Config
 
 
 class MemoryStream:
-    """A TrainStream look-alike that cycles over batches already in memory (no decoding, no workers)."""
+    """The trainer's data stream (train(stream=...)) over batches already in memory: no decoding, no workers.
+    Every epoch is the same batches."""
 
     def __init__(self, batches: list):
-        self.batches, self.batches_per_epoch, self.workers = batches, len(batches), 1
+        self.batches, self.batches_per_epoch = batches, len(batches)
 
-    def epoch(self, epoch: int, skip_batches: int = 0):
-        return iter(self.batches[skip_batches:])
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
+    def epoch(self, epoch: int, skip: int = 0):
+        return iter(self.batches[skip:])
 
 
 def take_batches(stream, n: int) -> list:
+    """The first `n` batches of a stream, over as many epochs as that takes."""
     out, epoch = [], 0
     while len(out) < n:
         for batch in stream.epoch(epoch):
@@ -46,20 +44,12 @@ def take_batches(stream, n: int) -> list:
     return out
 
 
-@contextmanager
-def in_memory_loader(n_batches: int):
-    """Make the trainer's `train_loader` pre-load `n_batches` of its real stream, then serve them from memory."""
-    import vkd_dist.train as train_mod
+def memory_batches(cfg: Config, info, tokenizer, n: int, rank: int = 0, world: int = 1) -> list:
+    """`n` batches of this rank's real training stream (in-process: no worker to outlive them)."""
     from vkd_dist.data.pipeline import train_loader
 
-    def loader(*args, **kwargs):
-        stream = train_loader(*args, **kwargs)
-        batches = take_batches(stream, n_batches)
-        del stream
-        return MemoryStream(batches)
-
-    with mock.patch.object(train_mod, "train_loader", loader):
-        yield
+    data = replace(cfg.data, num_workers=0)
+    return take_batches(train_loader(info, cfg.data.train_split, data, tokenizer, rank, world, cfg.train.seed), n)
 
 
 def read_throughput(run_dir: Path) -> dict:
@@ -87,14 +77,17 @@ def trainer_overrides(run_dir: Path, steps: int, log_every: int) -> list[str]:
             "train.eval_max_batches=1"]
 
 
-def run_trainer(cfg, in_memory_batches: int = 0) -> dict:
+def train_on(cfg: Config, batches: list | None = None) -> None:
+    """Train as configured: on `batches`, cycled, when given; else with the real loader."""
     from vkd_dist.train import StopRequest, train
 
-    if in_memory_batches:
-        with in_memory_loader(in_memory_batches):
-            train(cfg, StopRequest(install=False))
-    else:
-        train(cfg, StopRequest(install=False))
+    # install=False: the benchmark's process keeps its own signal handlers
+    train(cfg, StopRequest(install=False), stream=MemoryStream(batches) if batches else None)
+
+
+def run_trainer(cfg: Config, batches: list | None = None) -> dict:
+    """`train_on`, then the run's throughput (one process: rank 0 logs)."""
+    train_on(cfg, batches)
     return read_throughput(Path(cfg.run_dir))
 
 
@@ -115,18 +108,19 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from vkd_dist.config import load_config
-    from vkd_dist.train import StopRequest, train
+    from vkd_dist.data.schema import read_dataset
+    from vkd_dist.prepare import resolve_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rank = int(os.environ.get("RANK", "0"))
-    if args.in_memory:
-        with in_memory_loader(args.in_memory):
-            train(cfg, StopRequest(install=False))
-    else:
-        train(cfg, StopRequest(install=False))
-    result = {"rank": rank, "world": int(os.environ.get("WORLD_SIZE", "1")), **peak_memory_mb()}
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    batches = None
+    if args.in_memory:  # the benchmark names the tokenizer (model.tokenizer): every rank only loads it
+        info = read_dataset(cfg.data.path)
+        batches = memory_batches(cfg, info, resolve_tokenizer(cfg, info), args.in_memory, rank, world)
+    train_on(cfg, batches)
+    result = {"rank": rank, "world": world, **peak_memory_mb()}
     if rank == 0:
         result.update(read_throughput(Path(cfg.run_dir)))
     (out / f"rank{rank}.json").write_text(json.dumps(result))

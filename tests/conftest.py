@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -22,19 +23,12 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
-    """Overrides for a seconds-long CPU run: ViT depth 2 at 64 px, 2-layer BERT of width 64."""
-    base = {
-        "run_dir": str(run_dir), "data.path": str(data), "data.build_synthetic": False,
-        "data.image_size": 64, "data.batch_size": 8, "data.eval_batch_size": 32, "data.num_workers": 0,
-        "data.shuffle_buffer": 16, "model.image_encoder": "vit_small_patch16_224",
-        "model.image_encoder_kwargs": "{depth: 2, embed_dim: 48, num_heads: 2, patch_size: 16}",
-        "model.text_config": "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}",
-        "model.vocab_size": 400, "model.latent_dim": 16, "model.hidden_dim": 32, "model.num_samples": 2,
-        "train.max_steps": 6, "train.eval_every": 100, "train.ckpt_every": 100, "logging.log_every": 2,
-        "logging.progress": False, "optim.warmup_steps": 2,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    """Overrides for a seconds-long CPU run on `data` (configs/tiny.yaml, shared with the benchmark's --quick);
+    `extra` (dotted keys) comes last, so it wins."""
+    from vkd_dist.config import overrides_from_yaml
+
+    return [f"run_dir={run_dir}", f"data.path={data}", *overrides_from_yaml(TINY_CONFIG),
+            *(f"{k}={v}" for k, v in extra.items())]
 
 
 def read_shards(out: Path, split: str) -> dict:

@@ -96,7 +96,7 @@ def _cfg():
 
 
 def test_adamw_implementations_take_the_same_step():
-    from vkd_dist.train import _optimizer, adamw_implementation
+    from vkd_dist.optim import adamw_implementation, build_optimizer as _optimizer
 
     assert adamw_implementation("cuda") == "fused" and adamw_implementation("cpu") == "fused"
     assert adamw_implementation("meta") == "foreach"
@@ -117,7 +117,7 @@ def test_adamw_implementations_take_the_same_step():
 def test_checkpoints_resume_across_adamw_implementations(saved_impl):
     """An optimizer state saved before this change (AdamW without flags) or by another implementation loads,
     keeps this optimizer's implementation, and takes the step the saving optimizer would have taken."""
-    from vkd_dist.train import _optimizer
+    from vkd_dist.optim import build_optimizer as _optimizer
 
     cfg = _cfg()
     model = _tiny_model()
