@@ -140,7 +140,7 @@ class LoopbackCluster:
         env["SLURM_CONF"] = str(self.conf)
         return env
 
-    def start(self, timeout: float = 30.0) -> "LoopbackCluster":
+    def start(self, timeout: float = 30.0) -> LoopbackCluster:
         ensure_installed()
         self.write_conf()
         self._saved_env["SLURM_CONF"] = os.environ.get("SLURM_CONF")
@@ -204,7 +204,7 @@ class LoopbackCluster:
             proc = self.procs[key]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for key, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -4,7 +4,6 @@ computation, parameters seeded by (seed, rank, micro-batch) and wired into the t
 import math
 from dataclasses import replace
 
-import pytest
 import torch
 
 from conftest import tiny_overrides

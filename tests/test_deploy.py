@@ -118,7 +118,8 @@ def test_predict_on_originals_equals_eval_on_converted_shards(hospital, tmp_path
     assert "macro AUROC" in card and "95 %" in card and "Intended use" in card  # test_metrics.json is final's
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["labels"] == LABELS
-    assert {"source_size": 64, "resize": "crop", "image_size": 48, "channels": 1}.items() <= config["preprocessing"].items()
+    preprocessing = {"source_size": 64, "resize": "crop", "image_size": 48, "channels": 1}
+    assert preprocessing.items() <= config["preprocessing"].items()
     evals = {r["key"]: r for r in _read(tmp_path / "eval.csv")}
     assert list(next(iter(evals.values()))) == ["key", "patient_id", *LABELS]
     originals = {}

@@ -15,7 +15,14 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import (  # noqa: E402
-    HTJ2K, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, MPEG2MPML, RLELossless, generate_uid)
+    HTJ2K,
+    MPEG2MPML,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
 
 from vkd_dist.data.images import ImageError, is_image_file, load_image  # noqa: E402
 

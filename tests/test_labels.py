@@ -63,9 +63,11 @@ def test_report_macro_is_over_the_fixed_set_and_says_so():
     from vkd_dist.metrics import Predictions, report
 
     rng = np.random.default_rng(0)
-    y = np.stack([rng.integers(0, 2, 40), np.r_[np.ones(2), np.zeros(38)], rng.integers(0, 2, 40)], 1).astype(np.float32)
+    y = np.stack([rng.integers(0, 2, 40), np.r_[np.ones(2), np.zeros(38)], rng.integers(0, 2, 40)], 1)
+    y = y.astype(np.float32)
     p = rng.random((40, 3)).astype(np.float32)
-    pred = Predictions(p, y, np.ones_like(y, dtype=bool), [f"k{i}" for i in range(40)], [f"p{i // 2}" for i in range(40)])
+    keys, patients = [f"k{i}" for i in range(40)], [f"p{i // 2}" for i in range(40)]
+    pred = Predictions(p, y, np.ones_like(y, dtype=bool), keys, patients)
     full = report(pred, ["A", "B", "C"], ["A", "B", "C"], n_boot=100)
     assert full["macro_labels"] == ["A", "B", "C"] and full["num_patients"] == 20
     assert full["macro_auroc"] == pytest.approx(np.mean([full["auroc"][n] for n in "ABC"]))

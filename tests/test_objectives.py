@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_overrides
 from vkd_dist.config import ConfigError, load_config

@@ -12,14 +12,14 @@ from vkd_dist.config import DataConfig
 from vkd_dist.data import pipeline
 from vkd_dist.data.pipeline import eval_loader, train_loader
 from vkd_dist.data.schema import read_dataset
-from vkd_dist.labels import LABELS
-from vkd_dist.models.encoders import report_texts, train_wordpiece
+from vkd_dist.data.tokens import build_wordpiece_tokenizer, report_texts
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_data, tmp_path_factory):
     info = read_dataset(tiny_data)
-    return train_wordpiece(report_texts(info.shards("train")), 300, tmp_path_factory.mktemp("tok") / "tokenizer")
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return build_wordpiece_tokenizer(report_texts(info.shards("train")), 300, out)
 
 
 def _cfg(**kw):
@@ -193,7 +193,8 @@ def test_token_table_is_reused_until_its_inputs_change(tokenizer, tiny_data, tmp
     assert len(shorter.get(key)) == 8 and len(ids) > 8
     clone = pickle.loads(pickle.dumps(shorter))  # what a spawned worker gets: paths only, opened lazily
     assert clone._rows is None and np.array_equal(clone.get(key), shorter.get(key))
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.ids.npy", "val.json", "val.keys.json",
+                                                          "val.offsets.npy"]  # no temporary files left
 
 
 def test_loader_workers_survive_a_parallel_token_table_build(tokenizer, tiny_data, tmp_path):
@@ -208,8 +209,7 @@ import sys
 from vkd_dist.config import DataConfig
 from vkd_dist.data.pipeline import eval_loader
 from vkd_dist.data.schema import read_dataset
-from vkd_dist.data.tokens import build_token_table
-from vkd_dist.models.encoders import load_tokenizer
+from vkd_dist.data.tokens import build_token_table, load_tokenizer
 tok, info = load_tokenizer({str(tokenizer.name_or_path)!r}), read_dataset({str(tiny_data)!r})
 build_token_table({str(tmp_path / 'tokens')!r}, "train", info.shards("train"), tok, 64)
 cfg = DataConfig(image_size=48, eval_batch_size=7, num_workers=2, max_text_len=64)

@@ -31,7 +31,8 @@ def test_split_sections_mimic():
 def test_report_text_findings_impression():
     text, used = report_text(MIMIC)
     assert used == ["FINDINGS", "IMPRESSION"]
-    assert text == "FINDINGS: The lungs are clear. There is no pleural effusion.\nIMPRESSION: No acute cardiopulmonary process."
+    assert text == ("FINDINGS: The lungs are clear. There is no pleural effusion.\n"
+                    "IMPRESSION: No acute cardiopulmonary process.")
 
 
 def test_fallback_to_whole_body_and_no_fallback():

@@ -23,7 +23,7 @@ def manifest(tmp_path_factory):
     img = root / "img"
     img.mkdir()
     grad = np.linspace(0, 255, 120 * 100).reshape(120, 100).astype(np.uint8)
-    Image.fromarray((grad.astype(np.uint16) * 16)).save(img / "b16.png")
+    Image.fromarray(grad.astype(np.uint16) * 16).save(img / "b16.png")
     Image.fromarray(np.dstack([grad] * 3 + [np.full_like(grad, 255)]), "RGBA").save(img / "rgba.png")
     Image.fromarray(np.dstack([grad] * 3)).convert("P", palette=Image.ADAPTIVE).save(img / "pal.png")
     exif = Image.Exif()

@@ -3,7 +3,6 @@
 import csv
 import gzip
 import hashlib
-import json
 import zipfile
 from pathlib import Path
 
@@ -33,9 +32,9 @@ DICOMS = [
     ("d9", "12000004", "50000006", "PA", None),        # not in the split csv
 ]
 REPORTS = {
-    "50000001": "                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n INDICATION:  ___F "
-                "with cough\n\n FINDINGS:\n \n The lungs are clear.  No\n effusion.\n \n IMPRESSION:  \n \n No acute "
-                "process.\n",
+    "50000001": "                                 FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n\n INDICATION:  "
+                "___F with cough\n\n FINDINGS:\n \n The lungs are clear.  No\n effusion.\n \n IMPRESSION:  \n \n "
+                "No acute process.\n",
     "50000002": "FINAL REPORT\n FINDINGS: Small left effusion seen by Dr. ___.\n",
     "50000003": "FINAL REPORT\n IMPRESSION: Cardiomegaly.\n",
     "50000004": "FINAL REPORT\n INDICATION: fever\n\n COMPARISON: none\n",
@@ -152,7 +151,7 @@ def test_options_views_negbio_deid_patient_split(mimic, tmp_path):
     assert samples["d4"][1]["meta"]["labels"]["Cardiomegaly"] == 1  # negbio's value
     assert samples["d3"][1]["text"] == "FINDINGS: Small left effusion seen by Dr. [DEID]."
     by_patient = {}
-    for k, (s, v) in samples.items():
+    for s, v in samples.values():
         assert by_patient.setdefault(v["meta"]["patient_id"], s) == s
     assert "no_split" not in meta["rejects_by_reason"]
 

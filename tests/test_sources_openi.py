@@ -2,7 +2,6 @@
 
 import csv
 import io
-import json
 import re
 import tarfile
 from pathlib import Path
@@ -89,7 +88,8 @@ def test_convert_first_view(openi, tmp_path):
     assert meta["params"]["counts"]["images_not_used"] == len(ids) - 42
     with open(out / "rejects.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["item_id"] for r in rows if r["reason"].startswith("no_image")} == {"CXR1185", "CXR2309", "CXR2800", "CXR873"}
+    no_image = {r["item_id"] for r in rows if r["reason"].startswith("no_image")}
+    assert no_image == {"CXR1185", "CXR2309", "CXR2800", "CXR873"}
     samples = {}
     for split in ("train", "val", "test"):
         samples.update(read_shards(out, split))

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from vkd_dist.stats import (auprc, auroc_ci, bootstrap_weights, expected_calibration_error, paired_delta,
-                            patient_index, reliability, sensitivity_at_specificity, weighted_auroc)
+from vkd_dist.stats import (
+    auprc,
+    auroc_ci,
+    bootstrap_weights,
+    expected_calibration_error,
+    paired_delta,
+    patient_index,
+    reliability,
+    sensitivity_at_specificity,
+    weighted_auroc,
+)
 
 
 def _table(n, num_labels=3, signal=1.0, seed=0, prevalence=0.3):

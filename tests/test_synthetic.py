@@ -19,11 +19,12 @@ def _digest(root):
 
 
 def test_generator_is_deterministic_byte_for_byte(tmp_path):
-    a = build_synthetic(tmp_path / "a", 40, 10, 10, image_size=48, seed=3, samples_per_shard=16, workers=2, progress=False)
-    b = build_synthetic(tmp_path / "b", 40, 10, 10, image_size=48, seed=3, samples_per_shard=16, workers=1, progress=False)
+    small = dict(image_size=48, samples_per_shard=16, progress=False)
+    a = build_synthetic(tmp_path / "a", 40, 10, 10, seed=3, workers=2, **small)
+    b = build_synthetic(tmp_path / "b", 40, 10, 10, seed=3, workers=1, **small)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert a["splits"] == b["splits"]
-    c = build_synthetic(tmp_path / "c", 40, 10, 10, image_size=48, seed=4, samples_per_shard=16, workers=1, progress=False)
+    c = build_synthetic(tmp_path / "c", 40, 10, 10, seed=4, workers=1, **small)
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
     assert c["params"]["seed"] == 4
 

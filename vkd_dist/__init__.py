@@ -15,7 +15,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         default = action.default
         if default is None or default is False or (isinstance(default, (list, tuple)) and not default):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 class RawDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -94,7 +94,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "vkd"  # vkd | image_only | text_only | kd
+    name: str = "vkd"  # any registered objective (vkd_dist/objectives): vkd | image_only | text_only | kd
     beta: float = 0.1
     beta_schedule: str = "warmup"  # constant | warmup | cyclical
     beta_warmup_steps: int = 200
@@ -131,13 +131,16 @@ class TrainConfig:
     test_at_end: bool = True
     deterministic: bool = False
     bootstrap_resamples: int = 1000  # patient-bootstrap resamples for the AUROC CIs (0 = no CIs)
+    select_metric: str = "macro_auroc"  # the validation metric that picks best/ (vkd_dist.metrics.SELECTABLE)
 
 
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_s: int = 1800
-    zero_stage: Optional[int] = None  # DeepSpeed ZeRO stage when launched with DeepSpeed; None = from the launcher
+    # ddp | deepspeed_zero1 | deepspeed_zero2 | deepspeed_zero3 | fsdp2; auto (or null) = as launched
+    # (vkd_dist.strategy: a launch that names another strategy is an error, not overridden)
+    strategy: Optional[str] = "auto"
     offload_optimizer: bool = False
 
 
@@ -146,7 +149,6 @@ class LoggingConfig:
     tensorboard: bool = True
     log_every: int = 20
     progress: bool = True
-    log_report_text: bool = False  # reports are patient data: never logged unless asked for
 
 
 @dataclass
@@ -169,7 +171,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager"),
     "model.posterior": ("text", "image_text"),
     "model.inference": ("prior_mean", "mc"),
-    "objective.name": ("vkd", "image_only", "text_only", "kd"),
     "objective.beta_schedule": ("constant", "warmup", "cyclical"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),
@@ -347,8 +348,26 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def _registered_objectives() -> tuple[str, ...]:
+    from vkd_dist.objectives import objective_names  # asked at validation time: tests register their own
+
+    return objective_names()
+
+
+def _validate_dist(cfg: Config) -> None:
+    from vkd_dist.strategy import configured  # checks the name against vkd_dist.strategy.STRATEGIES
+
+    strategy = configured(cfg)
+    if cfg.dist.offload_optimizer and strategy is not None and strategy.name != "deepspeed_zero3":
+        raise ConfigError(f"dist.offload_optimizer=true needs dist.strategy=deepspeed_zero3 (or auto), "
+                          f"not {strategy.name}")
+
+
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
+    from vkd_dist.metrics import SELECTABLE
+
+    choices = {**CHOICES, "objective.name": _registered_objectives(), "train.select_metric": tuple(SELECTABLE)}
+    for key, allowed in choices.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(allowed)})")
@@ -367,10 +386,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers")
+    _validate_dist(cfg)
     if cfg.model.in_chans not in (1, 3):
         raise ConfigError(f"model.in_chans={cfg.model.in_chans} is not allowed (allowed: 1, 3)")
-    if cfg.objective.name == "kd" and not cfg.objective.kd_teacher:
-        raise ConfigError("objective.kd_teacher must name a text_only run directory or checkpoint when objective=kd")
+    from vkd_dist.objectives import get_objective
+
+    if get_objective(cfg.objective.name).needs_teacher and not cfg.objective.kd_teacher:
+        raise ConfigError(f"objective.kd_teacher must name a text_only run directory or checkpoint when "
+                          f"objective={cfg.objective.name}")
     if cfg.objective.kd_teacher and not Path(cfg.objective.kd_teacher).exists():
         raise ConfigError(f"objective.kd_teacher={cfg.objective.kd_teacher}: no such file or directory")
     if cfg.model.text_trainable_layers is not None and cfg.model.text_trainable_layers < 0:
@@ -400,3 +423,24 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def config_from_dict(raw: dict) -> Config:
     """A saved run's config; checked for shape and types only, since its paths may have moved."""
     return _build(Config, _deep_merge(to_dict(Config()), raw))
+
+
+def overrides_from_yaml(path: str | Path) -> list[str]:
+    """A YAML overlay (e.g. configs/tiny.yaml) as `key=value` overrides for `load_config`, so that it applies on
+    top of any config file. Sections flatten to dotted keys; free-form mappings (model.text_config) stay one
+    value, so they replace the configured mapping as they would in a config file rather than merge into it."""
+    out: list[str] = []
+    doc_end = "\n..."  # what safe_dump puts after a bare scalar
+
+    def walk(node: dict, cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for key, value in node.items():
+            ftype = _unwrap_optional(hints[key])[0] if key in hints else None  # unknown keys: load_config says so
+            if isinstance(value, dict) and _is_dataclass_type(ftype):
+                walk(value, ftype, f"{prefix}{key}.")
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf"))
+                out.append(f"{prefix}{key}={text.strip().removesuffix(doc_end)}")
+
+    walk(_read_yaml(Path(path)), Config, "")
+    return out

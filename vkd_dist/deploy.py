@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from safetensors.torch import load_file, save_file
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.models.encoders import ImageEncoder
 from vkd_dist.models.vkd import VKDModel
+
+if TYPE_CHECKING:
+    from vkd_dist.config import Config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -54,7 +58,7 @@ class VKDImageClassifier(VKDModel):
 
     # -- files --------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device="cpu") -> "VKDImageClassifier":
+    def from_pretrained(cls, model_dir: str | Path, device="cpu") -> VKDImageClassifier:
         model_dir = Path(model_dir)
         cfg_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
         if not cfg_path.is_file():
@@ -99,7 +103,8 @@ class VKDImageClassifier(VKDModel):
         return fit(load_image(path, pre["source_size"], pre["resize"]), pre["image_size"])
 
     @torch.no_grad()
-    def predict_images(self, images: np.ndarray, mc_samples: Optional[int] = None):
+    def predict_images(self, images: np.ndarray, mc_samples: Optional[int] = None
+                       ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """uint8 [B, S, S] -> (probabilities [B, L], spread [B, L] or None). `mc_samples` K averages K prior
         samples and gives their standard deviation; otherwise the configured inference mode."""
         device = next(self.parameters()).device
@@ -126,7 +131,7 @@ def _load_exactly(model: torch.nn.Module, state: dict, path: Path) -> None:
 
 
 # -- export from a run -------------------------------------------------------------------------------------
-def classifier_config(cfg, labels: Sequence[str], dataset_meta: Optional[dict], provenance: dict) -> dict:
+def classifier_config(cfg: Config, labels: Sequence[str], dataset_meta: Optional[dict], provenance: dict) -> dict:
     """config.json for a run's image path. `dataset_meta` (its dataset.json) gives the converters' image size and
     resize mode; without it the model's input size and `crop` are assumed, and the file says so."""
     m = cfg.model
@@ -159,12 +164,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
     """Write RUN's image model (checkpoint `which`) as a self-contained directory; returns it."""
     from vkd_dist import checkpoint
     from vkd_dist.evaluate import load_run_config
+    from vkd_dist.objectives import TEXT, get_objective
     from vkd_dist.prepare import run_labels
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    if cfg.objective.name == "text_only":
-        raise ValueError(f"{run_dir} is a text_only run: it reads reports and has no image model to deploy")
+    if get_objective(cfg.objective.name).inference == TEXT:
+        raise ValueError(f"{run_dir} is a {cfg.objective.name} run: it reads reports and has no image model to deploy")
     labels = run_labels(run_dir)
     weights_path = checkpoint.find_weights(run_dir, which)
     dataset_json = Path(cfg.data.path) / "dataset.json"
@@ -225,7 +231,8 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
         "## Model",
         f"- objective: `{prov['objective']}`; checkpoint `{prov['checkpoint']}` (step {prov['step']})",
         f"- image encoder: timm `{arch['image_encoder']}`"
-        + (f" {arch['image_encoder_kwargs']}" if arch["image_encoder_kwargs"] else "") + f", latent {arch['latent_dim']}",
+        + (f" {arch['image_encoder_kwargs']}" if arch["image_encoder_kwargs"] else "")
+        + f", latent {arch['latent_dim']}",
         f"- labels ({len(config['labels'])}): {', '.join(config['labels'])}",
         f"- inference: `{config['inference']['mode']}`",
         "",

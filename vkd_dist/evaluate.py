@@ -16,14 +16,17 @@ import torch
 import yaml
 
 from vkd_dist import RawDefaultsHelpFormatter, checkpoint
-from vkd_dist.config import config_from_dict
+from vkd_dist.config import Config, config_from_dict
 from vkd_dist.data.pipeline import eval_loader
+from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.metrics import Predictions, format_table, report
+from vkd_dist.objectives import TEXT, get_objective, objective_names
 from vkd_dist.prepare import check_same_labels, run_labels, teacher_run_dir, tokenizer_dir
 
 
 @torch.no_grad()
-def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batches: Optional[int] = None) -> Predictions:
+def predict_split(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accelerator,
+                  max_batches: Optional[int] = None) -> Predictions:
     """The predictions of every sample of `split` (each rank predicts its share; gathered on all ranks)."""
     net = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -55,13 +58,13 @@ def predict_split(model, cfg, info, split: str, tokenizer, accelerator, max_batc
     return Predictions.concat(parts, len(info.labels)).gathered()
 
 
-def _predict(net, cfg, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _predict(net, cfg: Config, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if net.image_encoder is None:  # text_only: the teacher reads the report
         return net.predict_text(batch.input_ids, batch.attention_mask, batch.text_features)
     return net.predict(batch.image, cfg.model.inference, cfg.model.num_samples)  # the deployed path: images only
 
 
-def _empty_batch(cfg, tokenizer, device, num_labels: int):
+def _empty_batch(cfg: Config, tokenizer, device, num_labels: int):
     from vkd_dist.data.pipeline import Batch
 
     size = cfg.data.image_size
@@ -76,8 +79,9 @@ def _empty_batch(cfg, tokenizer, device, num_labels: int):
                  target_mask=torch.zeros(1, num_labels, dtype=torch.bool, device=device), text_features=features)
 
 
-def evaluate(model, cfg, info, split: str, tokenizer, accelerator=None, max_batches: Optional[int] = None,
-             checkpoint_name: str = "current", predictions: Optional[list] = None) -> dict:
+def evaluate(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accelerator=None,
+             max_batches: Optional[int] = None, checkpoint_name: str = "current",
+             predictions: Optional[list] = None) -> dict:
     """Metrics of `split` under the data set's evaluation policy, naming the checkpoint they describe. Pass a
     list as `predictions` to receive the Predictions too."""
     pred = predict_split(model, cfg, info, split, tokenizer, accelerator, max_batches)
@@ -89,7 +93,7 @@ def evaluate(model, cfg, info, split: str, tokenizer, accelerator=None, max_batc
     return rep
 
 
-def load_run_config(run_dir: str | Path):
+def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {run_dir} a vkd_dist run directory?")
@@ -98,13 +102,13 @@ def load_run_config(run_dir: str | Path):
 
 def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[str] = None, device="cpu"):
     """(model, cfg, tokenizer) from a run's exported weights; image-only unless the run was text_only."""
+    from vkd_dist.data.tokens import load_tokenizer
     from vkd_dist.models.build import build_model
-    from vkd_dist.models.encoders import load_tokenizer
 
     cfg = load_run_config(run_dir)
     objective = objective or cfg.objective.name
     tokenizer = load_tokenizer(tokenizer_dir(cfg, run_dir))
-    model = build_model(cfg, len(tokenizer), objective=objective, with_text=objective == "text_only",
+    model = build_model(cfg, len(tokenizer), objective=objective, with_text=get_objective(objective).inference == TEXT,
                         num_labels=len(run_labels(run_dir)))
     state = checkpoint.load_weights(checkpoint.find_weights(run_dir, which))
     wanted = model.deploy_state_dict()
@@ -115,13 +119,15 @@ def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[
     return model.to(device).eval(), cfg, tokenizer
 
 
-def load_teacher(cfg, device):
-    """The frozen text_only teacher for objective=kd."""
+def load_teacher(cfg: Config, device):
+    """The frozen teacher of an objective that needs one (kd): a run whose inference reads the report."""
     run_dir = teacher_run_dir(cfg)
-    model, tcfg, _ = load_exported(run_dir, "best" if (run_dir / "best").is_dir() else "final", "text_only", device)
-    if tcfg.objective.name != "text_only":
-        raise ValueError(f"objective.kd_teacher={cfg.objective.kd_teacher}: a text_only run is needed, "
-                         f"got objective {tcfg.objective.name}")
+    teacher_objective = load_run_config(run_dir).objective.name
+    if get_objective(teacher_objective).inference != TEXT:
+        readers = [n for n in objective_names() if get_objective(n).inference == TEXT]
+        raise ValueError(f"objective.kd_teacher={cfg.objective.kd_teacher}: a run that reads reports "
+                         f"({', '.join(readers)}) is needed, got objective {teacher_objective}")
+    model, _, _ = load_exported(run_dir, "best" if (run_dir / "best").is_dir() else "final", device=device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

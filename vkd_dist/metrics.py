@@ -10,9 +10,10 @@ labels with both classes on the split under the data set's evaluation policy, an
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class Predictions:
     std: Optional[np.ndarray] = None  # [N, L] spread over K prior samples (model.inference=mc)
 
     @classmethod
-    def concat(cls, parts: Sequence["Predictions"], num_labels: int) -> "Predictions":
+    def concat(cls, parts: Sequence[Predictions], num_labels: int) -> Predictions:
         if not parts:
             empty = np.zeros((0, num_labels), dtype=np.float32)
             return cls(empty, empty.copy(), empty.astype(bool))
@@ -45,7 +46,7 @@ class Predictions:
                    patient_ids=[k for p in parts for k in p.patient_ids],
                    std=joined("std") if parts[0].std is not None else None)
 
-    def gathered(self) -> "Predictions":
+    def gathered(self) -> Predictions:
         """All ranks' predictions, concatenated in rank order. Itself without a process group."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
                 or torch.distributed.get_world_size() == 1:

@@ -13,8 +13,9 @@ import argparse
 import csv
 import glob
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -62,6 +63,17 @@ def _batches(model: VKDImageClassifier, paths: list[str], batch_size: int, worke
         yield [(p, *_load(model, p)) for p in paths[i:i + batch_size]]
 
 
+def _probability_cells(model: VKDImageClassifier, images: list[np.ndarray], mc: Optional[int]) -> list[list[str]]:
+    """Per image, its CSV cells: the probabilities and, with `mc`, their spread."""
+    if not images:
+        return []
+    probs, std = model.predict_images(np.stack(images), mc)
+    cells = [[f"{v:.7g}" for v in row] for row in probs]
+    if mc and std is not None:
+        cells = [row + [f"{v:.7g}" for v in spread] for row, spread in zip(cells, std)]
+    return cells
+
+
 def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: int = 32, mc: Optional[int] = None,
                   workers: int = 0, progress: bool = False) -> tuple[int, int]:
     """Write the CSV to the open file `out`; returns (rows with probabilities, rows with an error)."""
@@ -71,21 +83,14 @@ def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: 
     ok = failed = 0
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
     for batch in _batches(model, paths, batch_size, workers):
-        good = [b for b in batch if b[1] is not None]
-        probs = std = None
-        if good:
-            probs, std = model.predict_images(np.stack([b[1] for b in good]), mc)
-        j = 0
+        cells = iter(_probability_cells(model, [image for _, image, _ in batch if image is not None], mc))
         for path, image, error in batch:
             if image is None:
                 writer.writerow([path, *([""] * len(labels) * (2 if mc else 1)), error])
                 failed += 1
                 continue
-            row = [path, *(f"{v:.7g}" for v in probs[j])]
-            if mc:
-                row += [f"{v:.7g}" for v in std[j]]
-            writer.writerow([*row, ""])
-            ok, j = ok + 1, j + 1
+            writer.writerow([path, *next(cells), ""])
+            ok += 1
         bar.update(len(batch))
     bar.close()
     return ok, failed

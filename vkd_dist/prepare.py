@@ -4,46 +4,54 @@ result."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Optional
 
-from vkd_dist.config import ConfigError
+from vkd_dist.config import Config, ConfigError
 from vkd_dist.data.schema import DatasetInfo, read_dataset
-from vkd_dist.data.tokens import build_token_table
+from vkd_dist.data.tokens import TokenTable, build_token_table, build_wordpiece_tokenizer, load_tokenizer, report_texts
+from vkd_dist.fileio import atomic_write_text
 from vkd_dist.labels import LABELS
-from vkd_dist.models.encoders import load_tokenizer, report_texts, train_wordpiece
+from vkd_dist.objectives import get_objective
 
 
-def ensure_dataset(cfg, accelerator=None) -> DatasetInfo:
+def _main_process_first(accelerator) -> contextlib.AbstractContextManager:
+    """Rank 0 runs the block, then the others do (finding what it built); a plain block without an accelerator."""
+    return accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+
+
+def ensure_dataset(cfg: Config, accelerator=None) -> DatasetInfo:
     path = Path(cfg.data.path)
-    is_main = accelerator is None or accelerator.is_main_process
-    if is_main and not (path / "dataset.json").is_file():
-        if not cfg.data.build_synthetic:
-            raise FileNotFoundError(f"data.path={path}: no dataset.json (convert data with vkd-data first)")
-        from vkd_dist.data.synthetic import build_synthetic
+    with _main_process_first(accelerator):
+        if not (path / "dataset.json").is_file():
+            if not cfg.data.build_synthetic:
+                raise FileNotFoundError(f"data.path={path}: no dataset.json (convert data with vkd-data first)")
+            from vkd_dist.data.synthetic import build_synthetic
 
-        s = cfg.data.synthetic
-        print(f"building the synthetic corpus at {path} ({s.num_train}/{s.num_val}/{s.num_test} samples)", flush=True)
-        build_synthetic(path, s.num_train, s.num_val, s.num_test, image_size=s.image_size, seed=s.seed,
-                        lesion_contrast=s.lesion_contrast, noise=s.noise, label_noise=s.label_noise,
-                        prevalence_scale=s.prevalence_scale, progress=False)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+            s = cfg.data.synthetic
+            print(f"building the synthetic corpus at {path} ({s.num_train}/{s.num_val}/{s.num_test} samples)",
+                  flush=True)
+            build_synthetic(path, s.num_train, s.num_val, s.num_test, image_size=s.image_size, seed=s.seed,
+                            lesion_contrast=s.lesion_contrast, noise=s.noise, label_noise=s.label_noise,
+                            prevalence_scale=s.prevalence_scale, progress=False)
     return read_dataset(path)
 
 
-def teacher_run_dir(cfg) -> Path:
+def teacher_run_dir(cfg: Config) -> Path:
     """objective.kd_teacher names a text_only run directory or a checkpoint inside one."""
+    if not cfg.objective.kd_teacher:
+        raise ConfigError(f"objective {cfg.objective.name} needs objective.kd_teacher (a text_only run directory)")
     path = Path(cfg.objective.kd_teacher)
     return path if (path / "config.yaml").is_file() else path.parent
 
 
-def tokenizer_dir(cfg, run_dir: str | Path) -> Path:
+def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
     """Where a run's tokenizer lives: the kd teacher's (its batches feed the teacher) > model.tokenizer > the
     text encoder's own directory > RUN/tokenizer (built from the training reports by `resolve_tokenizer`)."""
-    if cfg.objective.name == "kd":
+    if get_objective(cfg.objective.name).needs_teacher:
         teacher = teacher_run_dir(cfg) / "tokenizer"
         if (teacher / "tokenizer.json").is_file():
             return teacher
@@ -54,30 +62,25 @@ def tokenizer_dir(cfg, run_dir: str | Path) -> Path:
     return Path(run_dir) / "tokenizer"
 
 
-def resolve_tokenizer(cfg, info: DatasetInfo, accelerator=None):
+def resolve_tokenizer(cfg: Config, info: DatasetInfo, accelerator=None):
     """The run's tokenizer (see `tokenizer_dir`), building RUN/tokenizer on rank 0 the first time."""
     path = tokenizer_dir(cfg, cfg.run_dir)
     if path == Path(cfg.run_dir) / "tokenizer":
-        is_main = accelerator is None or accelerator.is_main_process
-        if is_main and not (path / "tokenizer.json").is_file():
-            train_wordpiece(report_texts(info.shards(cfg.data.train_split)), cfg.model.vocab_size, path)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        with _main_process_first(accelerator):
+            if not (path / "tokenizer.json").is_file():
+                build_wordpiece_tokenizer(report_texts(info.shards(cfg.data.train_split)), cfg.model.vocab_size, path)
     return load_tokenizer(path)
 
 
-def token_table(cfg, info: DatasetInfo, tokenizer, accelerator=None):
+def token_table(cfg: Config, info: DatasetInfo, tokenizer, accelerator=None) -> Optional[TokenTable]:
     """The training split's TokenTable in RUN/tokens (built on rank 0 the first time), or None when
     data.pretokenize is off or the tokenizer has no fast backend."""
     if not cfg.data.pretokenize:
         return None
-    root, split = Path(cfg.run_dir) / "tokens", cfg.data.train_split
-    build = lambda: build_token_table(root, split, info.shards(split), tokenizer, cfg.data.max_text_len)  # noqa: E731
-    is_main = accelerator is None or accelerator.is_main_process
-    table = build() if is_main else None
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return table if is_main else build()  # the others find rank 0's table
+    split = cfg.data.train_split
+    with _main_process_first(accelerator):  # the others find rank 0's table by its fingerprint
+        return build_token_table(Path(cfg.run_dir) / "tokens", split, info.shards(split), tokenizer,
+                                 cfg.data.max_text_len)
 
 
 LABELS_FILE = "labels.json"
@@ -90,24 +93,22 @@ def run_labels(run_dir: str | Path) -> tuple[str, ...]:
     return tuple(json.loads(path.read_text())["labels"]) if path.is_file() else LABELS
 
 
-def check_same_labels(run: Sequence[str], data: Sequence[str], run_dir, data_dir) -> None:
+def check_same_labels(run: Sequence[str], data: Sequence[str], run_dir: str | Path, data_dir: str | Path) -> None:
     if tuple(run) != tuple(data):
         raise ConfigError(f"run {run_dir} was trained on labels [{', '.join(run)}] but {data_dir} has labels "
                          f"[{', '.join(data)}]")
 
 
-def record_run_labels(cfg, info: DatasetInfo, accelerator=None) -> None:
+def record_run_labels(cfg: Config, info: DatasetInfo, accelerator=None) -> None:
     """Write RUN/labels.json (the label list and evaluation policy) on a new run; on a resumed run, refuse
     data with other labels. Checks objective.pos_weight against the label count."""
     path = Path(cfg.run_dir) / LABELS_FILE
     if path.is_file():
         check_same_labels(run_labels(cfg.run_dir), info.labels, cfg.run_dir, info.root)
     elif accelerator is None or accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")  # renamed into place: another rank may be reading it already
-        tmp.write_text(json.dumps({"labels": list(info.labels), "eval_policy": info.eval_policy.to_dict(),
-                                   "data": str(info.root)}, indent=2))
-        os.replace(tmp, path)
+        # Renamed into place: another rank may be reading it already.
+        atomic_write_text(path, json.dumps({"labels": list(info.labels), "eval_policy": info.eval_policy.to_dict(),
+                                            "data": str(info.root)}, indent=2))
     weights = cfg.objective.pos_weight
     if weights is not None and len(weights) != len(info.labels):
         raise ConfigError(f"objective.pos_weight lists {len(weights)} numbers; {info.root} has "

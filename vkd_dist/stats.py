@@ -14,7 +14,8 @@ Point estimates use scikit-learn directly; only the bootstrap is written by hand
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from scipy import sparse
@@ -289,17 +290,19 @@ def paired_delta(probs_a: list[np.ndarray], probs_b: list[np.ndarray], targets, 
 
     def point_macro(p: np.ndarray) -> Optional[float]:
         per = [_point_auroc(targets[mask[:, j], j], p[mask[:, j], j]) for j in label_idx]
-        return None if any(v is None for v in per) else float(np.mean(per))
+        defined = [v for v in per if v is not None]
+        return float(np.mean(defined)) if len(defined) == len(per) else None
 
     macro_a, macro_b = [point_macro(p) for p in arms[0]], [point_macro(p) for p in arms[1]]
-    result = {"delta": None, "ci": None, "p_value": None, "resamples": int(n_boot), "valid_resamples": 0,
-              "macro_a": macro_a, "macro_b": macro_b, "per_seed_delta": None}
-    if any(v is None for v in macro_a + macro_b):
+    result: dict[str, Any] = {"delta": None, "ci": None, "p_value": None, "resamples": int(n_boot),
+                              "valid_resamples": 0, "macro_a": macro_a, "macro_b": macro_b, "per_seed_delta": None}
+    defined_a, defined_b = [v for v in macro_a if v is not None], [v for v in macro_b if v is not None]
+    if len(defined_a) < len(macro_a) or len(defined_b) < len(macro_b):
         return result  # definedness depends only on targets/mask, so it fails for every seed alike
 
-    result["delta"] = float(np.mean(macro_a) - np.mean(macro_b))
-    if len(macro_a) == len(macro_b):
-        result["per_seed_delta"] = [a - b for a, b in zip(macro_a, macro_b)]
+    result["delta"] = float(np.mean(defined_a) - np.mean(defined_b))
+    if len(defined_a) == len(defined_b):
+        result["per_seed_delta"] = [a - b for a, b in zip(defined_a, defined_b)]
 
     pidx, num_patients = patient_index(patient_ids, n)
     ranked = [[_rank_labels(p, targets, mask, label_idx, pidx, num_patients) for p in arm] for arm in arms]

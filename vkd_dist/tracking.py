@@ -1,18 +1,21 @@
 """Run logging: TensorBoard scalars/hparams under the run directory, console lines and a progress bar on
-rank 0 only. Report text is never logged unless `logging.log_report_text` is set (reports are patient data)."""
+rank 0 only. Report text is never logged (reports are patient data)."""
 
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from vkd_dist.config import Config
+
 
 class RunLogger:
-    def __init__(self, cfg, is_main: bool, total_steps: int, initial_step: int = 0):
+    def __init__(self, cfg: Config, is_main: bool, total_steps: int, initial_step: int = 0):
         self.is_main = is_main
         self.cfg = cfg
         self.writer = None

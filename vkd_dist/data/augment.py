@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from vkd_dist.config import DataConfig
+
 
 class BatchAugment:
     """`augment(batch, index)` -> the batch with its image augmented: float [B, 1, S, S] in 0..255."""
 
-    def __init__(self, cfg, seed: int = 0, rank: int = 0):
-        """`cfg` is a DataConfig."""
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int = 0):
         self.enabled = cfg.augment
         self.rotate, self.translate, self.scale = math.radians(cfg.max_rotate_deg), cfg.max_translate, cfg.scale_range
         self.brightness, self.contrast, self.hflip = cfg.brightness, cfg.contrast, cfg.hflip

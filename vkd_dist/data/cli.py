@@ -55,20 +55,58 @@ def _run_synthetic(args) -> int:
     return 0
 
 
+def _add_embed_text(sub) -> None:
+    p = sub.add_parser("embed-text", help="precompute the frozen text encoder's outputs into a sidecar of the shards",
+                       description="Run the (frozen) text encoder of a training config over every report of the "
+                                   "splits into DATA/text_features/<fingerprint> (vkd_dist/data/text_features.py).")
+    p.add_argument("--config", help="training config (default: configs/default.yaml)")
+    p.add_argument("--splits", nargs="+", default=None, help="default: the config's train, val and test splits")
+    p.add_argument("--out", help="sidecar root (default: DATA/text_features)")
+    p.add_argument("--batch-size", type=int, default=64, help="reports per text-encoder forward pass")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, as for vkd-train")
+    p.set_defaults(func=_run_embed_text)
+
+
+def _run_embed_text(args) -> int:
+    # Builds the data set, tokenizer and text encoder as vkd-train does, so it reaches above data/ (on use);
+    # text_features.py itself only writes and reads sidecars.
+    import torch
+
+    from vkd_dist.config import ConfigError, load_config
+    from vkd_dist.data.text_features import sidecar_summary, write_sidecar
+    from vkd_dist.models.encoders import build_text_encoder
+    from vkd_dist.prepare import ensure_dataset, resolve_tokenizer
+
+    overrides = [o for o in args.overrides if not o.startswith("data.text_features=")] + ["data.text_features=null"]
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"vkd-data embed-text: config error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(cfg.train.seed)  # a random tiny-bert is reproducible; real use: a local pretrained encoder
+    info = ensure_dataset(cfg)
+    tokenizer = resolve_tokenizer(cfg, info)
+    encoder = build_text_encoder(cfg.model, len(tokenizer))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    splits = args.splits or [cfg.data.train_split, cfg.data.val_split, cfg.data.test_split]
+    out = write_sidecar(encoder, tokenizer, info, splits, cfg.data.max_text_len, cfg.model.text_pooling, args.out,
+                        args.batch_size, device, source=cfg.model.text_encoder)
+    print(f"{sidecar_summary(out)} in {out}\ntrain with: data.text_features={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vkd-data", description=__doc__, formatter_class=DefaultsHelpFormatter,
                                      epilog="A user error (bad path, column or value) prints one line and exits "
                                             "2; VKD_DEBUG=1 shows its traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthetic(sub)
-    from vkd_dist.data.text_features import add_subcommand as _add_embed_text
-
     _add_embed_text(sub)
     try:  # converters for real data sets register their own subcommands
         from vkd_dist.data.sources import register_subcommands
     except ImportError:
-        register_subcommands = None
-    if register_subcommands:
+        pass
+    else:
         register_subcommands(sub)
     for name, subparser in sub.choices.items():  # add_parser does not pass the parent's formatter_class on
         subparser.formatter_class = DefaultsHelpFormatter

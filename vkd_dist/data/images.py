@@ -35,7 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 RESIZE_MODES = ("crop", "pad", "keep-aspect")
 IMAGE_REJECT_KINDS = ("missing_image", "unreadable_image", "truncated_image", "too_small", "too_large")
-RESAMPLE = Image.BILINEAR  # PIL's resize filters are antialiased on downscaling (support grows with the scale)
+# PIL's resize filters are antialiased on downscaling (support grows with the scale).
+RESAMPLE = Image.Resampling.BILINEAR
 MIN_SIDE = 32
 WINDOW_PERCENTILES = (0.5, 99.5)  # 16-bit / float data: linear window between these percentiles
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -356,7 +357,7 @@ def _dicom_to_gray(arr: np.ndarray, ds, info: dict) -> Image.Image:
     if has_lut or has_window:
         try:
             voi = apply_voi_lut(arr, ds)  # the LUT when both are present, else the first window
-            if has_lut:
+            if has_lut and voi_item is not None:
                 # the LUT's entries are 0..2**bits-1 for its declared bits per entry; encoders often declare
                 # 16 for 12-bit entries, so use the width its largest entry needs (at least 8 bits)
                 first, n = voi_item.LUTDescriptor[1], voi_item.LUTDescriptor[0] or 2 ** 16

@@ -23,9 +23,10 @@ import math
 import multiprocessing as mp
 import os
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -35,8 +36,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
-from vkd_dist.data.tokens import fast_backend
+from vkd_dist.data.tokens import TokenTable, fast_backend
 from vkd_dist.labels import LABELS, encode_labels
+
+if TYPE_CHECKING:
+    from vkd_dist.config import DataConfig
 
 
 @dataclass
@@ -57,14 +61,15 @@ class Batch:
     def __len__(self) -> int:
         return self.image.shape[0]
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+        mapped: dict[str, Any] = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        return Batch(**mapped)
 
-    def to(self, device, non_blocking: bool = True) -> "Batch":
+    def to(self, device, non_blocking: bool = True) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return self._map(lambda t: t.pin_memory())
 
 
@@ -105,7 +110,7 @@ def fit(image: np.ndarray, size: int) -> np.ndarray:
     """The model's input side: shards are written at it, so this is almost always a no-op."""
     if image.shape == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
 class Collate:
@@ -120,7 +125,9 @@ class Collate:
         self.labels = labels
         self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
         self.tokens = tokens  # TokenTable or None
-        self._backend, self._ids = None, {}  # built lazily in the worker (see _token_ids)
+        # Built lazily in the worker (see _token_ids): the Rust backend (False: none) and a cache of report ids.
+        self._backend: Any = None
+        self._ids: dict[str, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_backend": None, "_ids": {}}
@@ -138,7 +145,8 @@ class Collate:
             return None
         table = [self.tokens.get(k) for k in keys] if self.tokens is not None else [None] * len(keys)
         new = list(dict.fromkeys(t for t, r in zip(texts, table) if r is None and t not in self._ids))
-        fresh = {t: np.asarray(e.ids, dtype=np.int32) for t, e in zip(new, self._backend.encode_batch(new))} if new else {}
+        encoded = self._backend.encode_batch(new) if new else []
+        fresh = {t: np.asarray(e.ids, dtype=np.int32) for t, e in zip(new, encoded)}
         for t, ids in fresh.items():
             if len(self._ids) < self.CACHE_REPORTS:
                 self._ids[t] = ids
@@ -268,18 +276,18 @@ class TrainStream:
         return self.batches_per_epoch
 
 
-def _text_features(cfg, split: str):
+def _text_features(cfg: DataConfig, split: str):
     """The sidecar lookup for `split` when data.text_features is set (see vkd_dist/data/text_features.py)."""
-    if not getattr(cfg, "text_features", None):
+    if not cfg.text_features:
         return None
     from vkd_dist.data.text_features import TextFeatureLookup
 
     return TextFeatureLookup(cfg.text_features, split)
 
 
-def train_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
-                 seed: int = 0, tokens=None) -> TrainStream:
-    """`cfg` is a DataConfig; `tokens` the split's TokenTable, if any. Returns a stream whose every rank yields
+def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank: int = 0, world: int = 1,
+                 seed: int = 0, tokens: Optional[TokenTable] = None) -> TrainStream:
+    """`tokens` is the split's TokenTable, if any. Returns a stream whose every rank yields
     the same number of batches."""
     urls = info.shards(split)
     if not urls:
@@ -340,7 +348,7 @@ class _EvalShards(IterableDataset):
                 yield sample
 
 
-def eval_loader(info: DatasetInfo, split: str, cfg, tokenizer, rank: int = 0, world: int = 1,
+def eval_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank: int = 0, world: int = 1,
                 max_batches: Optional[int] = None) -> Iterable[Batch]:
     """Targets follow the data set's evaluation policy, not the training one (data.uncertain / data.missing),
     so runs trained under different policies are scored on the same targets."""

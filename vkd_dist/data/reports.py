@@ -10,7 +10,8 @@ Nothing here logs report text.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional
 
 DEID_MODES = ("keep", "token")
 DEID_TOKEN = "[DEID]"
@@ -98,5 +99,6 @@ def parse_sections_arg(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(canonical_header(v) for v in items if v.strip())
     if not names:
-        raise ValueError(f"--sections: expected comma-separated section names such as FINDINGS,IMPRESSION, got {value!r}")
+        raise ValueError("--sections: expected comma-separated section names such as FINDINGS,IMPRESSION, "
+                         f"got {value!r}")
     return names

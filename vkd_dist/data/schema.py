@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
-import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
-from vkd_dist.labels import (LABELS, SOURCE_EVAL_POLICY, EvalPolicy, check_label_dict, check_label_names,
-                             scorable_labels)
+from vkd_dist.fileio import atomic_write_text
+from vkd_dist.labels import LABELS, SOURCE_EVAL_POLICY, EvalPolicy, check_label_dict, check_label_names, scorable_labels
 
 SCHEMA_VERSION = 1
 IMAGE_KEYS = ("jpg", "png")
@@ -51,8 +52,9 @@ class Record:
     extra: dict = field(default_factory=dict)
 
     def meta(self, names: Sequence[str] = LABELS) -> dict:
-        return {"labels": check_label_dict(self.labels, where=self.key, names=names), "patient_id": str(self.patient_id),
-                "study_id": str(self.study_id), "view": self.view, "source": self.source, **self.extra}
+        return {"labels": check_label_dict(self.labels, where=self.key, names=names),
+                "patient_id": str(self.patient_id), "study_id": str(self.study_id), "view": self.view,
+                "source": self.source, **self.extra}
 
 
 @dataclass
@@ -144,9 +146,7 @@ def write_dataset_json(out_dir: Path, splits: dict, rejects: int, params: dict, 
         "rejects_by_reason": rejects_by_reason or {},
         "params": params,
     }
-    tmp = out_dir / "dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False))
-    os.replace(tmp, out_dir / "dataset.json")
+    atomic_write_text(Path(out_dir) / "dataset.json", json.dumps(meta, indent=2))
     return meta
 
 
@@ -216,3 +216,10 @@ def shard_reports(shards: list[str]) -> Iterator[tuple[str, str]]:
     for sample in dataset:
         if "txt" in sample:
             yield sample["__key__"], sample["txt"].decode("utf-8")
+
+
+def shard_report_batches(shards: list[str], size: int) -> Iterator[tuple[list[str], list[str]]]:
+    """`shard_reports` in batches of `size` (the last one shorter): (keys, texts)."""
+    reports = shard_reports(shards)
+    while batch := list(itertools.islice(reports, size)):
+        yield [key for key, _ in batch], [text for _, text in batch]

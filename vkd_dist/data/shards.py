@@ -12,17 +12,26 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import webdataset as wds
 from tqdm import tqdm
 
-from vkd_dist.data.schema import (Record, Reject, add_label_counts, empty_label_counts, shard_name, to_sample,
-                                  write_dataset_json)
+from vkd_dist.data.schema import (
+    Record,
+    Reject,
+    add_label_counts,
+    empty_label_counts,
+    shard_name,
+    to_sample,
+    write_dataset_json,
+)
+from vkd_dist.fileio import atomic_write_text
 from vkd_dist.labels import LABELS, EvalPolicy
 
 MakeRecord = Callable[[Any], Union[Record, Reject]]
@@ -48,6 +57,7 @@ def _progress_path(out_dir: Path, split: str, index: int) -> Path:
 def _write_shard(job: tuple) -> dict:
     out_dir, split, index, items, make_record, fmt, fingerprint, labels = job
     tar_path = out_dir / split / shard_name(index)
+    # Streamed to a temporary name (atomic_write_bytes would need the whole tar in memory), renamed when complete.
     tmp_path = tar_path.with_name(f".tmp-{tar_path.name}")
     counts, rejects, n = empty_label_counts(labels), [], 0
     with wds.TarWriter(str(tmp_path), mtime=0) as sink:  # an int: a float mtime adds a PAX header per member
@@ -64,10 +74,9 @@ def _write_shard(job: tuple) -> dict:
             add_label_counts(counts, json.loads(sample["json"])["labels"])
             n += 1
     os.replace(tmp_path, tar_path)
-    progress = {"fingerprint": fingerprint, "name": tar_path.name, "num_samples": n, "label_counts": counts, "rejects": rejects}
-    ppath = _progress_path(out_dir, split, index)
-    ppath.with_suffix(".tmp").write_text(json.dumps(progress))
-    os.replace(ppath.with_suffix(".tmp"), ppath)
+    progress = {"fingerprint": fingerprint, "name": tar_path.name, "num_samples": n, "label_counts": counts,
+                "rejects": rejects}
+    atomic_write_text(_progress_path(out_dir, split, index), json.dumps(progress))
     return progress
 
 

@@ -71,8 +71,8 @@ POSITIVE = {
     "Pneumonia": ["Patchy {side} {zone} opacities are concerning for pneumonia, {sev}.",
                   "Findings compatible with {sev} {side} {zone} lobe pneumonia.",
                   "{Sev} {side} {zone} infection/pneumonia."],
-    "Atelectasis": ["Plate-like atelectasis at the {side} base, {sev}.",
-                    "{Sev} {side} basilar atelectasis.", "There is {sev} subsegmental atelectasis of the {side} lower lobe."],
+    "Atelectasis": ["Plate-like atelectasis at the {side} base, {sev}.", "{Sev} {side} basilar atelectasis.",
+                    "There is {sev} subsegmental atelectasis of the {side} lower lobe."],
     "Pneumothorax": ["There is a {size} {side} pneumothorax.", "{Size} {side} apical pneumothorax is present.",
                      "A {size} {side}-sided pneumothorax is seen."],
     "Pleural Effusion": ["There is a {size} {side} pleural effusion.",
@@ -210,8 +210,10 @@ def render_report(rng: np.random.Generator, labels: dict, findings_text: list[st
         impression = " ".join(positives[: 1 + int(rng.integers(3))]) or "See findings."
     view_text = "PA and lateral views of the chest" if view == "PA" else "Portable AP view of the chest"
     comparison = "None." if rng.random() < 0.4 else "Prior study from ___."
+    sex = ("man", "woman")[rng.integers(2)]
+    indication = INDICATIONS[rng.integers(len(INDICATIONS))]
     parts = [f"EXAMINATION: {view_text}.",
-             f"INDICATION: ___-year-old {('man', 'woman')[rng.integers(2)]} with {INDICATIONS[rng.integers(len(INDICATIONS))]}.",
+             f"INDICATION: ___-year-old {sex} with {indication}.",
              f"COMPARISON: {comparison}", "", "FINDINGS:", " ".join(body), "", "IMPRESSION:", impression]
     if rng.random() < 0.15:
         parts.append("Findings were discussed with Dr. ___ at ___ by telephone.")
@@ -255,7 +257,8 @@ class Canvas:
 def _texture(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     small = rng.normal(0, 1, (cells, cells)).astype(np.float32)
     lo, hi = small.min(), small.max()
-    img = Image.fromarray(((small - lo) / (hi - lo + 1e-6) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    img = Image.fromarray(((small - lo) / (hi - lo + 1e-6) * 255).astype(np.uint8))
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vkd_dist.labels import NUM_LABELS
+from vkd_dist.models.encoders import ImageEncoder, TextEncoder
 
 
 @dataclass
@@ -64,31 +65,46 @@ class GaussianHead(nn.Module):
 class VKDModel(nn.Module):
     """`image_encoder` / `text_encoder` map inputs to feature vectors; either may be None for baselines."""
 
-    def __init__(self, image_encoder: Optional[nn.Module], text_encoder: Optional[nn.Module], *, latent_dim: int,
+    def __init__(self, image_encoder: Optional[ImageEncoder], text_encoder: Optional[TextEncoder], *, latent_dim: int,
                  hidden_dim: int, posterior: str = "text", dropout: float = 0.1, text_dim: Optional[int] = None,
                  num_labels: int = NUM_LABELS):
         super().__init__()
         self.image_encoder, self.text_encoder, self.posterior_kind = image_encoder, text_encoder, posterior
         img_dim = image_encoder.out_dim if image_encoder is not None else 0
         txt_dim = text_encoder.out_dim if text_encoder is not None else (text_dim or 0)
-        self.prior_head = GaussianHead(img_dim, hidden_dim, latent_dim, dropout) if image_encoder is not None else None
+        self.prior_head: Optional[GaussianHead] = None
+        self.posterior_head: Optional[GaussianHead] = None
+        if image_encoder is not None:
+            self.prior_head = GaussianHead(img_dim, hidden_dim, latent_dim, dropout)
         if txt_dim:
             post_in = txt_dim + (img_dim if posterior == "image_text" else 0)
             self.posterior_head = GaussianHead(post_in, hidden_dim, latent_dim, dropout)
-        else:
-            self.posterior_head = None
         self.classifier = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, num_labels))
 
     # -- the two paths --------------------------------------------------------------------------------
+    def _image_path(self) -> tuple[ImageEncoder, GaussianHead]:
+        if self.image_encoder is None or self.prior_head is None:
+            raise ValueError("this model has no image path (its objective reads reports only)")
+        return self.image_encoder, self.prior_head
+
+    def _posterior(self) -> GaussianHead:
+        if self.posterior_head is None:
+            raise ValueError("this model has no posterior (its objective reads images only)")
+        return self.posterior_head
+
     def prior(self, image: torch.Tensor) -> tuple[Gaussian, torch.Tensor]:
-        feats = self.image_encoder(image)
-        return self.prior_head(feats), feats
+        encoder, head = self._image_path()
+        feats = encoder(image)
+        return head(feats), feats
 
     def prior_mean(self, image: torch.Tensor) -> torch.Tensor:
-        return self.prior_head.mean(self.image_encoder(image))
+        encoder, head = self._image_path()
+        return head.mean(encoder(image))
 
     def _posterior_input(self, input_ids, attention_mask, image_features, text_features) -> torch.Tensor:
         if text_features is None:
+            if self.text_encoder is None:
+                raise ValueError("this model has no text encoder: batches must carry precomputed text_features")
             text_features = self.text_encoder(input_ids, attention_mask)
         text_features = text_features.to(self.classifier[0].weight.dtype)
         if self.posterior_kind == "image_text":
@@ -96,11 +112,11 @@ class VKDModel(nn.Module):
         return text_features
 
     def posterior(self, input_ids=None, attention_mask=None, image_features=None, text_features=None) -> Gaussian:
-        return self.posterior_head(self._posterior_input(input_ids, attention_mask, image_features, text_features))
+        return self._posterior()(self._posterior_input(input_ids, attention_mask, image_features, text_features))
 
     def posterior_mean(self, input_ids=None, attention_mask=None, text_features=None) -> torch.Tensor:
         """The text-only posterior's mean (text_only objective and teacher; q(z|t) only)."""
-        return self.posterior_head.mean(self._posterior_input(input_ids, attention_mask, None, text_features))
+        return self._posterior().mean(self._posterior_input(input_ids, attention_mask, None, text_features))
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(z)

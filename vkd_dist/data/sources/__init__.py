@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Optional
 
 from vkd_dist.labels import LABELS, EvalPolicy
 
@@ -63,7 +64,7 @@ def parse_label(value: Optional[str], where: str) -> Optional[int]:
 
 def hash_unit(key: str, seed: int = 0) -> float:
     """A stable uniform number in [0, 1) from a string: the same on every machine and Python version."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 

@@ -28,13 +28,26 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from vkd_dist.data.reports import normalise_text
 from vkd_dist.data.schema import Reject
-from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
-                                   convert, hash_split, open_table, options_from_args, options_params, parse_label,
-                                   require_columns, run_and_report)
+from vkd_dist.data.sources import (
+    ConvertOptions,
+    add_common_args,
+    add_split_args,
+    build_record,
+    check_fractions,
+    common_kwargs,
+    convert,
+    hash_split,
+    open_table,
+    options_from_args,
+    options_params,
+    parse_label,
+    require_columns,
+    run_and_report,
+)
 from vkd_dist.labels import LABELS, MISSING_POLICIES, UNCERTAIN_POLICIES, EvalPolicy
 
 SOURCE = "manifest"
@@ -49,7 +62,7 @@ LABEL_SETS = ("chexpert", "columns")
 def parse_label_cols(spec: str, label_set: str = "chexpert") -> list[tuple[str, str]]:
     """'A,col=B' -> [(column, label name)]. Under the chexpert set a name must be a CheXpert label (any case);
     under `columns` any name is a label of its own."""
-    out = []
+    out: list[tuple[str, str]] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
@@ -110,7 +123,7 @@ def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = 
     needed = [image_col, text_col, *(c for c, _ in mapping), *([label_col] if label_col else []),
               *([patient_col] if patient_col else []), *([study_col] if study_col else []),
               *([split_col] if split_col else [])]
-    items = {s: [] for s in ("train", "val", "test")}
+    items: dict[str, list[tuple]] = {s: [] for s in ("train", "val", "test")}
     rejects: list[Reject] = []
     rows = 0
     fh, reader = open_table(csv_path)
@@ -133,16 +146,18 @@ def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = 
                 split = hash_split(patient, val_frac, test_frac, seed)
             image = (row[image_col] or "").strip()
             if not image:
-                rejects.append(Reject(split, key, f"bad_row: {csv_path.name} line {line} column {image_col!r} is empty"))
+                rejects.append(Reject(split, key,
+                                      f"bad_row: {csv_path.name} line {line} column {image_col!r} is empty"))
                 continue
             path = Path(image) if Path(image).is_absolute() else image_root / image
             try:
                 if mapping:
-                    labels = {n_: None for n_ in names}
+                    labels: dict[str, Optional[int]] = {n_: None for n_ in names}
                     for col, name in mapping:
                         labels[name] = parse_label(row[col], f"{csv_path.name} line {line} column {col!r}")
                 else:
-                    labels = categorical_labels(row[label_col] or "", f"{csv_path.name} line {line} column {label_col!r}")
+                    where = f"{csv_path.name} line {line} column {label_col!r}"
+                    labels = categorical_labels(row[label_col] or "", where)
             except ValueError as exc:
                 rejects.append(Reject(split, key, f"bad_label: {exc}", str(path)))
                 continue

@@ -17,15 +17,29 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional
 
 from vkd_dist.data.reports import DEFAULT_SECTIONS, parse_sections_arg, report_text
 from vkd_dist.data.schema import Reject
-from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
-                                   convert, hash_split, open_table, options_from_args, options_params, parse_label,
-                                   require_columns, run_and_report)
+from vkd_dist.data.sources import (
+    ConvertOptions,
+    add_common_args,
+    add_split_args,
+    build_record,
+    check_fractions,
+    common_kwargs,
+    convert,
+    hash_split,
+    open_table,
+    options_from_args,
+    options_params,
+    parse_label,
+    require_columns,
+    run_and_report,
+)
 from vkd_dist.labels import LABELS
 
 SOURCE = "mimic-cxr"
@@ -156,9 +170,9 @@ def plan(jpg_root: Path, reports: Path, *, metadata: Optional[Path] = None, spli
             rows.append((row["subject_id"].strip(), row["study_id"].strip(), row["dicom_id"].strip(),
                          (row["ViewPosition"] or "").strip().upper()))
     rows.sort()
-    items = {s: [] for s in ("train", "val", "test")}
+    items: dict[str, list[tuple]] = {s: [] for s in ("train", "val", "test")}
     rejects: list[Reject] = []
-    counts = {"metadata_rows": len(rows), "filtered_by_view": {}, "planned": 0}
+    counts: dict[str, Any] = {"metadata_rows": len(rows), "filtered_by_view": {}, "planned": 0}
     for subject, study, dicom, view in rows:
         image = str(jpg_root / "files" / _pdir(subject) / f"s{study}" / f"{dicom}.jpg")
         if view_set is not None and view not in view_set:

@@ -26,14 +26,26 @@ from __future__ import annotations
 import re
 import tarfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Optional
 
 from vkd_dist.data.reports import DEFAULT_SECTIONS, compose, parse_sections_arg
 from vkd_dist.data.schema import Reject
-from vkd_dist.data.sources import (ConvertOptions, add_common_args, add_split_args, build_record, check_fractions, common_kwargs,
-                                   convert, hash_split, options_from_args, options_params, run_and_report)
+from vkd_dist.data.sources import (
+    ConvertOptions,
+    add_common_args,
+    add_split_args,
+    build_record,
+    check_fractions,
+    common_kwargs,
+    convert,
+    hash_split,
+    options_from_args,
+    options_params,
+    run_and_report,
+)
 from vkd_dist.labels import LABELS
 
 SOURCE = "openi"
@@ -143,7 +155,9 @@ def iter_xml(reports: Path) -> Iterator[tuple[str, bytes]]:
             members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.endswith(".xml")),
                              key=lambda m: m.name)
             for m in members:
-                yield f"{reports}!{m.name}", tf.extractfile(m).read()
+                fh = tf.extractfile(m)
+                if fh is not None:  # None for anything but a regular file, which `members` holds only
+                    yield f"{reports}!{m.name}", fh.read()
     else:
         raise FileNotFoundError(f"--reports {reports}: expected a folder of OpenI XML reports or "
                                 "NLMCXR_reports.tgz")
@@ -167,9 +181,9 @@ def plan(reports: Path, images: Path, *, views: str = "first", sections: Sequenc
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"--images {images}: not a folder (expected <parentImage id>.{image_ext} files)")
-    items = {s: [] for s in ("train", "val", "test")}
+    items: dict[str, list[tuple]] = {s: [] for s in ("train", "val", "test")}
     rejects: list[Reject] = []
-    counts = {"reports": 0, "images_listed": 0, "images_not_used": 0, "unmapped_mesh_terms": {}}
+    counts: dict[str, Any] = {"reports": 0, "images_listed": 0, "images_not_used": 0, "unmapped_mesh_terms": {}}
     seen: set = set()
     for name, data in iter_xml(reports):
         counts["reports"] += 1
