@@ -62,10 +62,9 @@ def ceiling(paths: list[Path], size: int, draft: bool) -> float:
 
 
 def converter(paths: list[Path], folder: Path, size: int) -> float:
+    import vkd_dist.data.shards  # noqa: F401  (imports webdataset -> torch, ~1.5 s: startup, timed apart)
     from vkd_dist.data.sources import ConvertOptions
     from vkd_dist.data.sources.manifest import convert_manifest
-
-    import vkd_dist.data.shards  # noqa: F401  (imports webdataset -> torch, ~1.5 s: startup, timed apart)
 
     folder.mkdir(parents=True, exist_ok=True)
     csv_path = folder / "manifest.csv"
@@ -101,8 +100,8 @@ def main(argv=None) -> int:
         mb = sum(p.stat().st_size for p in paths) / n / 1e6
         ceiling(paths[:2], args.size, True)  # warm the page cache and imports
         t0 = time.perf_counter()
-        import vkd_dist.data.sources.manifest  # noqa: F401
         import vkd_dist.data.shards  # noqa: F401
+        import vkd_dist.data.sources.manifest  # noqa: F401
         startup = time.perf_counter() - t0
         c, c_full, conv = float("inf"), float("inf"), float("inf")
         for r in range(args.repeat):  # interleaved, best of --repeat: the machine may be shared

@@ -59,7 +59,8 @@ def run_figures(res: dict | None) -> dict:
             "profile_step_host_ms": p.get("step_host_ms"),
             "profile_components_ms": {k: [v.get("wall_ms"), v.get("busy_ms"), v.get("host_ms")]
                                       for k, v in p.get("components", {}).items()},
-            "adamw_step_ms": p.get("optimizer_impl_ms"), "text_fwd_bwd_ms_by_attention": p.get("text_fwd_bwd_ms_by_attention"),
+            "adamw_step_ms": p.get("optimizer_impl_ms"),
+            "text_fwd_bwd_ms_by_attention": p.get("text_fwd_bwd_ms_by_attention"),
             "text_attn_implementation": p.get("text_attn_implementation"), "image_attention": p.get("image_attention"),
             "text_pad_fraction": p.get("text_pad_fraction"), "peak_gpu_mem_mb": p.get("peak_gpu_mem_mb"),
             "trace": p.get("trace"),

@@ -112,7 +112,7 @@ def test_trainer_augments_every_micro_batch_with_its_own_index(tiny_data, tmp_pa
         seen.append((index, self.rank, self.seed))
         return original(self, batch, index)
 
-    monkeypatch.setattr(train_mod.BatchAugment, "__call__", spy)
+    monkeypatch.setattr(BatchAugment, "__call__", spy)
     cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path / "run", objective="image_only",
                                                **{"train.max_steps": 3, "optim.grad_accum": 2, "train.seed": 11}))
     train_mod.train(cfg)

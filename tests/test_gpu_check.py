@@ -96,7 +96,8 @@ def _cfg():
 
 
 def test_adamw_implementations_take_the_same_step():
-    from vkd_dist.optim import adamw_implementation, build_optimizer as _optimizer
+    from vkd_dist.optim import adamw_implementation
+    from vkd_dist.optim import build_optimizer as _optimizer
 
     assert adamw_implementation("cuda") == "fused" and adamw_implementation("cpu") == "fused"
     assert adamw_implementation("meta") == "foreach"

@@ -122,7 +122,8 @@ def finish(run: Run, result: TrainResult) -> None:
     result.test = evaluate(run.model, cfg, run.info, cfg.data.test_split, run.tokenizer, run.accelerator,
                            checkpoint_name="final", predictions=preds)
     run.log.evaluation(step, result.test, preds[0], "test")
-    summary = {f"hparam/test_{k}": v for k, v in result.test.items() if isinstance(v, float)}
+    summary: dict[str, Optional[float]] = {f"hparam/test_{k}": v for k, v in result.test.items()
+                                           if isinstance(v, float)}
     if result.val is not None:
         summary[f"hparam/val_{cfg.train.select_metric}"] = result.val.get(cfg.train.select_metric)
     run.log.hparams({"objective": cfg.objective.name, "lr": cfg.optim.lr, "beta": cfg.objective.beta,

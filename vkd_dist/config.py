@@ -185,7 +185,7 @@ POSITIVE: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------- conversion
-def _is_dataclass_type(tp: Any) -> bool:
+def _is_dataclass_type(tp: Any) -> typing.TypeGuard[Any]:  # narrows away None for mypy
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
@@ -249,7 +249,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         where = prefix or "top level"
-        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} ({where} allows: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} "
+                          f"({where} allows: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -298,7 +299,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(tree: dict, parts: list[str], value: Any, cls: type = Config) -> None:
-    node, node_cls = tree, cls
+    node: dict = tree
+    node_cls: Optional[type] = cls
     for i, part in enumerate(parts):
         key = ".".join(parts[: i + 1])
         fields = {f.name: f for f in dataclasses.fields(node_cls)} if node_cls else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -34,7 +35,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device | 
     The state_dict format is the same for every implementation (the flags only are recorded in its
     param_groups), so checkpoints resume across them; a loaded state_dict's flags are replaced by this
     optimizer's own, so a run resumed from an older (or another machine's) checkpoint keeps its kernel."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "pos_embed" in name or "cls_token" in name else decay).append(p)
@@ -42,12 +44,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device | 
     if device is None:
         device = next((p.device for p in decay + no_decay), torch.device("cpu"))
     implementation = implementation or adamw_implementation(device)
-    flags = {"fused": implementation == "fused" or None, "foreach": implementation == "foreach" or None}
+    flags: dict[str, Optional[bool]] = {"fused": implementation == "fused" or None,
+                                        "foreach": implementation == "foreach" or None}
     if implementation == "single_tensor":
         flags["foreach"] = False
     elif implementation not in ("fused", "foreach"):
         raise ValueError(f"AdamW implementation {implementation!r} (allowed: fused, foreach, single_tensor)")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), **flags)
+    betas = (cfg.optim.betas[0], cfg.optim.betas[1])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, fused=flags["fused"],
+                                  foreach=flags["foreach"])
 
     def keep_implementation(opt, state_dict):  # torch would take "fused"/"foreach" from the saved groups
         groups = [{**g, **flags} for g in state_dict["param_groups"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 import torch
 
@@ -15,7 +16,7 @@ class StopRequest:
 
     def __init__(self, install: bool = True):
         self.requested = False
-        self._group = None  # the CPU process group the ranks agree over (multi-process only)
+        self._group: Any = None  # the CPU process group the ranks agree over (multi-process only)
         self.signals: list[int] = []  # which signals arrived: a launcher tells a cancel from a preemption notice
         self._previous = {}
         if install:

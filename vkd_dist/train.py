@@ -62,7 +62,8 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[str]]:
     parser = argparse.ArgumentParser(prog="vkd-train", description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/default.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 objective=image_only")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides, e.g. train.max_steps=100 objective=image_only")
     args = parser.parse_args(argv)
     return args.config, args.overrides
 

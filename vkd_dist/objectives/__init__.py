@@ -7,9 +7,8 @@ image_only  the image path alone; text_only: the report path alone (baselines.py
 kd          logit distillation from a text_only teacher (kd.py)
 """
 
-# isort: off  (importing registers them, in the order choices are listed: the method, then its baselines)
-from vkd_dist.objectives import vkd, baselines, kd  # noqa: F401
-# isort: on
+# Importing registers them, in the order choices are listed: the method, then its baselines.
+from vkd_dist.objectives import vkd, baselines, kd  # noqa: F401, I001
 from vkd_dist.objectives.base import BOTH, IMAGE, TEXT, Objective, get_objective, objective_names, register
 from vkd_dist.objectives.losses import beta_at, masked_bce
 
