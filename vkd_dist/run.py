@@ -7,9 +7,9 @@ for a benchmark."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Optional, Protocol
 
 import torch
@@ -97,10 +97,17 @@ class Run:
         return Path(self.cfg.run_dir)
 
     def check_finite(self) -> None:
-        """Raise if any loss since the last check was non-finite (called before anything is logged or saved)."""
-        if self.nonfinite.item():
-            raise FloatingPointError(f"non-finite loss between steps {self.checked_step + 1} and {self.state.step}; "
-                                     "lower optim.lr or check the data")
+        """Raise if any rank's loss since the last check was non-finite (called before anything is logged or
+        saved). Collective: every rank raises the same error at the same step, none walks on into a collective
+        the others have left."""
+        nonfinite = self.nonfinite.float()
+        if self.accelerator.num_processes > 1:
+            nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
+        ranks = int(nonfinite.item())
+        if ranks:
+            raise FloatingPointError(f"non-finite loss on {ranks} of {self.accelerator.num_processes} rank(s) between "
+                                     f"steps {self.checked_step + 1} and {self.state.step}; lower optim.lr or check "
+                                     "the data")
         self.checked_step = self.state.step
 
 
@@ -112,6 +119,13 @@ def epochs(stream: BatchStream, epoch: int, skip: int) -> Iterator[tuple[int, in
             index += 1
             yield epoch, index, batch
         epoch, skip = epoch + 1, 0
+
+
+def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
+    """Every rank built the same initial weights from train.seed; from here on each draws its own latent noise
+    and dropout masks (seed + rank), or more ranks would average K identical samples instead of K x ranks
+    independent ones. Rank 0 keeps train.seed, so a single process draws what it always drew."""
+    set_seed(cfg.train.seed + accelerator.process_index, deterministic=cfg.train.deterministic)
 
 
 def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
@@ -133,6 +147,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         # export are the same with and without compile (torch.compile's wrapper would prefix "_orig_mod.").
         model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
+    seed_per_rank(cfg, accelerator)  # a resumed run then restores each rank's own RNG state
     if stream is None:
         stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
                               accelerator.num_processes, cfg.train.seed, token_table(cfg, info, tokenizer, accelerator))
