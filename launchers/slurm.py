@@ -2,7 +2,7 @@
 """Launch VKD training on SLURM (or locally) through submitit; preempted jobs checkpoint, requeue and resume.
 
     python launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
-        --strategy deepspeed-zero2 --config configs/recipes/X.yaml run_dir=runs/big --wait
+        --strategy deepspeed_zero2 --config configs/recipes/X.yaml run_dir=runs/big --wait
 
 See `--help` and the README's SLURM section; the logic lives in vkd_dist/slurm.py.
 """

@@ -119,7 +119,8 @@ def test_vkd_slurm_help_shows_defaults(capsys):
 
     helps = _option_help(_help(main, ["--help"], capsys))
     assert "(default: 1)" in helps["--nodes"] and "(default: 24:00:00)" in helps["--time"]
-    assert "(default: ddp)" in helps["--strategy"] and "(default: 5)" in helps["--max-requeues"]
+    assert "(default: the config's dist.strategy, else ddp)" in helps["--strategy"]
+    assert "(default: 5)" in helps["--max-requeues"]
     assert "(default: None)" not in " ".join(helps.values()) and "(default: False)" not in " ".join(helps.values())
 
 

@@ -2,7 +2,6 @@
 them the same model), using the real model builder, objectives and Accelerate wrapping."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_overrides
 from vkd_dist.config import load_config
 from vkd_dist.data.pipeline import Batch
+from vkd_dist.fileio import free_port
 from vkd_dist.models.build import build_model
 from vkd_dist.objectives import build_objective
 
@@ -64,15 +64,9 @@ def _train_steps(data, run, objective, out):
     accelerator.end_training()  # a rank that exits with gloo still connected can abort ("terminate called ...")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two_ranks(data, run, objective, out):
     """torchrun in fresh processes: forking this (OpenMP-using) pytest process can deadlock the children."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, str(data), str(run), objective, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

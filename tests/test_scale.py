@@ -1,10 +1,10 @@
 """The shipped launch files, run exactly as users run them: `accelerate launch --config_file
 configs/accelerate/X.yaml --num_processes 2 -m vkd_dist.train ...`, here on the CPU (gloo, fp32, tiny encoders).
 
-Checks per strategy (DDP, ZeRO-2, ZeRO-3): every rank ends with identical parameters (the trainer gathers a
+Checks per strategy (DDP, ZeRO-2, ZeRO-3, FSDP2): every rank ends with identical parameters (the trainer gathers a
 per-rank digest into final/meta.json), the loss matches a 1-process run with the same global batch, the
-final export is one consolidated image-only safetensors file; for ZeRO-3 a checkpoint saved and resumed
-continues. The DeepSpeed JSON config is checked for one source of truth without launching anything.
+final export is one consolidated image-only safetensors file; for ZeRO-3 and FSDP2 a checkpoint saved and
+resumed continues. The DeepSpeed JSON config is checked for one source of truth without launching anything.
 
 Why the loss check is statistical: a 2-rank run deals shards to ranks, so its global batch holds other samples
 than the 1-process run's (and dropout/latent draws differ), so the per-step losses cannot be bit-equal. Both
@@ -16,7 +16,6 @@ as DeepSpeed refusing the config. Exact 2-rank vs 1-rank equivalence on identica
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_overrides
 from vkd_dist.config import ConfigError, load_config
+from vkd_dist.fileio import free_port
 
 ACCEL = REPO / "configs" / "accelerate"
 DSDIR = REPO / "configs" / "deepspeed"
@@ -42,7 +42,7 @@ def _ds_files():
 
 def test_every_deepspeed_launch_file_names_a_shipped_json():
     names = {p.name for p in ACCEL.glob("*.yaml")}
-    assert {"ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml",
+    assert {"ddp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml",
             "multi_node_ddp.yaml", "multi_node_deepspeed_zero3.yaml"} <= names
     for path in ACCEL.glob("*.yaml"):
         conf = yaml.safe_load(path.read_text())
@@ -89,8 +89,8 @@ def test_deepspeed_config_refuses_values_that_disagree(tiny_data, tmp_path):
         deepspeed_config(cfg, 2, base)
     base["train_batch_size"] = cfg.data.batch_size * 2  # hard-coded but consistent: accepted
     assert deepspeed_config(cfg, 2, base)["train_batch_size"] == 16
-    cfg.dist.zero_stage = 3
-    with pytest.raises(ConfigError, match="zero_stage"):
+    cfg.dist.strategy = "deepspeed_zero3"  # the config key and the JSON's stage disagree: both named
+    with pytest.raises(ConfigError, match=r"dist.strategy .* deepspeed_zero3.*zero2.json .*stage=2"):
         deepspeed_config(cfg, 2, DSDIR / "zero2.json")
 
 
@@ -105,12 +105,6 @@ def test_cpu_fallback_avoids_jit_compiled_ops(tiny_data, tmp_path):
 
 
 # --------------------------------------------------------------------------- launches
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(data, run, **extra):
     return tiny_overrides(data, run, **{"train.max_steps": STEPS, "logging.log_every": 1, "train.eval_every": STEPS,
                                         "train.ckpt_every": 100, "data.batch_size": MICRO, **extra})
@@ -119,7 +113,7 @@ def _overrides(data, run, **extra):
 def accelerate_launch(config: str, overrides: list[str], nproc: int = 2) -> float:
     """What users type, with --num_processes for this CPU machine. Fresh processes (never fork pytest)."""
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(ACCEL / config),
-           "--num_processes", str(nproc), "--main_process_port", str(_free_port()), "-m", "vkd_dist.train", *overrides]
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "vkd_dist.train", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     t0 = time.perf_counter()
@@ -188,28 +182,41 @@ def test_deepspeed_zero2_yaml_two_processes(tiny_data, tmp_path, single_run):
     assert (run / "checkpoints" / f"step-{STEPS:08d}" / "pytorch_model").is_dir()  # a DeepSpeed checkpoint
 
 
-@pytest.mark.distributed
-def test_deepspeed_zero3_yaml_two_processes_save_resume_export(tiny_data, tmp_path, single_run):
-    run = tmp_path / "zero3"
-    accelerate_launch("deepspeed_zero3.yaml", _overrides(tiny_data, run, **{"train.ckpt_every": 2}))
+def _save_resume_export(launch_file: str, run: Path, data: Path, single_run: Path, shard_files: str, **extra) -> None:
+    """Train with checkpoints, check the export and the per-rank shards, resume for 2 more steps."""
+    accelerate_launch(launch_file, _overrides(data, run, **{"train.ckpt_every": 2, **extra}))
     state = _check_final(run, 2)
     _compare_loss(run, single_run)
     single = load_file(single_run / "final" / "model.safetensors")
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in single.items()}  # consolidated
     ckpt = run / "checkpoints" / f"step-{STEPS:08d}"
-    shards = sorted(p.name for p in (ckpt / "pytorch_model").rglob("*optim_states.pt"))
-    assert len(shards) == 2, shards  # one ZeRO partition per rank
+    shards = sorted(p.name for p in ckpt.glob(shard_files))
+    assert len(shards) == 2, shards  # one shard per rank
 
-    # resume from the ZeRO-3 checkpoint and go on for 2 more steps
-    accelerate_launch("deepspeed_zero3.yaml", _overrides(tiny_data, run, **{
-        "resume": "latest", "train.max_steps": STEPS + 2, "train.ckpt_every": 2, "train.test_at_end": False}))
+    accelerate_launch(launch_file, _overrides(data, run, **{
+        "resume": "latest", "train.max_steps": STEPS + 2, "train.ckpt_every": 2, "train.test_at_end": False, **extra}))
     meta = json.loads((run / "final" / "meta.json").read_text())
     assert meta["step"] == STEPS + 2 and len(set(meta["param_digests"])) == 1
     assert json.loads((run / "checkpoints" / f"step-{STEPS + 2:08d}" / "train_state.json").read_text())["step"] == STEPS + 2
     resumed = load_file(run / "final" / "model.safetensors")
     assert any(not torch.equal(resumed[k], state[k]) for k in state)  # it trained on from the saved weights
     losses = _losses(run)
+    assert len(losses) == STEPS + 2, losses  # steps 1-4, then 5-6 after the resume (a fresh start would log 1-6)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.distributed
+def test_deepspeed_zero3_yaml_two_processes_save_resume_export(tiny_data, tmp_path, single_run):
+    _save_resume_export("deepspeed_zero3.yaml", tmp_path / "zero3", tiny_data, single_run,
+                        "pytorch_model/**/*optim_states.pt")
+
+
+@pytest.mark.distributed
+def test_fsdp2_yaml_two_processes_save_resume_export(tiny_data, tmp_path, single_run):
+    """FSDP2 over gloo (Accelerate would run DDP on the CPU; vkd_dist.distributed switches it to FSDP), with the
+    config key naming the same strategy as the launch file. Checkpoints are torch.distributed.checkpoint shards."""
+    _save_resume_export("fsdp2.yaml", tmp_path / "fsdp2", tiny_data, single_run, "pytorch_model_fsdp_0/*.distcp",
+                        **{"dist.strategy": "fsdp2"})
 
 
 @pytest.mark.distributed

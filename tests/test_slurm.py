@@ -59,6 +59,7 @@ def test_slurm_dry_run_and_parsing(tmp_path, capsys):
                                       "--sbatch", "exclusive", f"run_dir={tmp_path / 'run'}", "train.max_steps=7"])
     spec = spec_from_args(args)
     assert spec.tasks_per_node == 8 and spec.gpus_per_node == 8 and spec.timeout_min == 120
+    assert spec.strategy == "deepspeed_zero3"  # the old hyphenated spelling is an alias
     script = sbatch_script(spec)
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=abc", "#SBATCH --exclusive", "#SBATCH --requeue",

@@ -2,20 +2,15 @@
 collective (no device read-back per step)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from vkd_dist.fileio import free_port
+
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_single_process_agrees_with_itself_without_collectives():
@@ -31,7 +26,7 @@ def test_single_process_agrees_with_itself_without_collectives():
 
 
 def test_two_ranks_stop_together_when_one_is_signalled(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -1,17 +1,23 @@
 """One typed configuration tree: dataclasses, loaded from YAML, `key=value` overrides, validated up front.
 
-Load order: dataclass defaults -> `configs/default.yaml` (or --config FILE, which may `include:` others)
--> command-line overrides. `validate()` runs before any data or model is built, and the resolved tree is
-written as `config.yaml` into every run directory.
+Load order: dataclass defaults -> `configs/default.yaml` -> --config FILE -> command-line overrides. A FILE
+without an `include:` key layers on configs/default.yaml; one with `include:` builds on what it includes
+(`include: []`: on the dataclass defaults alone). `data.build_synthetic` belongs to the `data.path` of the layer
+that set it: a later layer that moves `data.path` without setting it again turns building off, so a mistyped
+path is an error, not a new synthetic corpus. `validate()` runs before any data or model is built, and the
+resolved tree is written as `config.yaml` into every run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import yaml
@@ -26,7 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticConfig:
-    """Parameters of the synthetic corpus built when `data.path` is missing and `data.build_synthetic`."""
+    """Parameters of the synthetic corpus built at `data.path` when it has no dataset.json and
+    `data.build_synthetic` is on."""
 
     num_train: int = 2000
     num_val: int = 400
@@ -42,7 +49,9 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     path: str = "data_cache/synthetic-default"
-    build_synthetic: bool = True  # build the synthetic corpus at `path` if it is not there yet
+    # build the synthetic corpus at `path` if it is not there yet; configs/default.yaml turns it on for its own
+    # path only (a layer that moves `path` without setting this again turns it off: see the module docstring)
+    build_synthetic: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     train_split: str = "train"
     val_split: str = "val"
@@ -65,6 +74,12 @@ class DataConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     text_features: Optional[str] = None  # sidecar of precomputed text-encoder outputs (frozen-text fast path)
+    # Stop when more than this fraction of a reader's last 200 samples failed to decode (vkd_dist/data/faults.py)
+    max_skip_frac: float = 0.05
+    keep_token_table: bool = True  # false: delete RUN/tokens (every training report as token ids) when a run finishes
+    # A group that may read the run directory (and what vkd-data writes, --shared-group): 0750/0640 with that group;
+    # None = owner only, 0700/0600 (vkd_dist/fileio.py restrict_access)
+    shared_group: Optional[str] = None
 
 
 @dataclass
@@ -176,12 +191,58 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 
-POSITIVE: tuple[str, ...] = (
+POSITIVE: tuple[str, ...] = (  # null, where allowed, is fine
     "data.synthetic.num_train", "data.synthetic.image_size", "data.image_size", "data.batch_size",
     "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
-    "model.num_samples", "model.vocab_size", "optim.grad_accum", "train.max_steps", "train.eval_every",
-    "train.ckpt_every", "train.keep_last", "logging.log_every",
+    "model.num_samples", "model.vocab_size", "optim.lr", "optim.grad_accum", "train.max_steps", "train.eval_every",
+    "train.eval_max_batches", "train.ckpt_every", "train.keep_last", "logging.log_every",
 )
+NON_NEGATIVE: tuple[str, ...] = (
+    "data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "data.shuffle_buffer",
+    "objective.beta", "objective.prior_bce_weight", "optim.weight_decay", "optim.warmup_steps",
+    "optim.grad_clip",  # 0 = no clipping
+    "train.bootstrap_resamples",
+)
+# key -> (low, high, whether high itself is allowed); low is always allowed
+INTERVALS: dict[str, tuple[float, float, bool]] = {
+    "optim.min_lr_ratio": (0.0, 1.0, True),  # the cosine's floor, as a fraction of optim.lr
+    "objective.kd_alpha": (0.0, 1.0, True),
+    "data.synthetic.label_noise": (0.0, 1.0, True),
+    "model.dropout": (0.0, 1.0, False),  # p=1 would zero every activation
+}
+
+
+def close_match(value: str, options: Iterable[str]) -> Optional[str]:
+    """The option `value` was most likely meant to be: a typo of it, or else the one option that is a prefix of
+    `value` or has it as prefix ('validation' -> 'val')."""
+    options = list(options)
+    found = difflib.get_close_matches(value, options, n=1)
+    if found:
+        return found[0]
+    prefixed = [o for o in options if value and (value.startswith(o) or o.startswith(value))]
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
+def did_you_mean(value: Any, options: Iterable[str]) -> str:
+    """'; did you mean X?' to end a message's parenthesis, or '' when nothing is close."""
+    match = close_match(str(value), options)
+    return f"; did you mean {match}?" if match else ""
+
+
+def not_allowed(key: str, value: Any, allowed: Iterable[str]) -> ConfigError:
+    allowed = [str(a) for a in allowed]
+    return ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(allowed)}{did_you_mean(value, allowed)})")
+
+
+def _unknown_key(key: str, where: str, allowed: Iterable[str]) -> ConfigError:
+    allowed = sorted(allowed)
+    return ConfigError(f"unknown key {key} ({where} allows: {', '.join(allowed)}"
+                       f"{did_you_mean(key.rsplit('.', 1)[-1], allowed)})")
+
+
+def no_dataset(path: str | Path) -> ConfigError:
+    return ConfigError(f"data.path={path}: no dataset.json there (convert data with vkd-data first; "
+                       "data.build_synthetic=true builds a synthetic corpus there)")
 
 
 # --------------------------------------------------------------------------- conversion
@@ -248,9 +309,7 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        where = prefix or "top level"
-        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} "
-                          f"({where} allows: {', '.join(sorted(names))})")
+        raise _unknown_key(f"{prefix}.{unknown[0]}" if prefix else unknown[0], prefix or "top level", names)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -269,10 +328,28 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: include cycle")
+def _data_section(tree: dict) -> dict:
+    data = tree.get("data")
+    return data if isinstance(data, dict) else {}  # a malformed section is reported when the tree is built
+
+
+def _scope_synthetic(tree: dict, old_path: Any, sets_build: bool) -> None:
+    """After a layer: if it moved data.path without setting data.build_synthetic, building is off, since the
+    earlier layer's `build_synthetic: true` was meant for its own path."""
+    data = _data_section(tree)
+    if not sets_build and "path" in data and data["path"] != old_path:
+        tree["data"] = {**data, "build_synthetic": False}
+
+
+def _layer(tree: dict, update: dict) -> dict:
+    """`update` merged over `tree` as one layer of the config (see the module docstring)."""
+    merged = _deep_merge(tree, update)
+    _scope_synthetic(merged, _data_section(tree).get("path"), "build_synthetic" in _data_section(update))
+    return merged
+
+
+def _yaml_mapping(path: Path) -> dict:
+    """One YAML file's own mapping, `include:` still in it."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -281,10 +358,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def _with_includes(path: Path, raw: dict, seen: tuple[Path, ...] = ()) -> dict:
     merged: dict = {}
     for inc in raw.pop("include", []) or []:
-        merged = _deep_merge(merged, _read_yaml((path.parent / inc), seen + (path,)))
-    return _deep_merge(merged, raw)
+        merged = _layer(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return _layer(merged, raw)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML file with its includes merged in (each include a layer under the file's own keys)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle")
+    return _with_includes(path, _yaml_mapping(path), seen)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -305,8 +394,7 @@ def _apply_override(tree: dict, parts: list[str], value: Any, cls: type = Config
         key = ".".join(parts[: i + 1])
         fields = {f.name: f for f in dataclasses.fields(node_cls)} if node_cls else {}
         if node_cls and part not in fields:
-            parent = ".".join(parts[:i]) or "top level"
-            raise ConfigError(f"unknown key {key} ({parent} allows: {', '.join(sorted(fields))})")
+            raise _unknown_key(key, ".".join(parts[:i]) or "top level", fields)
         ftype = _unwrap_optional(typing.get_type_hints(node_cls)[part])[0] if node_cls else None
         last = i == len(parts) - 1
         if last:
@@ -332,12 +420,27 @@ def _apply_override(tree: dict, parts: list[str], value: Any, cls: type = Config
             node, node_cls = sub, None
 
 
+def _sets_build_synthetic(parts: list[str], value: Any) -> bool:
+    return parts == ["data", "build_synthetic"] or (parts == ["data"] and isinstance(value, dict)
+                                                     and "build_synthetic" in value)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file (default: configs/default.yaml) <- key=value overrides; then validated."""
-    raw = _deep_merge(to_dict(Config()), _read_yaml(Path(path) if path else DEFAULT_CONFIG))
+    """Dataclass defaults <- configs/default.yaml (unless FILE has an `include:` key) <- FILE <- key=value
+    overrides (one layer); then validated."""
+    raw = to_dict(Config())
+    file = Path(path).resolve() if path else None
+    own = _yaml_mapping(file) if file else None
+    if own is None or "include" not in own:  # a user's file changes the default, it does not start from scratch
+        raw = _layer(raw, _read_yaml(DEFAULT_CONFIG))
+    if file is not None and own is not None:
+        raw = _layer(raw, _with_includes(file, own))
+    old_path, sets_build = _data_section(raw).get("path"), False
     for item in overrides or []:
         parts, value = _parse_override(item)
         _apply_override(raw, parts, value)
+        sets_build = sets_build or _sets_build_synthetic(parts, value)
+    _scope_synthetic(raw, old_path, sets_build)
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg
@@ -365,32 +468,106 @@ def _validate_dist(cfg: Config) -> None:
                           f"not {strategy.name}")
 
 
+def _validate_bounds(cfg: Config) -> None:
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value!r} must be positive")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    for key, (low, high, high_ok) in INTERVALS.items():
+        value = _get(cfg, key)
+        if not (low <= value <= high if high_ok else low <= value < high):
+            raise ConfigError(f"{key}={value!r} must be in [{low:g}, {high:g}{']' if high_ok else ')'}")
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than train.max_steps="
+                          f"{cfg.train.max_steps}: the learning rate would never reach optim.lr (allowed: 0 to "
+                          f"{cfg.train.max_steps})")
+
+
+def _validate_image_encoder(cfg: Config) -> None:
+    """The timm model exists and takes model.image_encoder_kwargs: checked by building it on the meta device
+    (no memory, no weights), and only when there are kwargs to check."""
+    import timm
+
+    name, kwargs = cfg.model.image_encoder, cfg.model.image_encoder_kwargs
+    if not timm.is_model(name):
+        raise ConfigError(f"model.image_encoder={name!r} is not a timm model (allowed: timm.list_models()"
+                          f"{did_you_mean(name, timm.list_models())})")
+    if not kwargs:
+        return
+    import inspect
+
+    import torch
+
+    from vkd_dist.models.encoders import ImageEncoder
+
+    def build(extra: dict) -> Any:
+        with torch.device("meta"):
+            return ImageEncoder(name, cfg.data.image_size, cfg.model.in_chans, None, extra).backbone
+
+    cls = type(build({}))
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):  # one that passes **kwargs on: building says
+        unknown = sorted(set(kwargs) - set(params) - {"self"})
+        if unknown:
+            raise _unknown_key(f"model.image_encoder_kwargs.{unknown[0]}", f"{name} ({cls.__name__})",
+                               set(params) - {"self"})
+    try:
+        build(kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"model.image_encoder_kwargs={kwargs}: {name} cannot be built with them ({reason})") from exc
+
+
+def _validate_text_config(cfg: Config) -> None:
+    """model.text_config keys are BertConfig fields: a misspelt one would otherwise be stored and ignored."""
+    if not cfg.model.text_config:
+        return
+    from transformers import BertConfig
+
+    fields = BertConfig().to_dict()
+    unknown = sorted(set(cfg.model.text_config) - set(fields))
+    if unknown:
+        raise _unknown_key(f"model.text_config.{unknown[0]}", "model.text_config (BertConfig)", fields)
+
+
+def _check_writable(key: str, path: str | Path) -> None:
+    """`path` is, or can be made, a directory this process writes to; nothing is created here."""
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path}: not writable ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: not writable (no write permission on {existing})")
+
+
 def validate(cfg: Config) -> None:
     from vkd_dist.metrics import SELECTABLE
 
     choices = {**CHOICES, "objective.name": _registered_objectives(), "train.select_metric": tuple(SELECTABLE)}
     for key, allowed in choices.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(allowed)})")
-    for key in POSITIVE:
-        value = _get(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value!r} must be positive")
-    for key in ("data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "optim.warmup_steps",
-                "train.bootstrap_resamples",
-                "objective.beta", "objective.prior_bce_weight", "optim.weight_decay", "data.shuffle_buffer"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    if not 0.0 <= cfg.objective.kd_alpha <= 1.0:
-        raise ConfigError(f"objective.kd_alpha={cfg.objective.kd_alpha} must be in [0, 1]")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+        if _get(cfg, key) not in allowed:
+            raise not_allowed(key, _get(cfg, key), allowed)
+    _validate_bounds(cfg)
+    if not 0.0 <= cfg.data.max_skip_frac <= 1.0:
+        raise ConfigError(f"data.max_skip_frac={cfg.data.max_skip_frac} must be in [0, 1] (0: stop at the first "
+                          "corrupt sample, 1: never stop)")
+    if cfg.data.shared_group is not None:
+        from vkd_dist.fileio import group_id
+
+        try:  # an unknown group fails here, before any work
+            group_id(cfg.data.shared_group, "data.shared_group")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must be two numbers")
     _validate_dist(cfg)
     if cfg.model.in_chans not in (1, 3):
-        raise ConfigError(f"model.in_chans={cfg.model.in_chans} is not allowed (allowed: 1, 3)")
+        raise not_allowed("model.in_chans", cfg.model.in_chans, ("1", "3"))
+    _validate_image_encoder(cfg)
+    _validate_text_config(cfg)
     from vkd_dist.objectives import get_objective
 
     if get_objective(cfg.objective.name).needs_teacher and not cfg.objective.kd_teacher:
@@ -410,9 +587,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer}: no such directory")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: expected null, 'latest' or a checkpoint directory")
-    data = Path(cfg.data.path)
-    if not (data / "dataset.json").is_file() and not cfg.data.build_synthetic:
-        raise ConfigError(f"data.path={cfg.data.path}: no dataset.json there (convert data with vkd-data first)")
+    _check_writable("run_dir", cfg.run_dir)
+    if not (Path(cfg.data.path) / "dataset.json").is_file():
+        if not cfg.data.build_synthetic:
+            raise no_dataset(cfg.data.path)
+        _check_writable("data.path", cfg.data.path)  # the synthetic corpus will be written there
     if cfg.data.text_features and not Path(cfg.data.text_features).exists():
         raise ConfigError(f"data.text_features={cfg.data.text_features}: not found (make it with vkd-data embed-text)")
 

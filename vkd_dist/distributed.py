@@ -1,10 +1,12 @@
-"""Building the Accelerator: DDP or DeepSpeed as launched, with the CPU fallbacks this needs; and what
-train.compile needs from the machine and the batches.
+"""Building the Accelerator for the run's strategy (vkd_dist.strategy: DDP, DeepSpeed ZeRO-1/2/3 or FSDP2), with
+the CPU fallbacks this needs; and what train.compile needs from the machine and the batches.
 
 On a machine without GPUs the same launch files must still run (that is how they are tested):
-- DDP launch configs: `Accelerator(cpu=True)` gives a gloo process group over the launcher's ranks.
-- DeepSpeed launch configs: `cpu=True` would silently drop DeepSpeed, so DeepSpeed is kept and told to
-  use gloo; a bare single process gets the env:// variables DeepSpeed insists on.
+- DDP: `Accelerator(cpu=True)` gives a gloo process group over the launcher's ranks.
+- DeepSpeed: `cpu=True` would silently drop DeepSpeed, so DeepSpeed is kept and told to use gloo.
+- FSDP2: Accelerate only selects FSDP for accelerator devices and would silently run DDP on the CPU, so the
+  Accelerator is built for the CPU (gloo) and then switched to FSDP (`_fsdp_on_cpu`).
+A bare single process gets the env:// variables DeepSpeed and FSDP insist on.
 DeepSpeed's batch, accumulation and clipping settings are written from the trainer config here, in one
 place, so they can never disagree with the loop.
 """
@@ -13,26 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 from vkd_dist.config import ConfigError
+from vkd_dist.fileio import free_port
+from vkd_dist.strategy import agree, configured, deepspeed_file, deepspeed_strategy, fsdp2_env, full_parameters, resolve
 
-
-def using_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+if TYPE_CHECKING:
+    from vkd_dist.config import Config
 
 
 def resolve_precision(requested: str) -> str:
@@ -63,24 +59,29 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
-def deepspeed_config(cfg, world_size: int, base: Optional[dict | str | Path] = None) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, base: Optional[dict | str | Path] = None) -> dict:
     """The DeepSpeed JSON for this run.
 
-    `base` (default: the file named by the accelerate config's `deepspeed_config_file`, which Accelerate
-    exports as ACCELERATE_DEEPSPEED_CONFIG_FILE) holds the ZeRO layout. Batch, accumulation, clipping and
-    precision always come from the trainer config: "auto" (or absent) values are filled in, and a hard-coded
-    value that disagrees is an error, never silently used. Without a file the layout comes from
-    dist.zero_stage / dist.offload_optimizer (or `accelerate launch --use_deepspeed --zero_stage N`)."""
-
+    `base` (default: the launch's `deepspeed_config_file`, else the shipped configs/deepspeed/zeroN.json of the
+    run's strategy) holds the ZeRO layout; its stage must be the one dist.strategy names, if it names one.
+    Batch, accumulation, clipping and precision always come from the trainer config: "auto" (or absent) values
+    are filled in, and a hard-coded value that disagrees is an error, never silently used."""
     if base is None:
-        base = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
-    source = None
+        base = deepspeed_file(resolve(cfg), cfg.dist.offload_optimizer)
+    source = "the DeepSpeed config"
     if isinstance(base, (str, Path)):
-        source = str(base)
+        source = f"the DeepSpeed JSON {base}"
         try:
             base = json.loads(Path(base).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"DeepSpeed config {source}: {exc}") from exc
+    ds = json.loads(json.dumps(base))  # a deep copy
+    stage = _get(ds, "zero_optimization.stage") or 0
+    agree(configured(cfg), deepspeed_strategy(stage, f"{source} (zero_optimization.stage={stage})"))
+    has_offload = _get(ds, "zero_optimization.offload_optimizer.device") not in (None, "none")
+    if cfg.dist.offload_optimizer and not has_offload:
+        raise ConfigError(f"dist.offload_optimizer=true but {source} does not offload the optimizer: "
+                          "launch with configs/accelerate/deepspeed_zero3_offload.yaml")
     precision = resolve_precision(cfg.train.mixed_precision)
     owned = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -90,48 +91,23 @@ def deepspeed_config(cfg, world_size: int, base: Optional[dict | str | Path] = N
         "bf16.enabled": precision == "bf16",
         "fp16.enabled": precision == "fp16",
     }
-    cuda = torch.cuda.is_available()
-    if base is None:
-        stage = cfg.dist.zero_stage if cfg.dist.zero_stage is not None else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
-        ds = {
-            "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
-            "fp16": {"loss_scale": 0, "initial_scale_power": 16},
-            "steps_per_print": 10 ** 9,
-            "wall_clock_breakdown": False,
-        }
-        offload = cfg.dist.offload_optimizer or os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
-        if offload:
-            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if stage == 3:
-            ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    else:
-        ds = json.loads(json.dumps(base))  # a deep copy
-        zero = ds.get("zero_optimization", {})
-        stage = zero.get("stage", 0)
-        if cfg.dist.zero_stage is not None and cfg.dist.zero_stage != stage:
-            raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} but {source or 'the DeepSpeed config'} sets "
-                              f"zero_optimization.stage={stage}: pick another launch config or drop dist.zero_stage")
-        has_offload = _get(ds, "zero_optimization.offload_optimizer.device") not in (None, "none")
-        if cfg.dist.offload_optimizer and not has_offload:
-            raise ConfigError(f"dist.offload_optimizer=true but {source or 'the DeepSpeed config'} does not offload "
-                              "the optimizer: launch with configs/accelerate/deepspeed_zero3_offload.yaml")
     for key, value in owned.items():
         current = _get(ds, key)
         if current in (None, "auto"):
             _set(ds, key, value)
         elif current != value:
             raise ConfigError(
-                f"{source or 'DeepSpeed config'}: {key}={current!r} disagrees with the trainer config ({value!r}, "
+                f"{source}: {key}={current!r} disagrees with the trainer config ({value!r}, "
                 f"from data.batch_size={cfg.data.batch_size}, optim.grad_accum={cfg.optim.grad_accum}, "
                 f"optim.grad_clip={cfg.optim.grad_clip}, train.mixed_precision={cfg.train.mixed_precision}, "
                 f"{world_size} processes); set it to \"auto\" so the trainer fills it")
-    if not cuda:  # the CPU fallback: no comm/compute overlap streams, no pinned memory, torch's own Adam
+    if not torch.cuda.is_available():  # CPU fallback: no overlap streams, no pinned memory, torch's Adam
         zero = ds.setdefault("zero_optimization", {})
         zero["overlap_comm"] = False
         for sub in ("offload_optimizer", "offload_param"):
             if isinstance(zero.get(sub), dict):
                 zero[sub]["pin_memory"] = False
-        if _get(ds, "zero_optimization.offload_optimizer.device") not in (None, "none"):
+        if has_offload:
             ds["zero_force_ds_cpu_optimizer"] = False  # DeepSpeedCPUAdam would be JIT-compiled with g++
     return ds
 
@@ -147,52 +123,109 @@ def _skip_deepspeed_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def param_digests(accelerator, model) -> list[str]:
+def param_digests(accelerator: Accelerator, model) -> list[str]:
     """Collective: a SHA-256 of every parameter as this rank holds it, gathered from all ranks (rank order).
 
-    Under ZeRO-3 each rank holds shards, so each parameter is gathered (one at a time) before hashing: the
-    digest is then of the full model as that rank would assemble it. Equal digests = identical models."""
+    Where the strategy shards parameters (ZeRO-3, FSDP2) each one is gathered first, one at a time: the digest
+    is then of the full model as that rank would assemble it. Equal digests = identical models."""
     import hashlib
 
     from accelerate.utils import gather_object
 
     h = hashlib.sha256()
-    zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
-    for name, p in accelerator.unwrap_model(model).named_parameters():
-        if zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                data = p.detach().float().cpu().contiguous()
-        else:
-            data = p.detach().float().cpu().contiguous()
+    for name, data in full_parameters(accelerator, model):
         h.update(name.encode())
         h.update(data.numpy().tobytes())
     return list(gather_object([h.hexdigest()]))
 
 
-def build_accelerator(cfg) -> Accelerator:
+def _default_rendezvous() -> None:
+    """DeepSpeed and FSDP need a process group even in one bare process: give it the env:// variables."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+class StrategyAccelerator(Accelerator):
+    """An Accelerator whose `prepare` also makes an FSDP2 model usable the way this project uses models."""
+
+    def prepare(self, *args, device_placement=None):
+        if self.is_fsdp2:
+            for obj in args:
+                if isinstance(obj, torch.nn.Module):
+                    _keep_present_wrap_classes(self.state.fsdp_plugin, obj)
+        out = super().prepare(*args, device_placement=device_placement)
+        if self.is_fsdp2:
+            from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+            for obj in out if len(args) > 1 else (out,):  # a list under FSDP2, a tuple otherwise
+                if isinstance(obj, FSDPModule):
+                    # Evaluation calls predict()/predict_text(), not forward(): without this the root's
+                    # parameters would still be shards there.
+                    for method in ("predict", "predict_text"):
+                        if callable(getattr(obj, method, None)):
+                            register_fsdp_forward_method(obj, method)
+        return out
+
+
+def _keep_present_wrap_classes(plugin, model: torch.nn.Module) -> None:
+    """fsdp2.yaml lists the block classes of every encoder this project builds (timm Block, BERT layer, ...);
+    Accelerate refuses a listed class the model lacks, so keep those this model has. None left: one FSDP unit."""
+    names = plugin.transformer_cls_names_to_wrap
+    if isinstance(names, (list, tuple)):
+        present = {type(m).__name__ for m in model.modules()}
+        plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
+
+
+def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """Accelerate's state selects FSDP for accelerator devices only (on the CPU it would run DDP without a word);
+    FSDP2 itself runs over gloo, so switch the CPU state to FSDP. Both shared states: Accelerate re-reads one
+    from the other."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    strategy = resolve(cfg)
     precision = resolve_precision(cfg.train.mixed_precision)
     cpu = not torch.cuda.is_available()
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("gloo" if cpu else "nccl")
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or using_deepspeed()
+    if strategy.name != "ddp":
+        _default_rendezvous()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy.name != "ddp"
     # A process-group kwarg in a plain single process makes Accelerate expect a process group: only when launched.
     kwargs = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s))] if launched else []
     common = dict(mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=kwargs,
                   dataloader_config=DataLoaderConfiguration(dispatch_batches=False, even_batches=False))
-    if using_deepspeed():
+    if strategy.deepspeed:
         from accelerate.utils import DeepSpeedPlugin
 
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        world = int(os.environ["WORLD_SIZE"])
         _skip_deepspeed_shm_comm()
-        # The one DeepSpeed config: the launch file's ZeRO layout + the trainer's batch/accumulation/clipping.
+        # The one DeepSpeed config: the strategy's ZeRO layout + the trainer's batch/accumulation/clipping.
         # Passing it explicitly means Accelerate never reads ACCELERATE_DEEPSPEED_CONFIG_FILE on its own.
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
-        return Accelerator(deepspeed_plugin=plugin, **common)
-    return Accelerator(cpu=cpu, **common)
+        ds = deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), deepspeed_file(strategy, cfg.dist.offload_optimizer))
+        return StrategyAccelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), **common)
+    if strategy.fsdp2:
+        plugin = fsdp2_plugin()
+        accelerator = StrategyAccelerator(cpu=cpu, fsdp_plugin=plugin, **common)
+        if cpu:
+            _fsdp_on_cpu(accelerator, plugin)
+        return accelerator
+    return StrategyAccelerator(cpu=cpu, **common)
+
+
+def fsdp2_plugin():
+    """FSDP2 with the settings of configs/accelerate/fsdp2.yaml: as `accelerate launch` exported them, or
+    exported here for any other launch (SLURM, torchrun, one process)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        os.environ.update(fsdp2_env())
+    return FullyShardedDataParallelPlugin(fsdp_version=2)
 
 
 def check_compile_toolchain(device: torch.device) -> None:

@@ -4,8 +4,10 @@ Shape of a job (`launchers/slurm.py` is a thin wrapper around `main()` here):
 - `sbatch` (written by submitit's SlurmExecutor) asks for `--nodes N --ntasks-per-node T` (T = GPUs per node, or
   processes per node with --cpu) and `--signal=USR2@<delay>` so that the time limit is announced before the kill;
   `srun --kill-on-bad-exit=1` starts one task per GPU, each running `TrainJob` (pickled under RUN/submitit).
-- `TrainJob` exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, selects DDP or DeepSpeed ZeRO-2/3 for
-  Accelerate, forces `resume=latest` and calls `vkd_dist.train.train(cfg, stop)`.
+- `TrainJob` exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, tells Accelerate the strategy the way its
+  launch config would (vkd_dist.strategy.accelerate_env: the shipped DeepSpeed JSON, or fsdp2.yaml's settings),
+  forces `resume=latest` and calls `vkd_dist.train.train(cfg, stop)`. `--strategy` (default: the config's
+  dist.strategy, else ddp) and dist.strategy must agree: checked before queueing and again in the job.
 - Signals: `stop` (a `StopRequest`) owns SIGTERM/SIGUSR1/SIGUSR2 for the whole run, so submitit's own handler
   (which would checkpoint from inside a signal handler, mid-step) never fires during training. The training loop
   lets all ranks agree at a step boundary, writes one atomic checkpoint and returns `preempted=True`.
@@ -13,8 +15,7 @@ Shape of a job (`launchers/slurm.py` is a thin wrapper around `main()` here):
   limit; a bare SIGTERM is a cancel, or a PreemptMode=REQUEUE preemption that SLURM requeues by itself) and
   SLURM_RESTART_COUNT < max_requeues; every rank exits without writing a submitit result, so whoever waits keeps
   waiting for the requeued run, which re-runs the same pickle with the same run directory and resumes.
-- `wait_job()` follows a job without accounting (no slurmdbd -> no sacct): result files + scontrol/squeue, with
-  a timeout, and reports failures (error result, FAILED/CANCELLED/TIMEOUT state, job gone without a result).
+- `--wait` follows the job to its end (vkd_dist.slurm_wait).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import random
 import re
 import shlex
@@ -33,13 +33,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from vkd_dist import DefaultsHelpFormatter
+from vkd_dist.fileio import atomic_write_text
+from vkd_dist.slurm_wait import format_result, wait_job, wait_local
+from vkd_dist.strategy import STRATEGIES, Strategy, accelerate_env, agree, clear_strategy_env, configured
 
-STRATEGIES = ("ddp", "deepspeed-zero2", "deepspeed-zero3")
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+if TYPE_CHECKING:
+    from vkd_dist.config import Config
+
 JOB_FILE = "slurm_job.json"
 SUBMITIT_DIR = "submitit"
 
@@ -104,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
     p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
     p.add_argument("--time", type=_time_arg, default="24:00:00", help=f"time limit: {TIME_FORMATS}")
-    p.add_argument("--strategy", choices=STRATEGIES, default="ddp", help="data-parallel training strategy")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None, type=lambda s: s.replace("-", "_"),
+                   help="parallelism strategy (deepspeed-zero3 spellings work too); must agree with the config's "
+                        "dist.strategy (default: the config's dist.strategy, else ddp)")
     p.add_argument("--config", default=None, help="training YAML (default: configs/default.yaml)")
     p.add_argument("--job-name", default=None, help="default: vkd-<run dir name>")
     p.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
@@ -137,6 +142,7 @@ class LaunchSpec:
     partition: Optional[str] = None
     timeout_min: int = 1440
     strategy: str = "ddp"
+    offload_optimizer: bool = False
     config: Optional[str] = None
     overrides: list = field(default_factory=list)
     job_name: str = "vkd"
@@ -154,14 +160,23 @@ class LaunchSpec:
         return Path(self.run_dir) / SUBMITIT_DIR
 
 
+def launch_strategy(requested: Optional[str], cfg: Config) -> Strategy:
+    """--strategy and dist.strategy, which must agree; neither given: ddp."""
+    cli = Strategy(requested, "--strategy of the SLURM launcher") if requested else None
+    strategy = agree(cli, configured(cfg)) or Strategy("ddp")
+    accelerate_env(strategy.name, cfg.dist.offload_optimizer)  # its files exist and fit (ConfigError otherwise)
+    return strategy
+
+
 def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
-    """Validate the training config here (fail before queueing) and pin its paths to absolute ones."""
+    """Validate the training config and the strategy here (fail before queueing); pin paths to absolute ones."""
     from vkd_dist.config import load_config
 
     if args.nodes < 1:
         raise SystemExit("slurm launcher: --nodes must be >= 1")
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
+    strategy = launch_strategy(args.strategy, cfg)
     run_dir = str(Path(cfg.run_dir).expanduser().resolve())
     pinned = [f"run_dir={run_dir}"]
     if not Path(cfg.data.path).is_absolute():
@@ -178,7 +193,8 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     return LaunchSpec(
         nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=gpus,
         cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8), mem_gb=args.mem_gb, partition=args.partition,
-        timeout_min=_parse_time(args.time), strategy=args.strategy, config=config, overrides=overrides + pinned,
+        timeout_min=_parse_time(args.time), strategy=strategy.name,
+        offload_optimizer=cfg.dist.offload_optimizer, config=config, overrides=overrides + pinned,
         job_name=args.job_name or f"vkd-{Path(run_dir).name}", cluster=args.cluster, cpu=args.cpu,
         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s, sbatch=_parse_kv(args.sbatch, "--sbatch"),
         setup=list(args.setup), master_port=args.master_port, run_dir=run_dir)
@@ -227,15 +243,8 @@ def export_distributed_env(master_port: Optional[int] = None, set_cuda_device: b
     return {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 
 
-def strategy_env(strategy: str) -> dict[str, str]:
-    if strategy == "ddp":
-        return {"ACCELERATE_USE_DEEPSPEED": "false"}
-    stage = {"deepspeed-zero2": "2", "deepspeed-zero3": "3"}[strategy]
-    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": stage}
-
-
 def _stop_request():
-    from vkd_dist.train import StopRequest
+    from vkd_dist.stop import StopRequest
 
     return StopRequest(install=True)  # records the signals that arrived: USR1/USR2 -> requeue; TERM alone -> don't
 
@@ -248,9 +257,7 @@ def _update_job_file(run_dir: Path, **entry: Any) -> None:
         data = {}
     data.setdefault("attempts", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry})
     data.update({k: v for k, v in entry.items() if k in ("job_id", "restarts", "status")})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 class TrainJob:
@@ -270,7 +277,6 @@ class TrainJob:
         if self.cpu:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, self.cpus_per_task)))
-        os.environ.update(strategy_env(self.strategy))
         dist = export_distributed_env(self.master_port, set_cuda_device=not self.cpu)
         restarts = _restart_count()
 
@@ -279,6 +285,9 @@ class TrainJob:
         from vkd_dist.train import train
 
         cfg = load_config(self.config, self.overrides)
+        strategy = launch_strategy(self.strategy, cfg)  # the config may have changed since submission
+        clear_strategy_env()
+        os.environ.update(accelerate_env(strategy.name, cfg.dist.offload_optimizer))
         run_dir = Path(cfg.run_dir)
         if cfg.resume in (None, "") or checkpoint.latest(run_dir) is not None:
             cfg.resume = "latest"  # a requeued attempt continues the run it belongs to
@@ -368,7 +377,7 @@ def make_job(spec: LaunchSpec) -> TrainJob:
 
 def training_command(spec: LaunchSpec) -> str:
     """The equivalent plain command one task runs (for --dry-run and for reading logs)."""
-    env = " ".join(f"{k}={v}" for k, v in strategy_env(spec.strategy).items())
+    env = " ".join(f"{k}={v}" for k, v in accelerate_env(spec.strategy, spec.offload_optimizer).items())
     args = [sys.executable, "-m", "vkd_dist.train"] + (["--config", spec.config] if spec.config else [])
     args += spec.overrides + ["resume=latest"]
     world = spec.nodes * spec.tasks_per_node
@@ -377,11 +386,18 @@ def training_command(spec: LaunchSpec) -> str:
 
 
 def sbatch_script(spec: LaunchSpec) -> str:
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    python = shlex.quote(sys.executable)
-    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(spec.folder))}"
-    return _make_sbatch_string(command=command, folder=spec.folder, **slurm_parameters(spec))
+    """The batch script of this launch, rendered from the same `slurm_parameters` submitit is given (for
+    --dry-run; submitit writes its own, equivalent one to RUN/submitit/<job id>_submission.sh)."""
+    params = slurm_parameters(spec)
+    extra, setup, srun_args = params.pop("additional_parameters"), params.pop("setup", []), params.pop("srun_args")
+    lines = ["#!/bin/bash", f"#SBATCH --signal=USR2@{params.pop('signal_delay_s')}"]
+    lines += [f"#SBATCH --{k.replace('_', '-')}={v}" for k, v in params.items()]
+    lines += [f"#SBATCH --{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in extra.items()]
+    lines += [f"#SBATCH --output={spec.folder}/%j_0_log.out", f"#SBATCH --error={spec.folder}/%j_0_log.err", *setup]
+    command = [sys.executable, "-u", "-m", "submitit.core._submit", str(spec.folder)]
+    lines.append(" ".join(["srun", "--unbuffered", f"--output={spec.folder}/%j_%t_log.out",
+                           f"--error={spec.folder}/%j_%t_log.err", *srun_args, *map(shlex.quote, command)]))
+    return "\n".join(lines) + "\n"
 
 
 def make_executor(spec: LaunchSpec):
@@ -418,95 +434,9 @@ def describe(spec: LaunchSpec, job_id: str) -> str:
     ])
 
 
-# ------------------------------------------------------------------------------------------------ waiting
-@dataclass
-class JobOutcome:
-    ok: bool
-    state: str
-    message: str = ""
-    result: Optional[dict] = None
-
-
-def scontrol_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job -o` as a dict; {} when SLURM no longer knows the job."""
-    try:
-        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                              timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if proc.returncode != 0:
-        return {}
-    info = {}
-    for tok in proc.stdout.split():
-        k, sep, v = tok.partition("=")
-        if sep and k not in info:
-            info[k] = v
-    return info
-
-
-def _read_result(path: Path) -> Optional[tuple[str, Any]]:
-    try:
-        with path.open("rb") as f:
-            return pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
-        return None
-
-
-def _log_tail(folder: Path, job_id: str, n: int = 3000) -> str:
-    out = []
-    for p in sorted(folder.glob(f"{job_id}_*_log.err")) + sorted(folder.glob(f"{job_id}_*_log.out")):
-        text = p.read_text(errors="replace")[-n:]
-        if text.strip():
-            out.append(f"--- {p.name} (tail)\n{text}")
-    return "\n".join(out[:4])
-
-
-def wait_job(job_id: str, folder: Path, timeout: Optional[float] = None, poll_s: float = 2.0,
-             grace_s: float = 20.0, echo=print) -> JobOutcome:
-    """Follow a SLURM job until it leaves the queue for good; never waits forever on a job SLURM has forgotten."""
-    folder = Path(folder)
-    deadline = None if timeout is None else time.time() + timeout
-    last, gone_since = None, None
-    while True:
-        results = sorted(folder.glob(f"{job_id}_*_result.pkl"))
-        for p in results:  # any task's error is the job's failure
-            res = _read_result(p)
-            if res and res[0] == "error":
-                return JobOutcome(False, "FAILED", f"task {p.name.split('_')[1]} raised:\n{res[1]}")
-        res0 = _read_result(folder / f"{job_id}_0_result.pkl")
-        if res0 and res0[0] == "success":
-            return JobOutcome(True, "COMPLETED", "", res0[1])
-        info = scontrol_job(job_id)
-        state = info.get("JobState", "UNKNOWN")
-        desc = f"{state} (restarts {info.get('Restarts', '?')}, reason {info.get('Reason', '?')})"
-        if desc != last:
-            echo(f"[vkd-slurm] job {job_id}: {desc}")
-            last = desc
-        if state in TERMINAL_STATES or not info:
-            gone_since = gone_since or time.time()
-            if time.time() - gone_since > grace_s:  # no result file appeared (e.g. killed, node lost)
-                why = f"job ended in state {state} (exit code {info.get('ExitCode', '?')}) without a result"
-                return JobOutcome(False, state, why + "\n" + _log_tail(folder, job_id))
-        else:
-            gone_since = None
-        if deadline is not None and time.time() > deadline:
-            return JobOutcome(False, "WAIT_TIMEOUT", f"job {job_id} still {state} after {timeout:.0f}s (not cancelled)")
-        time.sleep(poll_s)
-
-
-def _format_result(result: dict) -> str:
-    lines = [f"final step {result.get('step')} | run {result.get('run_dir')} | requeues {result.get('restarts')}"]
-    for split in ("val", "test"):
-        rep = result.get(split) or {}
-        if rep:
-            lines.append(f"  {split}: macro AUROC {rep.get('macro_auroc')} | micro AUROC {rep.get('micro_auroc')} | "
-                         f"CheXpert-5 {rep.get('macro_auroc_chexpert5')}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------ entry point
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after options
     from vkd_dist.config import ConfigError
 
     try:
@@ -528,27 +458,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if spec.cluster == "slurm":
         outcome = wait_job(job.job_id, spec.folder, timeout=args.wait_timeout)
     else:
-        outcome = _wait_local(job, args.wait_timeout)
+        outcome = wait_local(job, args.wait_timeout)
     if outcome.ok:
-        print(_format_result(outcome.result or {}), flush=True)
+        print(format_result(outcome.result or {}), flush=True)
         return 0
     print(f"[vkd-slurm] job {job.job_id} FAILED ({outcome.state}): {outcome.message}", file=sys.stderr, flush=True)
     return 1
-
-
-def _wait_local(job, timeout: Optional[float]) -> JobOutcome:
-    deadline = None if timeout is None else time.time() + timeout
-    while not job.done():
-        if deadline is not None and time.time() > deadline:
-            return JobOutcome(False, "WAIT_TIMEOUT", f"still running after {timeout:.0f}s")
-        time.sleep(1.0)
-    try:
-        results = job.results()
-    except Exception as exc:  # submitit re-raises the task's failure
-        return JobOutcome(False, "FAILED", str(exc))
-    res = results[0] if results else None
-    if not isinstance(res, dict):
-        return JobOutcome(False, "FAILED", "no result from rank 0")
-    if res.get("preempted"):
-        return JobOutcome(False, "PREEMPTED", f"stopped at step {res.get('step')}; rerun to resume", res)
-    return JobOutcome(True, "COMPLETED", "", res)
