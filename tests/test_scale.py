@@ -52,7 +52,8 @@ def test_every_deepspeed_launch_file_names_a_shipped_json():
         # With deepspeed_config_file, the ZeRO layout must live in the JSON only (Accelerate refuses duplicates).
         assert set(ds) <= {"deepspeed_config_file", "zero3_init_flag", "deepspeed_multinode_launcher"}, path
         assert (REPO / ds["deepspeed_config_file"]).is_file(), path
-        assert "mixed_precision" not in conf or conf["mixed_precision"] == "no", path  # precision: train.mixed_precision
+        # precision is train.mixed_precision's
+        assert "mixed_precision" not in conf or conf["mixed_precision"] == "no", path
 
 
 @pytest.mark.parametrize("path", _ds_files(), ids=lambda p: p.name)
@@ -69,7 +70,8 @@ def test_shipped_deepspeed_json_leaves_trainer_keys_auto(path):
 def test_deepspeed_config_is_filled_from_the_trainer(tiny_data, tmp_path, path, world, accum):
     from vkd_dist.distributed import deepspeed_config
 
-    cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path, **{"optim.grad_accum": accum, "optim.grad_clip": 0.5}))
+    cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path,
+                                               **{"optim.grad_accum": accum, "optim.grad_clip": 0.5}))
     ds = deepspeed_config(cfg, world, path)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
     assert ds["gradient_accumulation_steps"] == accum and ds["gradient_clipping"] == 0.5
@@ -197,7 +199,8 @@ def _save_resume_export(launch_file: str, run: Path, data: Path, single_run: Pat
         "resume": "latest", "train.max_steps": STEPS + 2, "train.ckpt_every": 2, "train.test_at_end": False, **extra}))
     meta = json.loads((run / "final" / "meta.json").read_text())
     assert meta["step"] == STEPS + 2 and len(set(meta["param_digests"])) == 1
-    assert json.loads((run / "checkpoints" / f"step-{STEPS + 2:08d}" / "train_state.json").read_text())["step"] == STEPS + 2
+    saved = json.loads((run / "checkpoints" / f"step-{STEPS + 2:08d}" / "train_state.json").read_text())
+    assert saved["step"] == STEPS + 2
     resumed = load_file(run / "final" / "model.safetensors")
     assert any(not torch.equal(resumed[k], state[k]) for k in state)  # it trained on from the saved weights
     losses = _losses(run)
@@ -227,7 +230,8 @@ def test_deepspeed_zero3_trains_the_image_only_baseline(tiny_data, tmp_path):
     run, single = tmp_path / "zero3-image", tmp_path / "single-image"
     accelerate_launch("deepspeed_zero3.yaml", _overrides(tiny_data, run, objective="image_only"))
     _check_final(run, 2)
-    train(load_config(overrides=_overrides(tiny_data, single, objective="image_only", **{"data.batch_size": 2 * MICRO})))
+    single_batch = {"data.batch_size": 2 * MICRO}
+    train(load_config(overrides=_overrides(tiny_data, single, objective="image_only", **single_batch)))
     _compare_loss(run, single)
 
 
@@ -237,7 +241,8 @@ LOCAL_PATH_KEYS = ("data.path", "model.text_encoder", "model.image_weights", "mo
 
 
 def test_the_three_recipes_ship():
-    assert {p.name for p in RECIPES} >= {"mimic_vitb16_clinicalbert.yaml", "vitl16_zero3.yaml", "densenet121_paper.yaml"}
+    shipped = {"mimic_vitb16_clinicalbert.yaml", "vitl16_zero3.yaml", "densenet121_paper.yaml"}
+    assert {p.name for p in RECIPES} >= shipped
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -249,7 +254,11 @@ def test_recipe_is_valid_once_local_paths_are_filled(path, tiny_data, tmp_path):
     import timm
 
     raw = yaml.safe_load(path.read_text())
-    placeholders = [k for k in LOCAL_PATH_KEYS if str((raw.get(k.split(".")[0]) or {}).get(k.split(".")[1], "")).startswith("/path/to/")]
+    def value(key: str) -> str:
+        section, name = key.split(".")
+        return str((raw.get(section) or {}).get(name, ""))
+
+    placeholders = [k for k in LOCAL_PATH_KEYS if value(k).startswith("/path/to/")]
     assert "data.path" in placeholders and "model.text_encoder" in placeholders, placeholders
     cfg = load_config(path, [f"run_dir={tmp_path}", f"data.path={tiny_data}", "model.text_encoder=tiny-bert",
                              "model.image_weights=null", "model.tokenizer=null"])

@@ -22,7 +22,6 @@ LAUNCHER = REPO / "launchers" / "slurm.py"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm_cluster import ClusterUnavailable, LoopbackCluster, ensure_installed  # noqa: E402
 
-
 TOKENIZER: list[str] = []
 
 
@@ -48,7 +47,8 @@ def tiny(data: Path, steps: int, ckpt_every: int = 5) -> list[str]:
             "data.eval_batch_size=32", "data.num_workers=0", f"train.max_steps={steps}", f"train.eval_every={steps}",
             f"train.ckpt_every={ckpt_every}", "logging.progress=false", "logging.log_every=5",
             "model.image_encoder=vit_small_patch16_224",
-            "model.image_encoder_kwargs={depth: 2, embed_dim: 48, num_heads: 2, patch_size: 16}"] + ([f"model.tokenizer={TOKENIZER[0]}"] if TOKENIZER else [])
+            "model.image_encoder_kwargs={depth: 2, embed_dim: 48, num_heads: 2, patch_size: 16}",
+            *([f"model.tokenizer={TOKENIZER[0]}"] if TOKENIZER else [])]
 
 
 # ----------------------------------------------------------------------------------------- no cluster needed
@@ -94,10 +94,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from vkd_dist.data.synthetic import build_synthetic
-
     from vkd_dist.config import load_config
     from vkd_dist.data.schema import read_dataset
+    from vkd_dist.data.synthetic import build_synthetic
     from vkd_dist.prepare import resolve_tokenizer
 
     root = tmp_path_factory.mktemp("data")

@@ -198,7 +198,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
         _default_rendezvous()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or strategy.name != "ddp"
     # A process-group kwarg in a plain single process makes Accelerate expect a process group: only when launched.
-    kwargs = [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s))] if launched else []
+    timeout = timedelta(seconds=cfg.dist.timeout_s)
+    kwargs = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if launched else []
     common = dict(mixed_precision=precision, gradient_accumulation_steps=cfg.optim.grad_accum, kwargs_handlers=kwargs,
                   dataloader_config=DataLoaderConfiguration(dispatch_batches=False, even_batches=False))
     if strategy.deepspeed:

@@ -381,8 +381,9 @@ def training_command(spec: LaunchSpec) -> str:
     args = [sys.executable, "-m", "vkd_dist.train"] + (["--config", spec.config] if spec.config else [])
     args += spec.overrides + ["resume=latest"]
     world = spec.nodes * spec.tasks_per_node
-    return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with RANK/LOCAL_RANK/WORLD_SIZE={world}/"
-            f"MASTER_ADDR=<first node>/MASTER_PORT from submitit:\n{env} " + " ".join(shlex.quote(a) for a in args))
+    command = " ".join(shlex.quote(a) for a in args)
+    return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with "
+            f"RANK/LOCAL_RANK/WORLD_SIZE={world}/MASTER_ADDR=<first node>/MASTER_PORT from submitit:\n{env} {command}")
 
 
 def sbatch_script(spec: LaunchSpec) -> str:

@@ -135,6 +135,12 @@ def resolve(cfg: Config, env: Optional[Mapping[str, str]] = None) -> Strategy:
 
 
 # --------------------------------------------------------------------------- telling Accelerate
+def _stage(strategy: Strategy) -> int:
+    if strategy.zero_stage is None:
+        raise ValueError(f"{strategy.name} is not a DeepSpeed strategy")
+    return strategy.zero_stage
+
+
 def deepspeed_json(stage: int, offload_optimizer: bool = False) -> Path:
     """The shipped ZeRO layout for `stage` (the same file for accelerate launch and SLURM)."""
     if offload_optimizer and stage != 3:
@@ -148,7 +154,7 @@ def deepspeed_file(strategy: Strategy, offload_optimizer: bool = False,
     """The DeepSpeed JSON this run uses: the launch's file if it named one, else the shipped one."""
     env = os.environ if env is None else env
     offload = offload_optimizer or env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
-    return Path(env[DS_FILE_ENV]) if env.get(DS_FILE_ENV) else deepspeed_json(strategy.zero_stage, offload)
+    return Path(env[DS_FILE_ENV]) if env.get(DS_FILE_ENV) else deepspeed_json(_stage(strategy), offload)
 
 
 # fsdp_config keys of an accelerate YAML -> the variables `accelerate launch` exports for them
@@ -176,7 +182,7 @@ def accelerate_env(name: str, offload_optimizer: bool = False) -> dict[str, str]
     strategy = Strategy(check_name(name, "strategy"))
     env = {"ACCELERATE_USE_DEEPSPEED": str(strategy.deepspeed).lower(), "ACCELERATE_USE_FSDP": "false"}
     if strategy.deepspeed:
-        env[DS_FILE_ENV] = str(deepspeed_json(strategy.zero_stage, offload_optimizer))
+        env[DS_FILE_ENV] = str(deepspeed_json(_stage(strategy), offload_optimizer))
     if strategy.fsdp2:
         env.update(fsdp2_env())
     return env
