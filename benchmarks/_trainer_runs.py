@@ -74,7 +74,7 @@ def trainer_overrides(run_dir: Path, steps: int, log_every: int) -> list[str]:
     """Measure-only overrides: no mid-run eval or checkpoint, no test pass."""
     return [f"run_dir={run_dir}", f"train.max_steps={steps}", f"logging.log_every={log_every}",
             f"train.eval_every={10 ** 9}", f"train.ckpt_every={10 ** 9}", "train.test_at_end=false",
-            "train.eval_max_batches=1"]
+            "train.eval_max_batches=1", "optim.warmup_steps=0"]  # warm-up no longer than the measured run
 
 
 def train_on(cfg: Config, batches: list | None = None) -> None:

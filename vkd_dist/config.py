@@ -15,9 +15,9 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any, Optional
 
 import yaml
@@ -86,9 +86,12 @@ class DataConfig:
 class ModelConfig:
     image_encoder: str = "vit_small_patch16_224"  # any timm model name
     image_encoder_kwargs: dict = field(default_factory=dict)  # e.g. depth/embed_dim for tiny ViTs
-    image_weights: Optional[str] = None  # local weights file (.safetensors/.pth/.bin); None = random init
+    # a local weights file (.safetensors/.pth/.bin), a packaged name (efficientnet_lite0 | imagenet: the
+    # `pretrained` extra, vkd_dist/models/pretrained.py); None = random init
+    image_weights: Optional[str] = None
     in_chans: int = 1  # 1 = grayscale stem; 3 = repeat the channel on the device
-    text_encoder: str = "tiny-bert"  # "tiny-bert" (random init from text_config) or a local HF directory
+    # "tiny-bert" (random init from text_config), "minilm" (the `pretrained` extra) or a local HF directory
+    text_encoder: str = "tiny-bert"
     text_config: dict = field(default_factory=dict)  # BertConfig fields for tiny-bert
     tokenizer: Optional[str] = None  # local tokenizer dir; None = the text_encoder dir, or built from reports
     vocab_size: int = 3000  # WordPiece vocabulary built from training reports when no tokenizer is given
@@ -337,8 +340,15 @@ def _scope_synthetic(tree: dict, old_path: Any, sets_build: bool) -> None:
     """After a layer: if it moved data.path without setting data.build_synthetic, building is off, since the
     earlier layer's `build_synthetic: true` was meant for its own path."""
     data = _data_section(tree)
-    if not sets_build and "path" in data and data["path"] != old_path:
+    if not sets_build and "path" in data and not _same_path(data["path"], old_path):
         tree["data"] = {**data, "build_synthetic": False}
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """The same directory however written: the SLURM launcher pins data.path as an absolute override."""
+    if a is None or b is None:
+        return a is b
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
 
 
 def _layer(tree: dict, update: dict) -> dict:
@@ -543,6 +553,32 @@ def _check_writable(key: str, path: str | Path) -> None:
         raise ConfigError(f"{key}={path}: not writable (no write permission on {existing})")
 
 
+def _validate_pretrained(cfg: Config) -> None:
+    """model.image_weights: a local file or a packaged short name that fits model.image_encoder;
+    model.text_encoder: 'tiny-bert', a packaged short name (vkd_dist/models/pretrained.py) or a local directory."""
+    from vkd_dist.models import pretrained
+
+    m = cfg.model
+    if m.image_weights and pretrained.is_image_weights_name(m.image_weights):
+        try:
+            pretrained.check_image_weights(m.image_weights, m.image_encoder)
+        except (ValueError, pretrained.PretrainedNotInstalled) as exc:
+            raise ConfigError(str(exc)) from None
+    elif m.image_weights and not Path(m.image_weights).is_file():
+        names = ", ".join([*pretrained.IMAGE_WEIGHTS, pretrained.IMAGENET])
+        raise ConfigError(f"model.image_weights={m.image_weights}: no such file (or a packaged name: {names})")
+    if m.text_encoder in pretrained.TEXT_ENCODERS:
+        try:
+            pretrained.text_encoder_dir(m.text_encoder)
+        except pretrained.PretrainedNotInstalled as exc:
+            raise ConfigError(str(exc)) from None
+    elif m.text_encoder != "tiny-bert" and not Path(m.text_encoder).is_dir():
+        raise ConfigError(
+            f"model.text_encoder={m.text_encoder!r}: expected 'tiny-bert', "
+            f"{', '.join(repr(n) for n in pretrained.TEXT_ENCODERS)} (the `pretrained` extra) or a local Hugging "
+            "Face model directory (nothing is downloaded)")
+
+
 def validate(cfg: Config) -> None:
     from vkd_dist.metrics import SELECTABLE
 
@@ -577,12 +613,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"objective.kd_teacher={cfg.objective.kd_teacher}: no such file or directory")
     if cfg.model.text_trainable_layers is not None and cfg.model.text_trainable_layers < 0:
         raise ConfigError("model.text_trainable_layers must be >= 0 or null")
-    if cfg.model.image_weights and not Path(cfg.model.image_weights).is_file():
-        raise ConfigError(f"model.image_weights={cfg.model.image_weights}: no such file")
-    if cfg.model.text_encoder != "tiny-bert" and not Path(cfg.model.text_encoder).is_dir():
-        raise ConfigError(
-            f"model.text_encoder={cfg.model.text_encoder!r}: expected 'tiny-bert' or a local Hugging Face "
-            "model directory (nothing is downloaded)")
+    _validate_pretrained(cfg)
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer={cfg.model.tokenizer}: no such directory")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_dir():

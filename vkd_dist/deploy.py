@@ -1,4 +1,4 @@
-"""A model that leaves its run: `vkd-export RUN [--checkpoint best|final|last] --out DIR` and the
+"""A model that leaves its run: `vkd-export RUN [--checkpoint best|final|last|PATH] --out DIR` and the
 self-contained `VKDImageClassifier` it writes.
 
 DIR holds `config.json` (architecture, label names, preprocessing, inference mode, provenance),
@@ -273,12 +273,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-export", description=__doc__,
                                      formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("run", help="run directory of a training run")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "final", "last"))
+    parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (as vkd-eval)")
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--metrics", help="a vkd-eval JSON for the model card (default: RUN/test_metrics.json "
                                           "when it was computed from this checkpoint)")
     args = parser.parse_args(argv)
+    from vkd_dist.evaluate import check_checkpoint, check_run_dir
+
     try:
+        check_checkpoint(check_run_dir(args.run, "RUN"), args.checkpoint)  # vkd-eval's checks and messages
         out = export_run(args.run, args.out, args.checkpoint, args.metrics)
     except (FileNotFoundError, ValueError) as exc:
         print(f"vkd-export: error: {exc}", file=sys.stderr)

@@ -16,12 +16,14 @@ import torch
 import yaml
 
 from vkd_dist import RawDefaultsHelpFormatter, checkpoint
-from vkd_dist.config import Config, config_from_dict
+from vkd_dist.config import Config, config_from_dict, did_you_mean
 from vkd_dist.data.pipeline import eval_loader
 from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.metrics import Predictions, format_table, report
 from vkd_dist.objectives import TEXT, get_objective, objective_names
-from vkd_dist.prepare import check_same_labels, run_labels, teacher_run_dir, tokenizer_dir
+from vkd_dist.prepare import check_same_labels, check_split_name, run_labels, teacher_run_dir, tokenizer_dir
+
+CHECKPOINTS = ("best", "last", "final")
 
 
 @torch.no_grad()
@@ -133,6 +135,37 @@ def load_teacher(cfg: Config, device):
     return model
 
 
+def check_run_dir(run: str, given: str) -> Path:
+    """A training run directory named on the command line (`given`: how, e.g. '--run'), checked first."""
+    path = Path(run)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{given} {run}: no such directory")
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{given} {run}: not a training run directory (no config.yaml)")
+    return path
+
+
+def check_checkpoint(run_dir: Path, which: str) -> Path:
+    """--checkpoint of vkd-eval and vkd-export (best | last | final | PATH) -> its weights file, before anything
+    is loaded; naming the checkpoints the run has when the one asked for is not there."""
+    if which not in CHECKPOINTS and not Path(which).exists():
+        raise ValueError(f"--checkpoint {which!r} is not allowed (allowed: {', '.join(CHECKPOINTS)} or an existing "
+                         f"path{did_you_mean(which, CHECKPOINTS)})")
+    try:
+        return checkpoint.find_weights(run_dir, which)
+    except FileNotFoundError as exc:
+        has = [name for name in CHECKPOINTS if _has_weights(run_dir, name)]
+        raise FileNotFoundError(f"--checkpoint {which}: {exc}; the run has: {', '.join(has) or 'none'}") from None
+
+
+def _has_weights(run_dir: Path, which: str) -> bool:
+    try:
+        checkpoint.find_weights(run_dir, which)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-eval", description=__doc__,
                                      formatter_class=RawDefaultsHelpFormatter)
@@ -161,12 +194,12 @@ def _run(args) -> int:
 
     from vkd_dist.data.schema import read_dataset
 
-    if args.checkpoint not in ("best", "last", "final") and not Path(args.checkpoint).exists():
-        raise ValueError(f"--checkpoint {args.checkpoint!r}: expected best, last, final or an existing path")
-    run_cfg = load_run_config(args.run)  # a wrong --run fails here, before any model is built
+    run = check_run_dir(args.run, "--run")  # each argument is checked before any model is built
+    check_checkpoint(run, args.checkpoint)
+    run_cfg = load_run_config(run)
     info = read_dataset(args.data or run_cfg.data.path)
-    check_same_labels(run_labels(args.run), info.labels, args.run, info.root)
-    info.split(args.split)  # a missing split fails before the model is loaded
+    check_same_labels(run_labels(run), info.labels, run, info.root)
+    check_split_name(f"--split {args.split!r}", args.split, info)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, cfg, tokenizer = load_exported(args.run, args.checkpoint, device=accelerator.device)
     if args.batch_size:

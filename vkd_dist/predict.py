@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.data.images import ImageError, is_image_file
-from vkd_dist.deploy import ModelDirError, VKDImageClassifier
+from vkd_dist.deploy import CONFIG_FILE, ModelDirError, VKDImageClassifier
 
 
 def expand_inputs(specs: Sequence[str]) -> list[str]:
@@ -96,6 +96,18 @@ def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: 
     return ok, failed
 
 
+def check_model_dir(model: str) -> Path:
+    """--model, in the words vkd-eval uses for --run: a missing directory, or a training run given instead of its
+    export, is said so before from_pretrained looks inside."""
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelDirError(f"--model {model}: no such directory")
+    if (path / "config.yaml").is_file() and not (path / CONFIG_FILE).is_file():
+        raise ModelDirError(f"--model {model}: a training run directory, not a model; export it first with "
+                            f"vkd-export {model} --out DIR")
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-predict", description=__doc__,
                                      formatter_class=RawDefaultsHelpFormatter)
@@ -118,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               ".png .jpg .jpeg .dcm .dicom)", file=sys.stderr)
         return 2
     try:
-        model = VKDImageClassifier.from_pretrained(args.model, args.device)
+        model = VKDImageClassifier.from_pretrained(check_model_dir(args.model), args.device)
     except ModelDirError as exc:
         print(f"vkd-predict: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """What a run needs before its first step: the data set (building the synthetic default if asked), the
 tokenizer and the training reports' token ids. Rank 0 does the work; the other ranks wait and then read the
-result."""
+result. The checks that need the data set or the run directory (split names, empty splits, a resume onto
+another model shape) are here too, each before the work it guards."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from vkd_dist.config import Config, ConfigError
+from vkd_dist import checkpoint
+from vkd_dist.config import Config, ConfigError, did_you_mean, no_dataset, to_dict
 from vkd_dist.data.schema import DatasetInfo, read_dataset
 from vkd_dist.data.tokens import TokenTable, build_token_table, build_wordpiece_tokenizer, load_tokenizer, report_texts
 from vkd_dist.fileio import atomic_write_text
@@ -27,8 +29,8 @@ def ensure_dataset(cfg: Config, accelerator=None) -> DatasetInfo:
     path = Path(cfg.data.path)
     with _main_process_first(accelerator):
         if not (path / "dataset.json").is_file():
-            if not cfg.data.build_synthetic:
-                raise FileNotFoundError(f"data.path={path}: no dataset.json (convert data with vkd-data first)")
+            if not cfg.data.build_synthetic:  # validated already; gone since
+                raise no_dataset(cfg.data.path)
             from vkd_dist.data.synthetic import build_synthetic
 
             s = cfg.data.synthetic
@@ -37,7 +39,33 @@ def ensure_dataset(cfg: Config, accelerator=None) -> DatasetInfo:
             build_synthetic(path, s.num_train, s.num_val, s.num_test, image_size=s.image_size, seed=s.seed,
                             lesion_contrast=s.lesion_contrast, noise=s.noise, label_noise=s.label_noise,
                             prevalence_scale=s.prevalence_scale, progress=False)
-    return read_dataset(path)
+    try:
+        info = read_dataset(path)
+    except (FileNotFoundError, ValueError) as exc:  # e.g. another schema version: one line, as vkd-train prints
+        raise ConfigError(str(exc)) from exc
+    check_splits(cfg, info)
+    return info
+
+
+SPLIT_KEYS = ("train_split", "val_split", "test_split")
+
+
+def check_split_name(given: str, split: str, info: DatasetInfo) -> None:
+    """`given` (how the user wrote it: a config key or a flag) names a split of the data set."""
+    splits = list(info.meta["splits"])
+    if split not in splits:
+        raise ConfigError(f"{given} is not a split of {info.root / 'dataset.json'} "
+                          f"(has: {', '.join(splits)}{did_you_mean(split, splits)})")
+
+
+def check_splits(cfg: Config, info: DatasetInfo) -> None:
+    """data.*_split name splits of the data set, and those the run reads have samples (test only with
+    train.test_at_end). Known only once dataset.json is there: checked before any tokenizer or model is built."""
+    for key in SPLIT_KEYS:
+        split = getattr(cfg.data, key)
+        check_split_name(f"data.{key}={split!r}", split, info)
+        if (key != "test_split" or cfg.train.test_at_end) and info.num_samples(split) == 0:
+            raise ConfigError(f"data.{key}={split!r}: split {split!r} of {info.root} has 0 samples")
 
 
 def teacher_run_dir(cfg: Config) -> Path:
@@ -50,15 +78,18 @@ def teacher_run_dir(cfg: Config) -> Path:
 
 def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
     """Where a run's tokenizer lives: the kd teacher's (its batches feed the teacher) > model.tokenizer > the
-    text encoder's own directory > RUN/tokenizer (built from the training reports by `resolve_tokenizer`)."""
+    text encoder's own directory (for a short name, its package's) > RUN/tokenizer (built from the training
+    reports by `resolve_tokenizer`)."""
     if get_objective(cfg.objective.name).needs_teacher:
         teacher = teacher_run_dir(cfg) / "tokenizer"
         if (teacher / "tokenizer.json").is_file():
             return teacher
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
-    if cfg.model.text_encoder != "tiny-bert":
-        return Path(cfg.model.text_encoder)
+    if cfg.model.text_encoder != "tiny-bert":  # a local directory, or a short name's package dir (minilm)
+        from vkd_dist.models.pretrained import text_encoder_dir
+
+        return Path(text_encoder_dir(cfg.model.text_encoder))
     return Path(run_dir) / "tokenizer"
 
 
@@ -113,6 +144,41 @@ def record_run_labels(cfg: Config, info: DatasetInfo, accelerator=None) -> None:
     if weights is not None and len(weights) != len(info.labels):
         raise ConfigError(f"objective.pos_weight lists {len(weights)} numbers; {info.root} has "
                           f"{len(info.labels)} labels ({', '.join(info.labels)})")
+
+
+# Keys of the shape sections that may change on resume: none changes a tensor's shape or the optimizer's state.
+RESUMABLE_MODEL_KEYS = ("gradient_checkpointing", "attn_implementation", "inference", "num_samples",
+                        "image_weights")  # image_weights: read at initialisation only, the checkpoint wins
+
+
+def _model_shape(cfg: Config) -> dict:
+    """What fixes the model's tensors (and so what a checkpoint holds): model.*, data.image_size, objective.name."""
+    model = {f"model.{k}": v for k, v in to_dict(cfg.model).items() if k not in RESUMABLE_MODEL_KEYS}
+    return {**model, "data.image_size": cfg.data.image_size, "objective.name": cfg.objective.name}
+
+
+def check_resume_config(cfg: Config) -> None:
+    """With `resume` (and a checkpoint to resume from), refuse a config that changes the model's shape against
+    the config.yaml of the run being resumed, naming each key with its old and new value. Before anything is
+    loaded or written; labels are compared by `record_run_labels` once the data set is read."""
+    from vkd_dist.evaluate import load_run_config  # evaluate imports this module
+
+    try:
+        ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"resume={cfg.resume}: {exc}") from exc
+    if ckpt is None:
+        return
+    run = ckpt.parent.parent  # RUN/checkpoints/step-N: the run whose weights are loaded
+    if not (run / "config.yaml").is_file():
+        run = Path(cfg.run_dir)
+        if not (run / "config.yaml").is_file():
+            return
+    old, new = _model_shape(load_run_config(run)), _model_shape(cfg)
+    changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
+    if changed:
+        raise ConfigError(f"resume={cfg.resume}: the config changes the model's shape against {run / 'config.yaml'}: "
+                          f"{', '.join(changed)} (set them back, or start a new run_dir)")
 
 
 def warn_unscorable(info: DatasetInfo, split: str, log) -> None:

@@ -19,14 +19,22 @@ from accelerate.utils import set_seed
 from vkd_dist import checkpoint
 from vkd_dist.config import Config, save_config
 from vkd_dist.data.augment import BatchAugment
-from vkd_dist.data.pipeline import Batch, train_loader
+from vkd_dist.data.pipeline import Batch, TrainStream, train_loader
 from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.distributed import build_accelerator, check_compile_toolchain
 from vkd_dist.evaluate import load_teacher
+from vkd_dist.fileio import restrict_access
 from vkd_dist.models.build import build_model
 from vkd_dist.objectives import Objective, build_objective, get_objective
 from vkd_dist.optim import build_optimizer, lr_lambda
-from vkd_dist.prepare import ensure_dataset, record_run_labels, resolve_tokenizer, token_table, warn_unscorable
+from vkd_dist.prepare import (
+    check_resume_config,
+    ensure_dataset,
+    record_run_labels,
+    resolve_tokenizer,
+    token_table,
+    warn_unscorable,
+)
 from vkd_dist.tracking import RunLogger, Throughput
 
 
@@ -44,6 +52,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     samples: int = 0
+    data_offsets: Optional[list] = None  # per rank, per data worker: raw samples read this epoch (TrainStream.offsets)
     best_metric: Optional[str] = None  # the train.select_metric that best_value was measured with
     best_value: Optional[float] = None
 
@@ -129,10 +138,12 @@ def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
 
 
 def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
+    restrict_access(cfg.run_dir, cfg.data.shared_group)  # before anything is written: owner-only (or the group's)
     accelerator = build_accelerator(cfg)
     if cfg.train.compile:
         check_compile_toolchain(accelerator.device)
     set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
+    check_resume_config(cfg)  # a resume onto another model shape: refused before data, model or config.yaml
     info = ensure_dataset(cfg, accelerator)
     record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
     if accelerator.is_main_process:
@@ -152,9 +163,11 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
                               accelerator.num_processes, cfg.train.seed, token_table(cfg, info, tokenizer, accelerator))
     state = TrainState(best_metric=cfg.train.select_metric)
-    ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume)
+    ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume, accelerator)  # rank 0 verifies: every rank loads its choice
     if ckpt is not None:
         state = TrainState.from_saved(checkpoint.load(accelerator, ckpt), cfg.train.select_metric)
+    if isinstance(stream, TrainStream):  # exact even when samples were skipped: each worker's raw position
+        stream.resume(state.data_offsets, accelerator.process_index)
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")

@@ -193,6 +193,12 @@ def read_dataset(root: str | Path) -> DatasetInfo:
         meta: Any = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("schema_version")  # written by every writer since the first; a file without it is foreign
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema version {version}; this vkd_dist reads {SCHEMA_VERSION}: "
+                         "re-convert with vkd-data")
     for key in ("labels", "splits"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")
