@@ -35,6 +35,7 @@ from vkd_dist.prepare import (
     token_table,
     warn_unscorable,
 )
+from vkd_dist.strategy import resolve as resolve_strategy
 from vkd_dist.tracking import RunLogger, Throughput
 
 
@@ -171,8 +172,9 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.num_processes} process(es) on "
-             f"{accelerator.device} | {stream.batches_per_epoch} batches/epoch/rank | "
+    log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {resolve_strategy(cfg).name} over "
+             f"{accelerator.num_processes} process(es) on {accelerator.device} | "
+             f"{stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
     warn_unscorable(info, cfg.data.val_split, log.info)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
