@@ -44,8 +44,9 @@ def release_requeued(cluster, job_id: str) -> bool:
 def tiny(data: Path, steps: int, ckpt_every: int = 5) -> list[str]:
     return [f"data.path={data}", "data.synthetic.num_train=64", "data.synthetic.num_val=32",
             "data.synthetic.num_test=32", "data.synthetic.image_size=64", "data.image_size=64", "data.batch_size=8",
-            "data.eval_batch_size=32", "data.num_workers=0", f"train.max_steps={steps}", f"train.eval_every={steps}",
-            f"train.ckpt_every={ckpt_every}", "logging.progress=false", "logging.log_every=5",
+            "data.eval_batch_size=32", "data.num_workers=0", f"train.max_steps={steps}", "optim.warmup_steps=0",
+            f"train.eval_every={steps}",
+            f"train.ckpt_every={ckpt_every}", "logging.progress=false", "logging.log_every=5", "optim.warmup_steps=0",
             "model.image_encoder=vit_small_patch16_224",
             "model.image_encoder_kwargs={depth: 2, embed_dim: 48, num_heads: 2, patch_size: 16}",
             *([f"model.tokenizer={TOKENIZER[0]}"] if TOKENIZER else [])]
@@ -56,7 +57,8 @@ def test_slurm_dry_run_and_parsing(tmp_path, capsys):
     assert _parse_time("24:00:00") == 1440 and _parse_time("30") == 30 and _parse_time("1-02:00:00") == 1560
     args = build_parser().parse_args(["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time",
                                       "2:00:00", "--strategy", "deepspeed-zero3", "--sbatch", "account=abc",
-                                      "--sbatch", "exclusive", f"run_dir={tmp_path / 'run'}", "train.max_steps=7"])
+                                      "--sbatch", "exclusive", f"run_dir={tmp_path / 'run'}", "train.max_steps=7",
+                                      "optim.warmup_steps=0"])
     spec = spec_from_args(args)
     assert spec.tasks_per_node == 8 and spec.gpus_per_node == 8 and spec.timeout_min == 120
     assert spec.strategy == "deepspeed_zero3"  # the old hyphenated spelling is an alias
@@ -149,6 +151,28 @@ def test_slurm_two_node_gloo_training(cluster, dataset, tmp_path):
     info = json.loads((run / "slurm_job.json").read_text())
     assert info["status"] == "completed" and info["restarts"] == 0
     print(f"2-node job {job_id} took {time.time() - t0:.1f}s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow  # ~70 s on 2 cores: two DeepSpeed processes importing and starting up
+def test_slurm_deepspeed_two_tasks_per_node(cluster, dataset, tmp_path):
+    """Two tasks on one node under DeepSpeed ZeRO-2 (the layout issue 13 is about, on CPUs): both ranks train,
+    keep the local rank SLURM gave them, and end with the same parameters."""
+    run = tmp_path / "run"
+    t0 = time.time()
+    proc = launch(cluster, "--tasks-per-node", "2", "--cpu", "--strategy", "deepspeed_zero2", "--time", "10",
+                  "--wait", "--wait-timeout", "150", f"run_dir={run}", *tiny(dataset, steps=4, ckpt_every=2),
+                  timeout=180)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{cluster.log_tail('slurmctld')}"
+    job_id = job_id_of(proc.stdout)
+    assert "final step 4" in proc.stdout
+    meta = json.loads((run / "final" / "meta.json").read_text())
+    assert meta["step"] == 4 and len(meta["param_digests"]) == 2 and len(set(meta["param_digests"])) == 1
+    for task in (0, 1):
+        log = (run / "submitit" / f"{job_id}_{task}_log.out").read_text()
+        assert f"task RANK={task} LOCAL_RANK={task} CUDA_VISIBLE_DEVICES= -> cpu" in log, log[-2000:]
+    assert "strategy deepspeed_zero2" in (run / "submitit" / f"{job_id}_0_log.out").read_text()
+    print(f"DeepSpeed 2-task job {job_id} took {time.time() - t0:.1f}s")
 
 
 @pytest.mark.slurm

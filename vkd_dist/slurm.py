@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from vkd_dist import DefaultsHelpFormatter
 from vkd_dist.fileio import atomic_write_text
+from vkd_dist.slurm_env import DIST_KEYS, describe_tasks, task_env, task_ordinal
 from vkd_dist.slurm_wait import format_result, wait_job, wait_local
 from vkd_dist.strategy import STRATEGIES, Strategy, accelerate_env, agree, clear_strategy_env, configured
 
@@ -226,21 +227,29 @@ def _restart_count() -> int:
         return 0
 
 
-def export_distributed_env(master_port: Optional[int] = None, set_cuda_device: bool = True) -> dict[str, str]:
-    """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for torch.distributed, from submitit's view."""
+def export_distributed_env(master_port: Optional[int] = None, cpu: bool = False) -> dict[str, str]:
+    """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for torch.distributed, from submitit's view of
+    the task; CUDA_VISIBLE_DEVICES stays as SLURM set it (vkd_dist.slurm_env says why)."""
     import submitit
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in DIST_KEYS:
         os.environ.pop(key, None)  # inherited from the submitting shell, never meaningful here
-    env = submitit.JobEnvironment()
+    job = submitit.JobEnvironment()
     if master_port is None:  # the same for every task; differs per attempt of a requeued job
-        rng = random.Random(f"{env.job_id}-{_restart_count()}")
-        master_port = rng.randint(20000, 60000)
-    os.environ["MASTER_PORT"] = str(master_port)
-    dist = submitit.helpers.TorchDistributedEnvironment()
-    dist.master_addr = os.environ.get("VKD_MASTER_ADDR") or _node_addr(dist.master_addr)
-    dist.export(set_cuda_visible_devices=set_cuda_device, overwrite=True)
-    return {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        master_port = random.Random(f"{job.job_id}-{_restart_count()}").randint(20000, 60000)
+    master_addr = os.environ.get("VKD_MASTER_ADDR") or _node_addr(job.hostnames[0])
+    env = task_env(job.global_rank, job.local_rank, job.num_tasks, job.num_tasks // job.num_nodes, master_addr,
+                   master_port, cpu)
+    os.environ.update(env)
+    device = "cpu"
+    if not cpu:
+        import torch
+
+        if torch.cuda.is_available():  # fail here, in one line, not deep inside DeepSpeed's init
+            device = f"cuda:{task_ordinal(os.environ, torch.cuda.device_count())}"
+    print(f"[vkd-slurm] task RANK={env['RANK']} LOCAL_RANK={env['LOCAL_RANK']} CUDA_VISIBLE_DEVICES="
+          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')} -> {device}", flush=True)
+    return env
 
 
 def _stop_request():
@@ -274,10 +283,8 @@ class TrainJob:
 
         job = submitit.JobEnvironment()
         on_slurm = job.cluster == "slurm"
-        if self.cpu:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, self.cpus_per_task)))
-        dist = export_distributed_env(self.master_port, set_cuda_device=not self.cpu)
+        dist = export_distributed_env(self.master_port, self.cpu)
         restarts = _restart_count()
 
         from vkd_dist import checkpoint
@@ -450,6 +457,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(sbatch_script(spec) if spec.cluster == "slurm" else "# (local cluster: no sbatch script)")
         print("# ---- training command")
         print(training_command(spec))
+        print(describe_tasks(spec.nodes, spec.tasks_per_node, spec.gpus_per_node, spec.cpu))
         return 0
     ex = make_executor(spec)
     job = ex.submit(make_job(spec))
