@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VKD_VENV:-.venv}
-EXTRAS=${VKD_EXTRAS:-dev,bench,fast}
+EXTRAS=${VKD_EXTRAS:-dev,bench,fast,pretrained}
 stamp="$VENV/.vkd-setup-stamp"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import vkd_dist" 2>/dev/null; then

@@ -236,7 +236,8 @@ def test_deepspeed_zero3_trains_the_image_only_baseline(tiny_data, tmp_path):
 
 
 # --------------------------------------------------------------------------- recipes
-RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+# the CPU-sized recipes run here as shipped: tests/test_pretrained.py trains paper_vkd_cpu.yaml
+RECIPES = sorted(p for p in (REPO / "configs" / "recipes").glob("*.yaml") if not p.stem.endswith("_cpu"))
 LOCAL_PATH_KEYS = ("data.path", "model.text_encoder", "model.image_weights", "model.tokenizer")
 
 
@@ -259,7 +260,10 @@ def test_recipe_is_valid_once_local_paths_are_filled(path, tiny_data, tmp_path):
         return str((raw.get(section) or {}).get(name, ""))
 
     placeholders = [k for k in LOCAL_PATH_KEYS if value(k).startswith("/path/to/")]
-    assert "data.path" in placeholders and "model.text_encoder" in placeholders, placeholders
+    from vkd_dist.models.pretrained import TEXT_ENCODERS
+
+    packaged = value("model.text_encoder") in TEXT_ENCODERS  # installed by the pretrained extra
+    assert "data.path" in placeholders and ("model.text_encoder" in placeholders or packaged), placeholders
     cfg = load_config(path, [f"run_dir={tmp_path}", f"data.path={tiny_data}", "model.text_encoder=tiny-bert",
                              "model.image_weights=null", "model.tokenizer=null"])
     assert timm.is_model(cfg.model.image_encoder), cfg.model.image_encoder

@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import nn
 
+from vkd_dist.models import pretrained as pretrained_weights
+
 if TYPE_CHECKING:
     from vkd_dist.config import ModelConfig
 
@@ -29,13 +31,26 @@ class ImageEncoder(nn.Module):
         extra = dict(kwargs or {})
         if _accepts_img_size(name):
             extra.setdefault("img_size", image_size)
-        if weights:  # timm loads the local file, adapting the stem to in_chans and dropping the classifier
-            extra.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), hf_hub_id=None, url=None))
+        if weights:
+            # timm loads them, adapting the stem to in_chans (in_chans=1: the three RGB filters of the first conv
+            # summed, so a grayscale image gives what R=G=B would) and dropping the classifier. A short name
+            # (models/pretrained.py) is the packaged weights, renamed into timm's keys; anything else a local file.
+            overlay: dict[str, Any] = dict(hf_hub_id=None, url=None)
+            if pretrained_weights.is_image_weights_name(str(weights)):
+                overlay["state_dict"] = pretrained_weights.image_state_dict(str(weights), name)
+            else:
+                overlay["file"] = str(weights)
+            extra.update(pretrained=True, pretrained_cfg_overlay=overlay)
         backbone: Any = timm.create_model(name, num_classes=0, in_chans=in_chans, **extra)
+        for cfg in {id(c): c for c in (backbone.pretrained_cfg, getattr(backbone, "default_cfg", None))
+                    if isinstance(c, dict)}.values():
+            cfg.pop("state_dict", None)  # do not keep a second copy of the weights alive in the model's cfg
         self.backbone, self.in_chans = backbone, in_chans
         pretrained = backbone.pretrained_cfg or {}
         mean, std = pretrained.get("mean", (0.5,)), pretrained.get("std", (0.5,))
-        # A grayscale image normalised with the mean of the RGB statistics the weights were trained with.
+        # A grayscale image normalised with the mean of the RGB statistics of the architecture's timm weights
+        # (ImageNet's 0.449 / 0.226 for most; 0.5 / 0.5 for the tf_* ports). A function of the architecture only,
+        # not of model.image_weights: vkd-export probes it without weights.
         self.register_buffer("mean", torch.tensor(sum(mean) / len(mean)).view(1, 1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(sum(std) / len(std)).view(1, 1, 1, 1) * 255, persistent=False)
         # Pooled feature width: some families (MobileNetV3) add a head projection after num_features.
@@ -80,7 +95,8 @@ class TextEncoder(nn.Module):
 
 
 def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> TextEncoder:
-    """'tiny-bert' is built at random from text_config; any other text_encoder is a local directory."""
+    """'tiny-bert' is built at random from text_config; a short name (models/pretrained.py: minilm) is an installed
+    package's model; anything else is a local directory."""
     from transformers import AutoModel, BertConfig, BertModel
 
     attn = getattr(cfg, "attn_implementation", "sdpa")
@@ -90,17 +106,18 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> TextEncoder:
                             attn_implementation=attn)
         model = BertModel(config, add_pooling_layer=False)
     else:
+        path = pretrained_weights.text_encoder_dir(cfg.text_encoder)  # a short name (minilm) -> its package dir
         kwargs: dict = dict(local_files_only=True)
-        if _is_bert_like(cfg.text_encoder):
+        if _is_bert_like(path):
             kwargs["add_pooling_layer"] = False
         try:
-            model = AutoModel.from_pretrained(cfg.text_encoder, attn_implementation=attn, **kwargs)
+            model = AutoModel.from_pretrained(path, attn_implementation=attn, **kwargs)
         except ValueError as exc:  # a model type without an SDPA path: transformers refuses an explicit "sdpa"
             if attn == "eager" or not any(w in str(exc).lower() for w in ("attn", "attention")):
                 raise
             warnings.warn(f"{cfg.text_encoder}: no {attn} attention for this model type ({exc}); using eager",
                           stacklevel=2)
-            model = AutoModel.from_pretrained(cfg.text_encoder, attn_implementation="eager", **kwargs)
+            model = AutoModel.from_pretrained(path, attn_implementation="eager", **kwargs)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         if hasattr(model, "activation_checkpointing_enable"):  # the new name; the old one warns (transformers 5.24)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
