@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from accelerate.utils import gather_object
 
 from vkd_dist import checkpoint
+from vkd_dist.data.tokens import remove_token_tables
 from vkd_dist.distributed import param_digests
 from vkd_dist.evaluate import evaluate
 from vkd_dist.metrics import format_table, is_better
@@ -99,6 +101,7 @@ class Save(Periodic):
 
     def __call__(self, tick: Tick) -> None:
         run = self.run
+        run.state.data_offsets = gather_object([getattr(run.stream, "offsets", None)])  # collective: every rank's
         path = checkpoint.save(run.accelerator, run.run_dir, tick.step, vars(run.state), run.cfg.train.keep_last)
         self.result.checkpoints.append(str(path))
 
@@ -116,6 +119,8 @@ def finish(run: Run, result: TrainResult) -> None:
                                    "labels": list(run.info.labels)})
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks ended training with different parameters (digests {digests}); see final/meta.json")
+    if not cfg.data.keep_token_table and run.accelerator.is_main_process:  # finished: no resume will need it
+        remove_token_tables(run.run_dir / "tokens", run.log.info)
     if not cfg.train.test_at_end:
         return
     preds: list = []

@@ -8,6 +8,7 @@ import sys
 
 from vkd_dist import DefaultsHelpFormatter
 from vkd_dist.data.shards import Timer, summary_line
+from vkd_dist.fileio import restrict_access
 from vkd_dist.labels import SOURCE_EVAL_POLICY, describe_policy
 
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vkd-data", description=__doc__, formatter_class=DefaultsHelpFormatter,
                                      epilog="A user error (bad path, column or value) prints one line and exits "
                                             "2; VKD_DEBUG=1 shows its traceback.")
+    parser.add_argument("--shared-group", metavar="GROUP",
+                        help="a group that may read what this writes (0750 directories, 0640 files, --out given to "
+                             "GROUP); default: owner only (0700, 0600)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthetic(sub)
     _add_embed_text(sub)
@@ -118,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        restrict_access(getattr(args, "out", None), args.shared_group, "--shared-group")  # shards hold reports
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # a user error (bad column, path, value): one line, no traceback
         if os.environ.get("VKD_DEBUG") == "1":

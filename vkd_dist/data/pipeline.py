@@ -11,8 +11,13 @@ same stream.
 
 Evaluation stream (`eval_loader`): every sample exactly once across ranks and workers, no shuffle.
 
-Undecodable images, bad json and unreadable tars are skipped and counted, never fatal; each batch carries
-its worker's running count, which the trainer reports.
+Undecodable images, bad json and unreadable tars are skipped and counted; each batch carries its worker's
+running count, which the trainer reports. Past data.max_skip_frac of a worker's recent reads the run stops, and
+an exception that corrupt data does not raise (a bug) is never skipped: see vkd_dist/data/faults.py.
+
+Resume: each batch also carries how many raw samples its worker had read in the epoch (`Batch.read`), corrupt
+ones included; the trainer saves every worker's count (`TrainStream.offsets`, TrainState.data_offsets) and a
+resumed run's workers skip exactly that many, so the stream goes on as it would have with corrupt samples too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
+from vkd_dist.data.faults import CORRUPT, SkipLedger
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import TokenTable, fast_backend
 from vkd_dist.labels import LABELS, encode_labels
@@ -56,6 +62,7 @@ class Batch:
     patient_ids: list = field(default_factory=list)  # the bootstrap resamples patients, not images
     skipped: int = 0  # the producing worker's running count of skipped samples
     worker: int = 0
+    read: int = 0  # raw samples (corrupt too) its worker had read in the epoch, through this batch's last one
     text_features: Optional[torch.Tensor] = None  # [B, D] precomputed text-encoder output (frozen-text fast path)
 
     def __len__(self) -> int:
@@ -73,37 +80,24 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-class SkipCounter:
-    """Per-process count of skipped samples; used as a webdataset exception handler."""
-
-    def __init__(self):
-        self.count = 0
-        self.last_error = ""
-
-    def __call__(self, exc: Exception) -> bool:
-        self.count += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-        return True  # skip and continue
-
-
-SKIPPED = SkipCounter()
-
-
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-@dataclass
 class StreamPosition:
-    """Epoch and batches already consumed in it, shared with persistent workers."""
+    """Epoch, the whole rounds of batches already consumed in it and the raw samples each worker skips for them;
+    shared with persistent workers."""
 
-    epoch: Any = field(default_factory=lambda: mp.Value("i", 0))
-    skip_batches: Any = field(default_factory=lambda: mp.Value("i", 0))
+    def __init__(self, workers: int = 1):
+        self.epoch: Any = mp.Value("i", 0)
+        self.skip_batches: Any = mp.Value("i", 0)
+        self.starts: Any = mp.Array("q", workers)
 
-    def set(self, epoch: int, skip_batches: int = 0) -> None:
+    def set(self, epoch: int, skip_batches: int, starts: Sequence[int]) -> None:
         self.epoch.value = epoch
         self.skip_batches.value = skip_batches
+        self.starts[:] = list(starts)
 
 
 def fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -120,9 +114,10 @@ class Collate:
     CACHE_REPORTS = 200_000  # token ids kept per worker (int32, unpadded) for reports missing from the table
 
     def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, labels: Sequence[str] = LABELS,
-                 text_features=None, tokens=None):
+                 text_features=None, tokens=None, ledger: Optional[SkipLedger] = None):
         self.tokenizer, self.max_len, self.uncertain, self.missing = tokenizer, max_len, uncertain, missing
         self.labels = labels
+        self.ledger = ledger or SkipLedger()  # the stream's: its counts go into each Batch
         self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
         self.tokens = tokens  # TokenTable or None
         # Built lazily in the worker (see _token_ids): the Rust backend (False: none) and a cache of report ids.
@@ -174,33 +169,45 @@ class Collate:
         wid, _ = _worker()
         feats = self.text_features(keys) if self.text_features is not None else None
         return Batch(images, enc["input_ids"], enc["attention_mask"], targets, mask,
-                     keys=keys, patient_ids=[s["patient_id"] for s in samples], skipped=SKIPPED.count, worker=wid,
-                     text_features=feats)
+                     keys=keys, patient_ids=[s["patient_id"] for s in samples], skipped=self.ledger.count,
+                     worker=wid, read=samples[-1].get("read", 0), text_features=feats)
 
 
 def decode_sample(raw: dict, size: int) -> dict:
-    """Raw tar members -> {key, image uint8 [size, size], text, labels}. Raises on anything malformed."""
+    """Raw tar members -> {key, image uint8 [size, size], text, labels}. Raises one of faults.CORRUPT on anything
+    malformed; the messages leave the sample's key and shard to the caller (`decoded` names them), so that
+    failures of one kind read alike."""
     key = raw.get("__key__", "?")
     img_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if img_key is None:
-        raise ValueError(f"{raw.get('__url__', '?')}: sample {key} has no image (expected one of {IMAGE_KEYS})")
+        raise ValueError(f"no image member (expected one of {', '.join(IMAGE_KEYS)}; has {_members(raw)})")
     if "json" not in raw or "txt" not in raw:
-        raise ValueError(f"{raw.get('__url__', '?')}: sample {key} lacks 'json' or 'txt'")
+        raise ValueError(f"no 'json' or no 'txt' member (has {_members(raw)})")
     meta = json.loads(raw["json"])
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
-        raise ValueError(f"{raw.get('__url__', '?')}: sample {key} json has no 'labels' mapping")
+        raise ValueError("the json has no 'labels' mapping")
     image = fit(decode_image(raw[img_key]), size)
     return {"key": key, "image": image, "text": raw["txt"].decode("utf-8"), "labels": meta["labels"],
             "patient_id": str(meta.get("patient_id") or key)}
 
 
-def decoded(src: Iterator[dict], size: int) -> Iterator[dict]:
-    """decode_sample over a stream; what fails is counted and skipped."""
-    for raw in src:
+def _members(raw: dict) -> str:
+    return ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+
+
+def decoded(src: Iterator[dict], size: int, ledger: Optional[SkipLedger] = None, start: int = 0) -> Iterator[dict]:
+    """decode_sample over a stream; a corrupt sample is counted in `ledger` and skipped (which raises past the
+    skip-rate ceiling), anything else propagates. Each sample's "read" is the number of raw samples read through
+    it, counting from `start` (the collate runs one sample late, so the count travels with the sample)."""
+    ledger = ledger or SkipLedger()
+    for read, raw in enumerate(src, start + 1):
         try:
-            yield decode_sample(raw, size)
-        except Exception as exc:
-            SKIPPED(exc)
+            sample = decode_sample(raw, size)
+        except CORRUPT as exc:
+            ledger.failed(exc, raw.get("__key__", "?"), raw.get("__url__"))
+            continue
+        ledger.ok()
+        yield {**sample, "read": read}
 
 
 class _TrainShards(IterableDataset):
@@ -223,25 +230,25 @@ class _TrainShards(IterableDataset):
 
 
 class _TrainSamples:
-    """Shuffle this epoch's quota of samples, skip what a resumed run already consumed (before decoding),
+    """Shuffle this epoch's quota of samples, skip the raw samples a resumed run already read (before decoding),
     decode."""
 
     def __init__(self, seed: int, rank: int, batch_size: int, per_worker: int, shuffle_buffer: int, size: int,
-                 position: StreamPosition):
+                 position: StreamPosition, ledger: SkipLedger):
         self.seed, self.rank, self.batch_size, self.per_worker = seed, rank, batch_size, per_worker
-        self.shuffle_buffer, self.size, self.position = shuffle_buffer, size, position
+        self.shuffle_buffer, self.size, self.position, self.ledger = shuffle_buffer, size, position, ledger
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        wid, nw = _worker()
+        wid, _ = _worker()
         epoch = self.position.epoch.value
-        skip = self.position.skip_batches.value // nw * self.batch_size  # whole rounds: see TrainStream.epoch
+        skip = self.position.starts[wid]  # raw samples: see TrainStream.epoch
         if self.shuffle_buffer > 1:
             # The shuffle drains exactly the epoch's quota rather than leaving a buffer of read samples
             # behind; if skipped (corrupt) samples leave the epoch short, the next ones follow unshuffled.
             quota = itertools.islice(src, self.per_worker * self.batch_size)
             src = itertools.chain(_shuffle(quota, self.shuffle_buffer, min(self.shuffle_buffer, 100),
                                            rng=random.Random(f"{self.seed}-{epoch}-{self.rank}-{wid}")), src)
-        yield from decoded(itertools.islice(src, skip, None), self.size)
+        yield from decoded(itertools.islice(src, skip, None), self.size, self.ledger, skip)
 
 
 def _loader(pipeline, num_workers: int) -> torch.utils.data.DataLoader:
@@ -259,18 +266,42 @@ class TrainStream:
     batches_per_epoch: int  # per rank; identical on every rank
 
     workers: int = 1
+    batch_size: int = 1
+    # Per worker: the raw samples it had read through the last whole round of batches taken from `epoch`; what
+    # a checkpoint saves (every rank's, TrainState.data_offsets) and `resume` gives back.
+    offsets: list = field(default_factory=list)
+    _resume: Optional[list] = None
+
+    def resume(self, offsets_by_rank: Optional[Sequence], rank: int) -> None:
+        """Make the next `epoch` call start its workers at this rank's saved `offsets`. Without them (a checkpoint
+        written before they were saved, or another world size or worker count) it starts them at whole rounds of
+        batches, which is exact only when no sample was skipped."""
+        row = offsets_by_rank[rank] if offsets_by_rank is not None and rank < len(offsets_by_rank) else None
+        self._resume = list(row) if row is not None and len(row) == self.workers else None
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         """One epoch's batches, after the first `skip_batches` (already consumed by a resumed run).
 
-        DataLoader takes batches from the workers in turn, starting with worker 0, so workers skip whole
-        rounds cheaply before decoding and the last partial round is decoded and dropped here."""
+        DataLoader takes batches from the workers in turn, starting with worker 0, so workers skip the raw
+        samples of whole rounds cheaply before decoding and the last partial round is decoded and dropped here."""
         whole = skip_batches // self.workers * self.workers
-        self.position.set(epoch, whole)
-        batches = iter(self.loader)
-        for _ in range(skip_batches - whole):
-            next(batches)
-        return batches
+        starts = self._resume or [whole // self.workers * self.batch_size] * self.workers
+        self._resume = None
+        self.position.set(epoch, whole, starts)
+        self.offsets = list(starts)
+        return self._tracked(iter(self.loader), whole, skip_batches - whole)
+
+    def _tracked(self, batches: Iterator[Batch], taken: int, drop: int) -> Iterator[Batch]:
+        latest = list(self.offsets)
+        for batch in batches:
+            latest[batch.worker] = batch.read
+            taken += 1
+            if taken % self.workers == 0:
+                self.offsets = list(latest)
+            if drop > 0:
+                drop -= 1
+                continue
+            yield batch
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -295,17 +326,17 @@ def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank
     workers = max(1, cfg.num_workers)
     samples = cfg.samples_per_epoch or info.num_samples(split)
     per_worker = max(1, math.ceil(samples / (cfg.batch_size * world * workers)))
-    position = StreamPosition()
+    position, ledger = StreamPosition(workers), SkipLedger(cfg.max_skip_frac)
     pipeline = wds.DataPipeline(
         _TrainShards(urls, seed, rank, world, position),
-        wds.tarfile_to_samples(handler=SKIPPED),
-        _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position),
+        wds.tarfile_to_samples(handler=ledger.shard_failed),
+        _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position, ledger),
         wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing,
-                                                         info.labels, _text_features(cfg, split), tokens),
+                                                         info.labels, _text_features(cfg, split), tokens, ledger),
                     partial=False),
         _EpochBatches(per_worker, position),
     )
-    return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers)
+    return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers, cfg.batch_size)
 
 
 class _EpochBatches:
@@ -354,11 +385,13 @@ def eval_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank:
     so runs trained under different policies are scored on the same targets."""
     urls = info.shards(split)
     policy = info.eval_policy
-    shards = _EvalShards(urls, rank, world)
+    shards, ledger = _EvalShards(urls, rank, world), SkipLedger(cfg.max_skip_frac)
     pipeline = wds.DataPipeline(
-        shards, wds.tarfile_to_samples(handler=SKIPPED), shards.select, partial(decoded, size=cfg.image_size),
+        shards, wds.tarfile_to_samples(handler=ledger.shard_failed), shards.select,
+        partial(decoded, size=cfg.image_size, ledger=ledger),
         wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, policy.uncertain,
-                                                              policy.missing, info.labels, _text_features(cfg, split)),
+                                                              policy.missing, info.labels, _text_features(cfg, split),
+                                                              ledger=ledger),
                     partial=True),
     )
     loader = _loader(pipeline, min(cfg.num_workers, max(1, len(urls))) if len(urls) > 0 else 0)

@@ -10,7 +10,8 @@ run with the fast tokenizer's Rust `encode_batch` on every core:
     RUN/tokens/<split>.keys.json      the sample keys, in row order
     RUN/tokens/<split>.json           the fingerprint: tokenizer, max_text_len, shard names and sizes
 
-A resumed run reuses the table while the fingerprint matches. The ids are exactly those of the tokenizer's
+A resumed run reuses the table while the fingerprint matches; data.keep_token_table=false deletes it when the run
+finishes (`remove_token_tables`), since it holds every training report. The ids are exactly those of the tokenizer's
 own call with truncation (special tokens included); padding happens in the collate.
 
 Also here: the run's own WordPiece tokenizer (RUN/tokenizer), built from the training reports when the config
@@ -24,8 +25,9 @@ import io
 import itertools
 import json
 import os
+import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -187,6 +189,21 @@ def build_token_table(root: str | Path, split: str, shards: list[str], tokenizer
     # single-threaded instead of printing a warning each.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return table
+
+
+def remove_token_tables(root: str | Path, log: Callable[[str], None]) -> None:
+    """Delete a run's token tables (data.keep_token_table=false, at the end of a finished run): they hold every
+    training report as token ids, which the run's tokenizer decodes back into text. A failure is logged, not
+    raised: the run's results are complete by then, and the other ranks are not waiting for this one."""
+    root = Path(root)
+    if not root.exists():
+        return
+    try:
+        shutil.rmtree(root)
+    except OSError as exc:
+        log(f"warning: could not delete {root} (data.keep_token_table=false): {exc}; delete it by hand")
+    else:
+        log(f"deleted {root} (data.keep_token_table=false)")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
