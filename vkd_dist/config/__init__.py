@@ -23,6 +23,7 @@ from vkd_dist.config.schema import (
     OptimConfig,
     SyntheticConfig,
     TrainConfig,
+    close_match,
     did_you_mean,
     no_dataset,
     not_allowed,
@@ -30,5 +31,6 @@ from vkd_dist.config.schema import (
 
 __all__ = ["CHOICES", "DEFAULT_CONFIG", "REPO_ROOT", "Config", "ConfigError", "DataConfig", "DistConfig",
            "LoggingConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "SyntheticConfig", "TrainConfig",
-           "config_from_dict", "did_you_mean", "load_config", "no_dataset", "not_allowed", "overrides_from_yaml",
+           "close_match", "config_from_dict", "did_you_mean", "load_config", "no_dataset", "not_allowed",
+           "overrides_from_yaml",
            "save_config", "to_dict", "validate"]
