@@ -163,12 +163,15 @@ def check_resume_config(cfg: Config) -> None:
     loaded or written; labels are compared by `record_run_labels` once the data set is read."""
     from vkd_dist.evaluate import load_run_config  # evaluate imports this module
 
-    try:
-        ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"resume={cfg.resume}: {exc}") from exc
+    if cfg.resume in (None, ""):
+        return
+    # Which run's config to compare with, not yet which checkpoint: verifying one (hashing it) is
+    # checkpoint.resolve's job, once, on rank 0, when build_run loads it.
+    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume == "latest" else Path(cfg.resume)
     if ckpt is None:
         return
+    if not (ckpt / checkpoint.STATE_FILE).is_file():
+        raise ConfigError(f"resume={cfg.resume}: {ckpt}: not a checkpoint (no {checkpoint.STATE_FILE})")
     run = ckpt.parent.parent  # RUN/checkpoints/step-N: the run whose weights are loaded
     if not (run / "config.yaml").is_file():
         run = Path(cfg.run_dir)
