@@ -45,7 +45,8 @@ def _noise(data: str, out: str) -> None:
     from vkd_dist.config import load_config
     from vkd_dist.run import build_run, seed_per_rank
 
-    cfg = load_config(overrides=tiny_overrides(Path(data), Path(out) / "noise-run", **{"train.max_steps": 1, "optim.warmup_steps": 0}))
+    one_step = {"train.max_steps": 1, "optim.warmup_steps": 0}
+    cfg = load_config(overrides=tiny_overrides(Path(data), Path(out) / "noise-run", **one_step))
     run = build_run(cfg)
     rank = run.accelerator.process_index
     model = run.accelerator.unwrap_model(run.model).train()
