@@ -12,6 +12,17 @@ SHARED = REPO.parent / "shared"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test gets the environment the session started with. Launch code exports RANK/WORLD_SIZE/MASTER_ADDR
+    and Accelerate's strategy variables into the process it runs in; leaked into later tests, a plain
+    single-process run would wait for a rendezvous with ranks that never come."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic corpus with uneven train shards (32, 32, 32, 4 samples)."""

@@ -7,6 +7,15 @@ image_only  the image path alone; text_only: the report path alone (baselines.py
 kd          logit distillation from a text_only teacher (kd.py)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+    from vkd_dist.config import ObjectiveConfig
+
 # Importing registers them, in the order choices are listed: the method, then its baselines.
 from vkd_dist.objectives import vkd, baselines, kd  # noqa: F401, I001
 from vkd_dist.objectives.base import BOTH, IMAGE, TEXT, Objective, get_objective, objective_names, register
@@ -16,6 +25,6 @@ __all__ = ["BOTH", "IMAGE", "TEXT", "Objective", "beta_at", "build_objective", "
            "objective_names", "register"]
 
 
-def build_objective(cfg, num_samples: int = 1, teacher=None) -> Objective:
-    """The configured objective (`cfg` is an ObjectiveConfig)."""
+def build_objective(cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optional[torch.nn.Module] = None) -> Objective:
+    """The configured objective."""
     return get_objective(cfg.name)(cfg, num_samples, teacher)
