@@ -164,7 +164,7 @@ def test_an_overlay_as_overrides_is_the_overlay_as_a_config_file(tmp_path):
     from vkd_dist.config import DEFAULT_CONFIG, load_config, overrides_from_yaml
 
     overlay = ("optim: {lr: 1.0e-5, betas: [0.8, 0.9]}\n"
-               "model: {tokenizer: null, text_config: {hidden_size: 32}, image_encoder_kwargs: {depth: 1}}\n"
+               "model: {tokenizer: null, text_config: {hidden_size: 32}, image_encoder_kwargs: {drop_rate: 0.1}}\n"
                "objective: {name: image_only}\nrun_dir: 'runs/a=b: c'\ntrain: {seed: 7, compile: false}\n"
                "data: {val_split: 'yes'}\n")
     (tmp_path / "overlay.yaml").write_text(overlay)

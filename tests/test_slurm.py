@@ -225,12 +225,14 @@ def test_slurm_preempted_job_requeues_and_resumes(cluster, dataset, tmp_path):
 def test_slurm_crashing_job_is_reported_failed(cluster, dataset, tmp_path):
     run = tmp_path / "run"
     t0 = time.time()
-    # fails at run time on every rank (validated config, but timm has no such model)
+    # fails at run time on every rank: the config validates (the weights file exists) but it holds no weights
+    weights = tmp_path / "not_weights_xyz.safetensors"
+    weights.write_bytes(b"these are not weights")
     proc = launch(cluster, "--nodes", "2", "--cpu", "--time", "10", "--wait", "--wait-timeout", "90",
-                  f"run_dir={run}", *tiny(dataset, steps=4), "model.image_encoder=no_such_encoder_xyz")
+                  f"run_dir={run}", *tiny(dataset, steps=4), f"model.image_weights={weights}")
     elapsed = time.time() - t0
     assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr}"
-    assert "FAILED" in proc.stderr and "no_such_encoder_xyz" in proc.stderr
+    assert "FAILED" in proc.stderr and "not_weights_xyz.safetensors: cannot be loaded" in proc.stderr
     assert elapsed < 90
     job_id = job_id_of(proc.stdout)
     deadline = time.time() + 30

@@ -41,7 +41,14 @@ class ImageEncoder(nn.Module):
             else:
                 overlay["file"] = str(weights)
             extra.update(pretrained=True, pretrained_cfg_overlay=overlay)
-        backbone: Any = timm.create_model(name, num_classes=0, in_chans=in_chans, **extra)
+        try:
+            backbone: Any = timm.create_model(name, num_classes=0, in_chans=in_chans, **extra)
+        except Exception as exc:
+            if not weights:
+                raise
+            # a file that exists but is no weights of this model: say which, not only what the loader hit
+            raise ValueError(f"model.image_weights={weights}: cannot be loaded into {name} "
+                             f"({type(exc).__name__}: {exc})") from exc
         for cfg in {id(c): c for c in (backbone.pretrained_cfg, getattr(backbone, "default_cfg", None))
                     if isinstance(c, dict)}.values():
             cfg.pop("state_dict", None)  # do not keep a second copy of the weights alive in the model's cfg
