@@ -79,8 +79,10 @@ def test_close_match_takes_typos_and_prefixes():
     assert close_match("xyz", ["train", "val", "test"]) is None
 
 
-def test_yaml_include_and_roundtrip(tmp_path):
-    (tmp_path / "base.yaml").write_text("train: {max_steps: 7}\nmodel: {latent_dim: 8}\noptim: {warmup_steps: 2}\n")
+def test_yaml_include_and_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default's relative data.path: not this checkout's data_cache/
+    (tmp_path / "base.yaml").write_text(f"include: [{DEFAULT_CONFIG}]\n"  # an include replaces the default layer
+                                        "train: {max_steps: 7}\nmodel: {latent_dim: 8}\noptim: {warmup_steps: 2}\n")
     (tmp_path / "exp.yaml").write_text("include: [base.yaml]\ntrain: {seed: 5}\n")
     cfg = load_config(tmp_path / "exp.yaml", ["model.latent_dim=9"])
     assert (cfg.train.max_steps, cfg.train.seed, cfg.model.latent_dim) == (7, 5, 9)

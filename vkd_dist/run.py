@@ -134,7 +134,10 @@ def epochs(stream: BatchStream, epoch: int, skip: int) -> Iterator[tuple[int, in
 def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
     """Every rank built the same initial weights from train.seed; from here on each draws its own latent noise
     and dropout masks (seed + rank), or more ranks would average K identical samples instead of K x ranks
-    independent ones. Rank 0 keeps train.seed, so a single process draws what it always drew."""
+    independent ones. A single process is left as it is, so it draws exactly what it drew before ranks had
+    their own seeds (reseeding it here would change every single-process result for nothing)."""
+    if accelerator.num_processes == 1:
+        return
     set_seed(cfg.train.seed + accelerator.process_index, deterministic=cfg.train.deterministic)
 
 
