@@ -25,7 +25,16 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 from vkd_dist.config import ConfigError
 from vkd_dist.fileio import free_port
-from vkd_dist.strategy import agree, configured, deepspeed_file, deepspeed_strategy, fsdp2_env, full_parameters, resolve
+from vkd_dist.strategy import (
+    Strategy,
+    agree,
+    configured,
+    deepspeed_file,
+    deepspeed_strategy,
+    fsdp2_env,
+    full_parameters,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from vkd_dist.config import Config
@@ -147,7 +156,12 @@ def _default_rendezvous() -> None:
 
 
 class StrategyAccelerator(Accelerator):
-    """An Accelerator whose `prepare` also makes an FSDP2 model usable the way this project uses models."""
+    """An Accelerator that knows the strategy it was built for (`strategy`), and whose `prepare` also makes an
+    FSDP2 model usable the way this project uses models."""
+
+    def __init__(self, strategy: Strategy, **kwargs):
+        super().__init__(**kwargs)
+        self.strategy = strategy
 
     def prepare(self, *args, device_placement=None):
         if self.is_fsdp2:
@@ -189,7 +203,7 @@ def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(cfg: Config) -> StrategyAccelerator:
     strategy = resolve(cfg)
     precision = resolve_precision(cfg.train.mixed_precision)
     cpu = not torch.cuda.is_available()
@@ -209,14 +223,14 @@ def build_accelerator(cfg: Config) -> Accelerator:
         # The one DeepSpeed config: the strategy's ZeRO layout + the trainer's batch/accumulation/clipping.
         # Passing it explicitly means Accelerate never reads ACCELERATE_DEEPSPEED_CONFIG_FILE on its own.
         ds = deepspeed_config(cfg, int(os.environ["WORLD_SIZE"]), deepspeed_file(strategy, cfg.dist.offload_optimizer))
-        return StrategyAccelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), **common)
+        return StrategyAccelerator(strategy, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds), **common)
     if strategy.fsdp2:
         plugin = fsdp2_plugin()
-        accelerator = StrategyAccelerator(cpu=cpu, fsdp_plugin=plugin, **common)
+        accelerator = StrategyAccelerator(strategy, cpu=cpu, fsdp_plugin=plugin, **common)
         if cpu:
             _fsdp_on_cpu(accelerator, plugin)
         return accelerator
-    return StrategyAccelerator(cpu=cpu, **common)
+    return StrategyAccelerator(strategy, cpu=cpu, **common)
 
 
 def fsdp2_plugin():

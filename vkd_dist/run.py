@@ -21,7 +21,7 @@ from vkd_dist.config import Config, save_config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import Batch, TrainStream, train_loader
 from vkd_dist.data.schema import DatasetInfo
-from vkd_dist.distributed import build_accelerator, check_compile_toolchain
+from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_compile_toolchain
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
 from vkd_dist.models.build import build_model
@@ -35,7 +35,6 @@ from vkd_dist.prepare import (
     token_table,
     warn_unscorable,
 )
-from vkd_dist.strategy import resolve as resolve_strategy
 from vkd_dist.tracking import RunLogger, Throughput
 
 
@@ -81,7 +80,7 @@ class TrainResult:
 @dataclass
 class Run:
     cfg: Config
-    accelerator: Accelerator
+    accelerator: StrategyAccelerator
     info: DatasetInfo
     tokenizer: Any
     model: torch.nn.Module
@@ -175,7 +174,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {resolve_strategy(cfg).name} over "
+    log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.strategy.name} over "
              f"{accelerator.num_processes} process(es) on {accelerator.device} | "
              f"{stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
