@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vkd_dist.slurm import _parse_time, build_parser, sbatch_script, spec_from_args
+from vkd_dist.slurm import TrainJob, _parse_time, build_parser, sbatch_script, spec_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launchers" / "slurm.py"
@@ -73,6 +73,35 @@ def test_slurm_dry_run_and_parsing(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=2" in proc.stdout and "vkd_dist.train" in proc.stdout and "resume=latest" in proc.stdout
     assert not (tmp_path / "run").exists()  # a dry run submits and creates nothing
+
+
+def test_early_time_limit_notice_is_warned_about_at_submission(tmp_path, capsys):
+    """slurmctld sends --signal up to 30 s early: a delay that leaves no time before that is flagged."""
+    spec_from_args(build_parser().parse_args(["--time", "1", "--signal-delay-s", "45", "--dry-run",
+                                              f"run_dir={tmp_path / 'run'}"]))
+    assert "SLURM may send the notice as soon as the job starts" in capsys.readouterr().err
+    spec_from_args(build_parser().parse_args(["--time", "1", "--signal-delay-s", "12", "--dry-run",
+                                              f"run_dir={tmp_path / 'run'}"]))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("restarts,status,requeues", [(0, "requeued", True), (1, "requeue-limit", False)])
+def test_notice_outside_training_is_recorded_in_the_job_file(tmp_path, monkeypatch, restarts, status, requeues):
+    """A notice that lands before train() installs its handler reaches submitit's checkpoint(): nothing to save,
+    but the attempt is recorded, so the job file's history has every requeue."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    job = TrainJob(None, [f"run_dir={run}", "optim.warmup_steps=0"], max_requeues=1)
+    delayed = job.checkpoint()
+    assert (delayed is not None) == requeues
+    info = json.loads((run / "slurm_job.json").read_text())
+    assert info["attempts"] == [{**info["attempts"][0], "job_id": "77", "restarts": restarts, "status": status,
+                                 "step": None, "outside_training": True}]
+    monkeypatch.setenv("SLURM_PROCID", "1")  # other ranks leave the record to rank 0
+    job.checkpoint()
+    assert len(json.loads((run / "slurm_job.json").read_text())["attempts"]) == 1
 
 
 # ----------------------------------------------------------------------------------------- real cluster
@@ -243,12 +272,14 @@ def test_slurm_crashing_job_is_reported_failed(cluster, dataset, tmp_path):
 
 @pytest.mark.slurm
 def test_slurm_time_limit_checkpoints_requeues_and_bounds_requeues(cluster, dataset, tmp_path):
-    """--time 1 with --signal-delay-s 45: SLURM sends USR2 ahead of the limit; the job checkpoints and requeues
-    once (--max-requeues 1); the second time limit ends it with a reported failure, checkpoint kept."""
+    """--time 1 with --signal-delay-s 12: SLURM sends USR2 ahead of the limit; the job checkpoints and requeues
+    once (--max-requeues 1); the second time limit ends it with a reported failure, checkpoint kept.
+    slurmctld checks limits every 30 s and signals up to 30 s early, so USR2 lands 18-48 s into each attempt:
+    after training has started (a delay of 45 s let it land during start-up, before any step)."""
     run = tmp_path / "run"
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--nodes", "2", "--cpu", "--time", "1",
-                             "--signal-delay-s", "45", "--max-requeues", "1", "--wait", "--wait-timeout", "200",
+                             "--signal-delay-s", "12", "--max-requeues", "1", "--wait", "--wait-timeout", "200",
                              f"run_dir={run}", *tiny(dataset, steps=100000, ckpt_every=50)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(cluster),
                             cwd=str(REPO))

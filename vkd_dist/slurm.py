@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 JOB_FILE = "slurm_job.json"
 SUBMITIT_DIR = "submitit"
+SLURM_CHECK_PERIOD_S = 30  # slurmctld's PERIODIC_TIMEOUT: it sends --signal up to this much early
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int, default=5,
                    help="how many times a preempted/timed-out job requeues itself (SLURM_RESTART_COUNT bound)")
     p.add_argument("--signal-delay-s", type=int, default=120,
-                   help="USR2 this many seconds before the time limit, so the job checkpoints and requeues")
+                   help="USR2 at least this many seconds before the time limit, so the job checkpoints and requeues "
+                        "(slurmctld checks limits every 30 s, so it may come up to 30 s earlier)")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch parameter passed through, e.g. --sbatch account=abc --sbatch qos=high "
                         "--sbatch exclusive (repeatable)")
@@ -191,10 +193,16 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     if gpus and tasks != gpus:
         raise SystemExit(f"slurm launcher: one task per GPU: --tasks-per-node {tasks} != --gpus-per-node {gpus}")
     config = str(Path(args.config).resolve()) if args.config else None
+    timeout_min = _parse_time(args.time)
+    if args.cluster == "slurm" and args.signal_delay_s + SLURM_CHECK_PERIOD_S >= 60 * timeout_min:
+        print(f"slurm launcher: warning: --signal-delay-s {args.signal_delay_s} with a {timeout_min}-minute limit: "
+              f"SLURM may send the notice as soon as the job starts (it checks limits every "
+              f"{SLURM_CHECK_PERIOD_S} s); a notice before training starts requeues without a checkpoint",
+              file=sys.stderr)
     return LaunchSpec(
         nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=gpus,
         cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8), mem_gb=args.mem_gb, partition=args.partition,
-        timeout_min=_parse_time(args.time), strategy=strategy.name,
+        timeout_min=timeout_min, strategy=strategy.name,
         offload_optimizer=cfg.dist.offload_optimizer, config=config, overrides=overrides + pinned,
         job_name=args.job_name or f"vkd-{Path(run_dir).name}", cluster=args.cluster, cpu=args.cpu,
         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s, sbatch=_parse_kv(args.sbatch, "--sbatch"),
@@ -350,9 +358,25 @@ class TrainJob:
         the StopRequest is not installed: nothing to save then; requeue within the same bound, or give up."""
         import submitit
 
-        if _restart_count() >= self.max_requeues:
-            return None  # submitit then records an error result: the job is reported failed
-        return submitit.helpers.DelayedSubmission(self)
+        restarts = _restart_count()
+        requeue = restarts < self.max_requeues
+        if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            self._record_outside_training(restarts, "requeued" if requeue else "requeue-limit")
+        # None: submitit records an error result, so the job is reported failed
+        return submitit.helpers.DelayedSubmission(self) if requeue else None
+
+    def _record_outside_training(self, restarts: int, status: str) -> None:
+        """Keep the attempt history complete; a record that cannot be written must not cost the requeue."""
+        from vkd_dist.config import ConfigError, load_config
+
+        try:
+            run_dir = Path(load_config(self.config, self.overrides).run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _update_job_file(run_dir, job_id=os.environ.get("SLURM_JOB_ID", ""), restarts=restarts, status=status,
+                             step=None, outside_training=True)
+        except (OSError, ConfigError) as exc:
+            print(f"[vkd-slurm] could not record the {status} attempt in {JOB_FILE}: {exc}", file=sys.stderr,
+                  flush=True)
 
     def __repr__(self) -> str:
         return f"TrainJob(config={self.config!r}, overrides={self.overrides!r}, strategy={self.strategy!r})"
