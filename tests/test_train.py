@@ -234,3 +234,24 @@ def test_compile_without_a_compiler_fails_before_any_work(tiny_data, tmp_path, m
     with pytest.raises(ConfigError, match=r"train.compile=true on the CPU: .*no compiler"):
         train(load_config(overrides=tiny_overrides(tiny_data, tmp_path, **{"train.compile": True})))
     assert not (tmp_path / "tokenizer").exists() and not (tmp_path / "tokens").exists()  # nothing built yet
+
+
+@pytest.mark.parametrize("setting,local,expected", [(None, "1", 2), (None, "2", 1), (1, "1", 1)])
+def test_cpu_threads_follow_the_cores_and_the_processes_on_the_node(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                    setting, local, expected):
+    """`accelerate launch` exports OMP_NUM_THREADS=1 on a CPU machine; train.cpu_threads (auto: the cores this
+    process may use / the processes on its node) decides instead, and the run header says what it chose."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine, whatever this one has
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    before = torch.get_num_threads()
+    try:
+        train(load_config(overrides=tiny_overrides(tiny_data, tmp_path, objective="image_only",
+                                                   **{"train.max_steps": 2, "train.test_at_end": False,
+                                                      "train.cpu_threads": "null" if setting is None else setting})))
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+    header = next(line for line in capsys.readouterr().out.splitlines() if "process(es) on cpu" in line)
+    assert f"| {expected} CPU thread(s)/process (train.cpu_threads" in header
+    assert ("auto, 2 cores / " + local) in header if setting is None else "auto" not in header

@@ -233,6 +233,17 @@ def build_accelerator(cfg: Config) -> StrategyAccelerator:
     return StrategyAccelerator(strategy, cpu=cpu, **common)
 
 
+def set_cpu_threads(requested: Optional[int], local_processes: int) -> str:
+    """torch's intra-op threads for a CPU run; returns the setting as the run header states it."""
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return f"{requested} CPU thread(s)/process (train.cpu_threads)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, local_processes))
+    torch.set_num_threads(threads)
+    return f"{threads} CPU thread(s)/process (train.cpu_threads: auto, {cores} cores / {local_processes} process(es))"
+
+
 def fsdp2_plugin():
     """FSDP2 with the settings of configs/accelerate/fsdp2.yaml: as `accelerate launch` exported them, or
     exported here for any other launch (SLURM, torchrun, one process)."""

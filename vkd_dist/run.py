@@ -7,6 +7,7 @@ for a benchmark."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from vkd_dist.config import Config, save_config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import Batch, TrainStream, train_loader
 from vkd_dist.data.schema import DatasetInfo
-from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_compile_toolchain
+from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_compile_toolchain, set_cpu_threads
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
 from vkd_dist.models.build import build_model
@@ -143,6 +144,10 @@ def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
 def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     restrict_access(cfg.run_dir, cfg.data.shared_group)  # before anything is written: owner-only (or the group's)
     accelerator = build_accelerator(cfg)
+    threads = ""
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads = " | " + set_cpu_threads(cfg.train.cpu_threads, local_processes)
     if cfg.train.compile:
         check_compile_toolchain(accelerator.device)
     set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
@@ -175,7 +180,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.strategy.name} over "
-             f"{accelerator.num_processes} process(es) on {accelerator.device} | "
+             f"{accelerator.num_processes} process(es) on {accelerator.device}{threads} | "
              f"{stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
     warn_unscorable(info, cfg.data.val_split, log.info)

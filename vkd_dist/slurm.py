@@ -300,6 +300,8 @@ class TrainJob:
         from vkd_dist.train import train
 
         cfg = load_config(self.config, self.overrides)
+        if cfg.train.cpu_threads is None:  # the allocation, not every core the node shows the task
+            cfg.train.cpu_threads = max(1, self.cpus_per_task)
         strategy = launch_strategy(self.strategy, cfg)  # the config may have changed since submission
         clear_strategy_env()
         os.environ.update(accelerate_env(strategy.name, cfg.dist.offload_optimizer))

@@ -136,6 +136,9 @@ class TrainConfig:
     deterministic: bool = False
     bootstrap_resamples: int = 1000  # patient-bootstrap resamples for the AUROC CIs (0 = no CIs)
     select_metric: str = "macro_auroc"  # the validation metric that picks best/ (vkd_dist.metrics.SELECTABLE)
+    # CPU runs: torch's intra-op threads per process. null = the cores this process may use / the processes on
+    # its node (`accelerate launch` exports OMP_NUM_THREADS=1 on a CPU machine, which would leave cores idle)
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
