@@ -6,7 +6,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from vkd_dist.config import ObjectiveConfig
 from vkd_dist.data.pipeline import Batch
-from vkd_dist.models.vkd import Gaussian, VKDModel, kl_diag_gaussians
+from vkd_dist.models.vkd import Gaussian, VKDModel, kl_diag_gaussians, kl_per_dim
 from vkd_dist.objectives import beta_at, build_objective, masked_bce
 
 
@@ -23,6 +23,9 @@ def test_kl_matches_torch_distributions_in_the_right_direction():
     assert torch.allclose(ours, ref, atol=1e-5)
     assert not torch.allclose(ours, kl_divergence(dist(p), dist(q)), atol=1e-3)  # KL(p||q) differs
     assert torch.allclose(kl_diag_gaussians(q, q), torch.zeros(5), atol=1e-6)
+    per_dim = kl_per_dim(q, p)  # what vkd_diagnostics counts active dimensions with
+    assert torch.allclose(per_dim, kl_divergence(Normal(q.mu, torch.exp(0.5 * q.logvar)),
+                                                 Normal(p.mu, torch.exp(0.5 * p.logvar))), atol=1e-5)
 
 
 def test_reparameterised_samples_have_the_right_moments():

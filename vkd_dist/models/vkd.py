@@ -27,10 +27,15 @@ class Gaussian:
         return self.mu + torch.exp(0.5 * self.logvar) * eps
 
 
-def kl_diag_gaussians(q: Gaussian, p: Gaussian) -> torch.Tensor:
-    """KL(q || p) per sample [B], summed over latent dimensions, computed in fp32."""
+def kl_per_dim(q: Gaussian, p: Gaussian) -> torch.Tensor:
+    """KL(q || p) per sample and latent dimension [B, D], computed in fp32."""
     mq, lq, mp, lp = (t.float() for t in (q.mu, q.logvar, p.mu, p.logvar))
-    return 0.5 * (lp - lq + (lq.exp() + (mq - mp) ** 2) / lp.exp() - 1.0).sum(-1)
+    return 0.5 * (lp - lq + (lq.exp() + (mq - mp) ** 2) / lp.exp() - 1.0)
+
+
+def kl_diag_gaussians(q: Gaussian, p: Gaussian) -> torch.Tensor:
+    """KL(q || p) per sample [B], summed over latent dimensions."""
+    return kl_per_dim(q, p).sum(-1)
 
 
 @dataclass
