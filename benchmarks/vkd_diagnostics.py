@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 ACTIVE_NATS = 0.05

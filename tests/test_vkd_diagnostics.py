@@ -33,7 +33,8 @@ def test_diagnostics_of_a_vkd_run(tiny_data, tmp_path, capsys):
 
 def test_a_run_with_one_path_is_refused(tiny_data, tmp_path, capsys):
     run = tmp_path / "image_only"
-    train(load_config(overrides=tiny_overrides(tiny_data, run, objective="image_only", **{"train.max_steps": 2,
-                                                                                           "train.test_at_end": False})))
+    overrides = tiny_overrides(tiny_data, run, objective="image_only",
+                               **{"train.max_steps": 2, "train.test_at_end": False})
+    train(load_config(overrides=overrides))
     assert vkd_diagnostics.main([str(run)]) == 2
     assert "objective image_only trains one path" in capsys.readouterr().err
