@@ -150,10 +150,11 @@ def test_the_full_and_quick_grids():
     assert list(full["arms"]) == list(study.ARMS) and full["seeds"] == [0, 1, 2, 3, 4]
     assert len(study.cells_of(full)) == 6 * 5 * 5
     quick = _grid("--quick")
-    assert list(quick["regimes"]) == ["n500", "contrast0.25"]
-    assert quick["regimes"]["contrast0.25"]["num_train"] == 500
-    assert list(quick["arms"]) == ["vkd", "image_only", "text_only", "kd"]  # kd's teacher added, before it
+    assert quick["regimes"] == {"contrast0.5": {**full["regimes"]["n2000"], "lesion_contrast": 0.5}}
+    assert list(quick["arms"]) == ["vkd", "image_only"] and len(study.cells_of(quick)) == 6
     assert quick["seeds"] == [0, 1, 2] and "train.max_steps=300" in quick["set"]
+    with_kd = _grid("--quick", "--arms", "vkd,kd")
+    assert list(with_kd["arms"]) == ["vkd", "text_only", "kd"]  # kd's teacher added, before it
 
 
 def test_kd_distils_from_the_text_only_run_of_its_regime_and_seed(tmp_path):
