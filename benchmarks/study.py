@@ -586,8 +586,8 @@ def _f(v: Optional[float], signed: bool = False) -> str:
 def markdown(study: dict, out: Path) -> tuple[str, str]:
     """(the whole study.md, its table and notes)."""
     grid, cmp = study["grid"], {(c["regime"], c["arm"]): c for c in study["comparisons"]}
-    lines = ["| regime | arm | test macro AUROC mean [95% CI] | n | delta vs image_only [paired 95% CI] p |",
-             "|---|---|---|---|---|"]
+    lines = ["| regime | arm | val macro AUROC (best/, mean) | test macro AUROC mean [95% CI] | n "
+             "| delta vs image_only [paired 95% CI] p |", "|---|---|---|---|---|---|"]
     for s in study["summaries"]:
         ci = f" [{_f(s['ci95'][0])}, {_f(s['ci95'][1])}]" if s["ci95"] else ""
         n = f"{s['n_ok']}" + (f" ({s['n_failed']} failed)" if s["n_failed"] else "")
@@ -603,7 +603,8 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
         else:
             delta = (f"{_f(c['delta'], True)} [{_f(c['ci'][0], True)}, {_f(c['ci'][1], True)}] "
                      f"p = {c['p_value']:.3g}")
-        lines.append(f"| {s['regime']} | {s['arm']} | {_f(s['mean'])}{ci} | {n} | {delta} |")
+        lines.append(f"| {s['regime']} | {s['arm']} | {_f(s['best_val_macro_auroc_mean'])} | {_f(s['mean'])}{ci} "
+                     f"| {n} | {delta} |")
     notes = [f"- {c['regime']} {c['arm']} vs {BASELINE}: not compared: {c.get('skipped') or c.get('error')}"
              for c in study["comparisons"] if "delta" not in c]
     if BASELINE not in grid["arms"]:
