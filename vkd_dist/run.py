@@ -146,7 +146,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     accelerator = build_accelerator(cfg)
     threads = ""
     if accelerator.device.type == "cpu":
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
         threads = " | " + set_cpu_threads(cfg.train.cpu_threads, local_processes)
     if cfg.train.compile:
         check_compile_toolchain(accelerator.device)
