@@ -70,11 +70,13 @@ def read_throughput(run_dir: Path) -> dict:
             "windows": len(sps)}
 
 
-def trainer_overrides(run_dir: Path, steps: int, log_every: int) -> list[str]:
-    """Measure-only overrides: no mid-run eval or checkpoint, no test pass."""
+def trainer_overrides(run_dir: Path, steps: int, log_every: int, threads: int) -> list[str]:
+    """Measure-only overrides: no mid-run eval or checkpoint, no test pass; `threads` CPU threads per process,
+    stated, so the trainer runs on the threads its comparison runs on (train.cpu_threads auto would decide)."""
     return [f"run_dir={run_dir}", f"train.max_steps={steps}", f"logging.log_every={log_every}",
             f"train.eval_every={10 ** 9}", f"train.ckpt_every={10 ** 9}", "train.test_at_end=false",
-            "train.eval_max_batches=1", "optim.warmup_steps=0"]  # warm-up no longer than the measured run
+            "train.eval_max_batches=1", "optim.warmup_steps=0",  # warm-up no longer than the measured run
+            f"train.cpu_threads={threads}"]
 
 
 def train_on(cfg: Config, batches: list | None = None) -> None:

@@ -75,11 +75,14 @@ def _paired_with_trainer(b: Bench, name: str, in_memory: bool) -> tuple[float, d
     """The bare loop and the trainer, interleaved (best of --repeat each), so both see the same machine load:
     (bare loop samples/s, the fastest trainer run's throughput). Trainer rate: its TensorBoard windows after
     the first; bare loop: after 2 warm-up steps."""
+    import torch
+
     log_every = max(2, b.n_steps // 2)
     bare, fastest = 0.0, None
     for _ in range(b.repeat):
         bare = max(bare, bare_loop_rate(b, 2 * log_every))
-        cfg = b.trainer_cfg(*trainer_overrides(b.workdir / f"{name}-{time.monotonic_ns()}", log_every * 3, log_every))
+        cfg = b.trainer_cfg(*trainer_overrides(b.workdir / f"{name}-{time.monotonic_ns()}", log_every * 3, log_every,
+                                               torch.get_num_threads()))  # the bare loop's threads
         run = run_trainer(cfg, in_memory_batches(b) if in_memory else None)
         if fastest is None or run["samples_per_s"] > fastest["samples_per_s"]:
             fastest = run

@@ -18,7 +18,7 @@ def _launch(b: Bench, name: str, nproc: int, stage: int | None, steps: int, log_
     """One torchrun launch of benchmarks/_trainer_runs.py: its figures, or its error."""
     res_dir = b.workdir / f"scaling-{name}"
     overrides = b.run_overrides() + ["data.num_workers=0", "logging.progress=false"]
-    overrides += trainer_overrides(res_dir / "run", steps, log_every)
+    overrides += trainer_overrides(res_dir / "run", steps, log_every, threads=1)  # as OMP_NUM_THREADS below
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
     env.pop("ACCELERATE_USE_DEEPSPEED", None)
