@@ -82,7 +82,7 @@ def _pipeline_breakdown(b: Bench, tokens) -> dict:
     import webdataset as wds
 
     from vkd_dist.data.augment import BatchAugment
-    from vkd_dist.data.pipeline import Collate
+    from vkd_dist.data.pipeline import Collate, training_policy
     from vkd_dist.data.schema import decode_image
 
     def first_shard():
@@ -109,8 +109,9 @@ def _pipeline_breakdown(b: Bench, tokens) -> dict:
         start, n = time.perf_counter(), sum(1 for _ in members)
         return 1e3 * (time.perf_counter() - start) / max(1, n)
 
-    live = Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing)
-    tabled = Collate(b.tokenizer, d.max_text_len, d.uncertain, d.missing, tokens=tokens)
+    policy = training_policy(b.info, d)
+    live = Collate(b.tokenizer, d.max_text_len, policy)
+    tabled = Collate(b.tokenizer, d.max_text_len, policy, tokens=tokens)
     for collate in (live, tabled):  # once per worker, not per sample: the tokenizer backend
         collate._token_ids([], [])
     with one_thread():

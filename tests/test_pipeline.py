@@ -14,6 +14,7 @@ from vkd_dist.data import pipeline
 from vkd_dist.data.pipeline import eval_loader, train_loader
 from vkd_dist.data.schema import read_dataset
 from vkd_dist.data.tokens import build_wordpiece_tokenizer, report_texts
+from vkd_dist.labels import LabelPolicy
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_token_table_and_cached_tokenisation_equal_the_tokenizer_call(tokenizer,
     table = build_token_table(tmp_path / "tokens", "val", shards, tokenizer, max_len)
     assert len(table) == read_dataset(tiny_data).num_samples("val")
     for tokens in (None, table):
-        collate = Collate(tokenizer, max_len, "ignore", "mask", tokens=tokens)
+        collate = Collate(tokenizer, max_len, LabelPolicy("ignore", "mask"), tokens=tokens)
         for _ in range(2):  # second pass: reports come from the table or the per-worker cache
             ours = collate._tokenize(texts, keys)
             assert torch.equal(ours["input_ids"], ref["input_ids"])
@@ -308,3 +309,35 @@ def test_a_bug_in_decoding_is_raised_not_skipped(tiny_data, tokenizer, monkeypat
     stream = train_loader(read_dataset(tiny_data), "train", _cfg(num_workers=workers), tokenizer)
     with pytest.raises(TypeError, match="a bug, not a corrupt sample"):
         next(iter(stream.epoch(0)))
+
+
+def test_training_follows_the_datasets_policy_unless_overridden_and_unlabelled_studies_are_masked(tmp_path, tokenizer):
+    from vkd_dist.data.pipeline import training_policy
+    from vkd_dist.data.synthetic import build_synthetic
+
+    build_synthetic(tmp_path, 40, 8, 8, image_size=48, seed=1, label_fraction=0.25, samples_per_shard=40,
+                    workers=1, progress=False)
+    info = read_dataset(tmp_path)
+    assert info.train_policy == info.eval_policy == LabelPolicy("ignore", "negative")
+    assert training_policy(info, _cfg()) == LabelPolicy("ignore", "negative")  # null keys: the data set's
+    assert training_policy(info, _cfg(missing="mask")) == LabelPolicy("ignore", "mask")
+    unlabelled = {s["key"] for s in pipeline.decoded(iter(_raw_samples(info, "train")), 48) if not s["labelled"]}
+    assert len(unlabelled) == 30
+    batches = list(train_loader(info, "train", _cfg(num_workers=0, batch_size=40, shuffle_buffer=1),
+                                tokenizer).epoch(0))
+    rows = {k: (t, m) for b in batches for k, t, m in zip(b.keys, b.targets, b.target_mask)}
+    assert len(rows) == 40
+    for key, (targets, mask) in rows.items():
+        if key in unlabelled:  # masked whole, although blank reads as negative
+            assert not mask.any() and not targets.any()
+        else:  # a labelled study under blank = negative: only its uncertain entries are left out
+            assert mask.sum() >= 10
+    # A data set that declares another training policy is trained with it.
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta["train_policy"] = {"uncertain": "zeros", "missing": "mask"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    assert training_policy(read_dataset(tmp_path), _cfg()) == LabelPolicy("zeros", "mask")
+    meta["train_policy"] = {"uncertain": "maybe", "missing": "mask"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"dataset.json: 'train_policy' .*uncertain='maybe'"):
+        read_dataset(tmp_path)

@@ -41,9 +41,9 @@ def manifest(tmp_path_factory):
         ("img/exif.jpg", "Normal.", "P3", "0", "-1", "no finding"),
         ("img/trunc.jpg", "x", "P4", "0", "0", "No Finding"),
         ("img/missing.png", "x", "P5", "0", "0", "No Finding"),
-        (str(img / "huge.jpg"), "Big image.", "P6", "", "", "Edema|Cardiomegaly"),
-        ("img/tiny.png", "x", "P7", "", "", ""),
-        ("img/pal.png", "   ", "P8", "", "", ""),  # empty report
+        (str(img / "huge.jpg"), "Big image.", "P6", "", "0", "Edema|Cardiomegaly"),
+        ("img/tiny.png", "x", "P7", "", "0", ""),
+        ("img/pal.png", "   ", "P8", "", "0", "No Finding"),  # empty report
         ("img/pal.png", "bad label", "P9", "yes", "", "Flu"),
         ("", "no image", "P10", "", "", ""),
     ]
@@ -102,8 +102,11 @@ def test_categorical_keep_empty_and_split_col(manifest, tmp_path):
     assert labels["row-0000003"]["No Finding"] == 1 and labels["row-0000003"]["Cardiomegaly"] == 0
     assert labels["row-0000004"]["No Finding"] == 1  # case-insensitive
     assert labels["row-0000007"]["Edema"] == 1 and labels["row-0000007"]["Cardiomegaly"] == 1
-    assert labels["row-0000009"] == {n: None for n in LABELS}
-    assert "'Flu' is not a CheXpert label" in open(tmp_path / "o" / "rejects.csv").read()
+    assert labels["row-0000009"]["No Finding"] == 1
+    rejects = open(tmp_path / "o" / "rejects.csv").read()
+    assert "'Flu' is not a CheXpert label" in rejects
+    # A blank categorical cell gives no labels at all: rejected, not read as 14 negatives.
+    assert "row-0000008" not in samples and "no_labels: m.csv line 9: every label cell is blank" in rejects
     assert meta["rejects"] == 5
 
 
@@ -119,3 +122,49 @@ def test_cli_and_errors(manifest, tmp_path, capsys):
         parse_label_cols("Effusion")
     with pytest.raises(ValueError, match="exactly one of"):
         convert_manifest(manifest, tmp_path / "x", image_col="path", text_col="report", patient_col="pid")
+
+
+def test_unlabelled_rows_kept_only_with_allow_unlabelled_and_only_for_training(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.new("L", (64, 64), 100).save(img / "a.png")
+    rows = [("img/a.png", f"report {i}", f"P{i}", split, "1" if i % 3 == 0 else "") for i, split in
+            enumerate(["train"] * 6 + ["val", "test"])]  # rows 0 and 3 labelled in train; val/test unlabelled
+    rows[6] = (*rows[6][:4], "0")  # a labelled val row
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "report", "pid", "split", "Cardiomegaly"])
+        w.writerows(rows)
+    common = dict(image_col="path", text_col="report", patient_col="pid", split_col="split",
+                  label_cols="Cardiomegaly", opts=ConvertOptions(image_size=32), workers=1, progress=False)
+    strict = convert_manifest(tmp_path / "m.csv", tmp_path / "strict", **common)
+    assert strict["rejects_by_reason"] == {"no_labels": 5}  # 4 train rows + the test row
+    assert strict["splits"]["train"]["num_unlabelled"] == 0
+
+    meta = convert_manifest(tmp_path / "m.csv", tmp_path / "o", allow_unlabelled=True, **common)
+    assert meta["rejects_by_reason"] == {"no_labels": 1}  # the test row: a scored study needs labels
+    assert "a validation or test study is scored" in (tmp_path / "o" / "rejects.csv").read_text()
+    train = meta["splits"]["train"]
+    assert (train["num_samples"], train["num_labelled"], train["num_unlabelled"]) == (6, 2, 4)
+    # Label counts and prevalence are over the labelled studies: unlabelled blanks are not counted as blanks.
+    assert meta["label_counts"]["train"]["Cardiomegaly"] == {"1": 2, "0": 0, "-1": 0, "null": 0}
+    assert meta["prevalence"]["train"]["Cardiomegaly"] == 1.0
+    samples = read_all(tmp_path / "o")
+    flags = {k: json.loads(v["json"]).get("labelled", True) for k, v in samples.items() if v["split"] == "train"}
+    assert flags == {"row-0000001": True, "row-0000002": False, "row-0000003": False, "row-0000004": True,
+                     "row-0000005": False, "row-0000006": False}
+
+
+def test_allow_unlabelled_cli_counts_them(tmp_path, capsys):
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.new("L", (64, 64), 100).save(img / "a.png")
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "text", "split", "Edema"])
+        w.writerows([("img/a.png", "one", "train", "1"), ("img/a.png", "two", "train", ""),
+                     ("img/a.png", "three", "val", "0"), ("img/a.png", "four", "test", "1")])
+    assert vkd_data(["manifest", "--csv", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"), "--split-col",
+                     "split", "--patient-col", "", "--label-cols", "Edema", "--allow-unlabelled", "--image-size",
+                     "32", "--workers", "1", "--no-progress"]) == 0
+    assert "train: 2 samples in 1 shards (1 without labels)" in capsys.readouterr().out

@@ -102,3 +102,47 @@ def test_finding_visibility_scales_with_contrast():
         return np.mean(eff) - np.mean(no)
     weak, strong = base_diff(0.3), base_diff(2.0)
     assert strong > weak and strong > 3.0
+
+
+def test_label_fraction_drops_labels_of_training_studies_only_nested_and_seeded(tmp_path):
+    from conftest import read_shards
+
+    small = dict(image_size=32, samples_per_shard=16, workers=1, progress=False, seed=2)
+    full = build_synthetic(tmp_path / "full", 40, 8, 8, **small)
+    tenth = build_synthetic(tmp_path / "f0.1", 40, 8, 8, label_fraction=0.1, **small)
+    quarter = build_synthetic(tmp_path / "f0.25", 40, 8, 8, label_fraction=0.25, **small)
+    train = tenth["splits"]["train"]
+    assert (train["num_samples"], train["num_labelled"], train["num_unlabelled"]) == (40, 4, 36)
+    assert full["splits"]["train"]["num_unlabelled"] == 0 and quarter["splits"]["train"]["num_labelled"] == 10
+    assert tenth["params"]["label_fraction"] == 0.1
+    # Validation and test are the fully labelled corpus's, byte for byte.
+    digests = {name: _digest(tmp_path / name) for name in ("full", "f0.1")}
+    for split in ("val", "test"):
+        assert {k: v for k, v in digests["full"].items() if k.startswith(split)} == \
+               {k: v for k, v in digests["f0.1"].items() if k.startswith(split)}
+    a, b, c = (read_shards(tmp_path / n, "train") for n in ("full", "f0.1", "f0.25"))
+    labelled = {n: {k for k, s in d.items() if s["meta"].get("labelled", True)} for n, d in (("f0.1", b), ("f0.25", c))}
+    assert labelled["f0.1"] < labelled["f0.25"]  # nested: a smaller fraction's labelled studies are a subset
+    for key, sample in b.items():
+        assert sample["text"] == a[key]["text"] and sample["image"] == a[key]["image"]  # same report and image
+        if key in labelled["f0.1"]:
+            assert sample["meta"]["labels"] == a[key]["meta"]["labels"]
+        else:  # no labels at all, marked as such
+            assert sample["meta"]["labelled"] is False and set(sample["meta"]["labels"].values()) == {None}
+    # Label counts describe the labelled studies only: their blanks, never the unlabelled studies'.
+    counts = tenth["label_counts"]["train"]["Cardiomegaly"]
+    assert sum(counts.values()) == 4
+    again = build_synthetic(tmp_path / "again", 40, 8, 8, label_fraction=0.1, **small)
+    assert _digest(tmp_path / "again") == digests["f0.1"] and again["splits"] == tenth["splits"]
+
+
+def test_label_fraction_is_checked(tmp_path, capsys):
+    import pytest
+
+    from vkd_dist.data.cli import main as vkd_data
+
+    with pytest.raises(ValueError, match=r"label fraction 0.0 must be in \(0, 1\]"):
+        build_synthetic(tmp_path, 10, 2, 2, label_fraction=0.0, progress=False)
+    assert vkd_data(["synthetic", "--out", str(tmp_path / "x"), "--num-train", "10", "--label-fraction", "1.5"]) == 2
+    assert "label fraction 1.5 must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "dataset.json").exists()

@@ -1,9 +1,13 @@
 """Label sets and the policies that turn 1/0/-1/missing values into (targets, mask).
 
 A data set declares its label names in order (`dataset.json` "labels": the 14 CheXpert labels by default, or a
-manifest's own columns) and its **evaluation policy**: how blank and uncertain entries are scored. Training may
-use another policy (`data.uncertain`, `data.missing`); evaluation always uses the data set's, so two runs
-trained differently are scored on the same targets.
+manifest's own columns), its **evaluation policy** (how blank and uncertain entries are scored) and its
+**training policy** (how training reads them; the evaluation policy unless the data set says otherwise, so a
+model is trained on the targets it is scored on). `data.uncertain` / `data.missing` override the training
+policy; evaluation always uses the data set's, so two runs trained differently are scored on the same targets.
+
+A study with no labels at all (a report but no curated labels: `"labelled": false` in its shard json) is
+masked whole under every policy: no policy turns its blanks into negatives.
 """
 
 from __future__ import annotations
@@ -37,21 +41,28 @@ MISSING_POLICIES = ("mask", "negative")
 
 
 @dataclass(frozen=True)
-class EvalPolicy:
-    """How a data set's blank (missing) and uncertain (-1) entries are scored. The default is the published
-    MIMIC-CXR / CheXpert convention: blank counts as negative, uncertain is left out."""
+class LabelPolicy:
+    """How a data set's blank (missing) and uncertain (-1) entries are read, in evaluation or in training. The
+    default is the published MIMIC-CXR / CheXpert convention: blank counts as negative, uncertain is left out."""
 
     uncertain: str = "ignore"
     missing: str = "negative"
 
     def __post_init__(self):
         if self.uncertain not in UNCERTAIN_POLICIES:
-            raise ValueError(f"eval policy: uncertain={self.uncertain!r} (expected {', '.join(UNCERTAIN_POLICIES)})")
+            raise ValueError(f"label policy: uncertain={self.uncertain!r} (expected {', '.join(UNCERTAIN_POLICIES)})")
         if self.missing not in MISSING_POLICIES:
-            raise ValueError(f"eval policy: missing={self.missing!r} (expected {', '.join(MISSING_POLICIES)})")
+            raise ValueError(f"label policy: missing={self.missing!r} (expected {', '.join(MISSING_POLICIES)})")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        return f"blank={self.missing}, uncertain={self.uncertain}"
+
+    def overridden(self, uncertain: Optional[str], missing: Optional[str]) -> LabelPolicy:
+        """This policy with the keys a config sets (None: keep this policy's)."""
+        return LabelPolicy(uncertain or self.uncertain, missing or self.missing)
 
     def scored(self, counts: Mapping[str, int]) -> tuple[int, int]:
         """(positives, negatives) of one label given its value counts {"1", "0", "-1", "null"}."""
@@ -63,6 +74,9 @@ class EvalPolicy:
         if self.missing == "negative":
             neg += counts.get("null", 0)
         return pos, neg
+
+
+EvalPolicy = LabelPolicy  # the name the evaluation side has always used
 
 
 # The literature's convention per source (README "Data"): MIMIC-CXR and the synthetic corpus (whose reports
@@ -116,11 +130,14 @@ def check_label_dict(labels: Mapping[str, Optional[float]], where: str = "sample
 
 
 def encode_labels(labels: Mapping[str, Optional[int]], uncertain: str = "ignore", missing: str = "mask",
-                  names: Sequence[str] = LABELS):
+                  names: Sequence[str] = LABELS, labelled: bool = True):
     """Return (targets float32[L], mask bool[L]) under the uncertain (ignore|ones|zeros) and
-    missing (mask|negative) policies. Masked entries have target 0 and contribute to no loss or metric."""
+    missing (mask|negative) policies. Masked entries have target 0 and contribute to no loss or metric; an
+    unlabelled study (`labelled=False`) is masked whole, whatever the policy."""
     targets = np.zeros(len(names), dtype=np.float32)
     mask = np.zeros(len(names), dtype=bool)
+    if not labelled:
+        return targets, mask
     for i, name in enumerate(names):
         value = labels.get(name)
         if value == 1:

@@ -38,7 +38,7 @@ def ensure_dataset(cfg: Config, accelerator=None) -> DatasetInfo:
                   flush=True)
             build_synthetic(path, s.num_train, s.num_val, s.num_test, image_size=s.image_size, seed=s.seed,
                             lesion_contrast=s.lesion_contrast, noise=s.noise, label_noise=s.label_noise,
-                            prevalence_scale=s.prevalence_scale, progress=False)
+                            prevalence_scale=s.prevalence_scale, label_fraction=s.label_fraction, progress=False)
     try:
         info = read_dataset(path)
     except (FileNotFoundError, ValueError) as exc:  # e.g. another schema version: one line, as vkd-train prints
@@ -74,6 +74,26 @@ def teacher_run_dir(cfg: Config) -> Path:
         raise ConfigError(f"objective {cfg.objective.name} needs objective.kd_teacher (a text_only run directory)")
     path = Path(cfg.objective.kd_teacher)
     return path if (path / "config.yaml").is_file() else path.parent
+
+
+def adopt_teacher_text_features(cfg: Config) -> Optional[str]:
+    """A teacher trained on precomputed text features (vkd-data embed-text) has no text encoder: the student's
+    batches must carry the same features. Sets data.text_features from the teacher's config when the student
+    names none, and returns a line saying so (None when nothing changed)."""
+    from vkd_dist.evaluate import load_run_config  # evaluate imports this module
+
+    if not get_objective(cfg.objective.name).needs_teacher or cfg.data.text_features:
+        return None
+    teacher = teacher_run_dir(cfg)
+    features = load_run_config(teacher).data.text_features
+    if not features:
+        return None
+    if not Path(features).exists():
+        raise ConfigError(f"objective.kd_teacher={cfg.objective.kd_teacher}: the teacher was trained on "
+                          f"data.text_features={features}, which is gone; make it again with vkd-data embed-text "
+                          "or pass data.text_features=PATH")
+    cfg.data.text_features = features
+    return f"data.text_features={features}: the kd teacher's precomputed report features (from {teacher}/config.yaml)"
 
 
 def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:

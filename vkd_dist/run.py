@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from vkd_dist import checkpoint
 from vkd_dist.config import Config, save_config
 from vkd_dist.data.augment import BatchAugment
-from vkd_dist.data.pipeline import Batch, TrainStream, train_loader
+from vkd_dist.data.pipeline import Batch, TrainStream, train_loader, training_policy
 from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_compile_toolchain, set_cpu_threads
 from vkd_dist.evaluate import load_teacher
@@ -29,6 +29,7 @@ from vkd_dist.models.build import build_model
 from vkd_dist.objectives import Objective, build_objective, get_objective
 from vkd_dist.optim import build_optimizer, lr_lambda
 from vkd_dist.prepare import (
+    adopt_teacher_text_features,
     check_resume_config,
     ensure_dataset,
     record_run_labels,
@@ -131,6 +132,19 @@ def epochs(stream: BatchStream, epoch: int, skip: int) -> Iterator[tuple[int, in
         epoch, skip = epoch + 1, 0
 
 
+def label_header(cfg: Config, info: DatasetInfo) -> str:
+    """How this run reads its labels, how it is scored, and how many training studies have labels at all."""
+    policy = training_policy(info, cfg.data)
+    overridden = [k for k in ("uncertain", "missing") if getattr(cfg.data, k) is not None]
+    source = f"data.{', data.'.join(overridden)}" if overridden else "the data set's training policy"
+    split = cfg.data.train_split
+    unlabelled = info.num_unlabelled(split)
+    counts = (f"{info.num_samples(split) - unlabelled} labelled, {unlabelled} with a report but no labels"
+              if unlabelled else f"all {info.num_samples(split)} labelled")
+    return (f"labels: trained with {policy.describe()} ({source}); scored with {info.eval_policy.describe()} | "
+            f"{split} studies: {counts}")
+
+
 def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
     """Every rank built the same initial weights from train.seed; from here on each draws its own latent noise
     and dropout masks (seed + rank), or more ranks would average K identical samples instead of K x ranks
@@ -152,6 +166,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         check_compile_toolchain(accelerator.device)
     set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
     check_resume_config(cfg)  # a resume onto another model shape: refused before data, model or config.yaml
+    adopted = adopt_teacher_text_features(cfg)  # before config.yaml, which then records it
     info = ensure_dataset(cfg, accelerator)
     record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
     if accelerator.is_main_process:
@@ -183,6 +198,9 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
              f"{accelerator.num_processes} process(es) on {accelerator.device}{threads} | "
              f"{stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
+    log.info(label_header(cfg, info))
+    if adopted:
+        log.info(adopted)
     warn_unscorable(info, cfg.data.val_split, log.info)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
     return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, stream, augment, log, state)

@@ -9,26 +9,29 @@ from typing import Any
 from vkd_dist.config.schema import Config, ConfigError, did_you_mean, no_dataset, not_allowed, unknown_key
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.uncertain": ("ignore", "ones", "zeros"),
-    "data.missing": ("mask", "negative"),
+    "data.uncertain": (None, "ignore", "ones", "zeros"),  # None: the data set's training policy
+    "data.missing": (None, "mask", "negative"),
     "model.text_pooling": ("cls", "mean"),
     "model.attn_implementation": ("sdpa", "eager"),
     "model.posterior": ("text", "image_text"),
     "model.inference": ("prior_mean", "mc"),
+    "model.image_head": ("shared", "separate"),
+    "objective.image_bce": ("sample", "mean"),
     "objective.beta_schedule": ("constant", "warmup", "cyclical"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 
 POSITIVE: tuple[str, ...] = (  # null, where allowed, is fine
-    "data.synthetic.num_train", "data.synthetic.image_size", "data.image_size", "data.batch_size",
+    "data.synthetic.num_train", "data.synthetic.image_size", "data.synthetic.label_fraction", "data.image_size", "data.batch_size",
     "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
     "model.num_samples", "model.vocab_size", "optim.lr", "optim.grad_accum", "train.max_steps", "train.eval_every",
     "train.eval_max_batches", "train.ckpt_every", "train.keep_last", "train.cpu_threads", "logging.log_every",
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "data.shuffle_buffer",
-    "objective.beta", "objective.prior_bce_weight", "optim.weight_decay", "optim.warmup_steps",
+    "objective.beta", "objective.prior_bce_weight", "objective.free_bits",
+    "optim.weight_decay", "optim.warmup_steps",
     "optim.grad_clip",  # 0 = no clipping
     "train.bootstrap_resamples",
 )
@@ -37,6 +40,7 @@ INTERVALS: dict[str, tuple[float, float, bool]] = {
     "optim.min_lr_ratio": (0.0, 1.0, True),  # the cosine's floor, as a fraction of optim.lr
     "objective.kd_alpha": (0.0, 1.0, True),
     "data.synthetic.label_noise": (0.0, 1.0, True),
+    "data.synthetic.label_fraction": (0.0, 1.0, True),
     "model.dropout": (0.0, 1.0, False),  # p=1 would zero every activation
 }
 
@@ -196,6 +200,10 @@ def validate(cfg: Config) -> None:
                           f"objective={cfg.objective.name}")
     if cfg.objective.kd_teacher and not Path(cfg.objective.kd_teacher).exists():
         raise ConfigError(f"objective.kd_teacher={cfg.objective.kd_teacher}: no such file or directory")
+    if cfg.objective.text_init:
+        from vkd_dist.models.text_init import check_text_init
+
+        check_text_init(cfg)
     if cfg.model.text_trainable_layers is not None and cfg.model.text_trainable_layers < 0:
         raise ConfigError("model.text_trainable_layers must be >= 0 or null")
     _validate_pretrained(cfg)

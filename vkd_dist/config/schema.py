@@ -30,6 +30,8 @@ class SyntheticConfig:
     noise: float = 1.0
     label_noise: float = 0.05
     prevalence_scale: float = 1.0
+    # < 1: a seeded 1 - F of the training studies have a report but no labels (vkd_dist/data/synthetic.py)
+    label_fraction: float = 1.0
 
 
 @dataclass
@@ -50,8 +52,10 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None  # virtual epoch length; None = the split's sample count
     max_text_len: int = 128
     pretokenize: bool = True  # tokenise the training reports once per run (RUN/tokens), not in every epoch
-    uncertain: str = "ignore"  # what -1 labels become: ignore (masked) | ones | zeros
-    missing: str = "mask"  # what unmentioned labels become: mask | negative
+    # How training reads the labels; null = the data set's training policy (dataset.json train_policy, else its
+    # eval_policy: a model trained on the targets it is scored on). Unlabelled studies are masked whatever these say.
+    uncertain: Optional[str] = None  # what -1 labels become: ignore (masked) | ones | zeros
+    missing: Optional[str] = None  # what blank (unmentioned) labels become: mask | negative
     augment: bool = True
     hflip: bool = False  # off by default: laterality matters in chest X-rays
     max_rotate_deg: float = 5.0
@@ -94,6 +98,9 @@ class ModelConfig:
     num_samples: int = 4  # K Monte Carlo samples of z during training
     inference: str = "prior_mean"  # prior_mean | mc (mean probability over K prior samples, with spread)
     dropout: float = 0.1
+    # the image path's classifier: shared (p(y|z), the report path's too) | separate (its own, on [z, pooled image
+    # features], as the authors' code); applies to every objective with an image path
+    image_head: str = "shared"
 
 
 @dataclass
@@ -109,6 +116,13 @@ class ObjectiveConfig:
     kd_teacher: Optional[str] = None  # run dir or checkpoint of a text_only run (objective=kd)
     kd_alpha: float = 0.5
     kd_temperature: float = 2.0
+    # vkd only: the image path's BCE on sample (K samples of p) | mean (mu_p, what inference reads)
+    image_bce: str = "sample"
+    detach_posterior: bool = False  # vkd: KL(stopgrad(q) || p): the prior regresses onto the report's code
+    free_bits: float = 0.0  # vkd: nats per latent dimension; each dim's batch-mean KL counts as max(KL_d, free_bits)
+    # a text_only run directory (or a checkpoint in one): the report path (text encoder, posterior head,
+    # classifier) starts from its weights, and the run uses its tokenizer
+    text_init: Optional[str] = None
 
 
 @dataclass
@@ -189,7 +203,7 @@ def did_you_mean(value: Any, options: Iterable[str]) -> str:
 
 
 def not_allowed(key: str, value: Any, allowed: Iterable[str]) -> ConfigError:
-    allowed = [str(a) for a in allowed]
+    allowed = ["null" if a is None else str(a) for a in allowed]
     return ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(allowed)}{did_you_mean(value, allowed)})")
 
 

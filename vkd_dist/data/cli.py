@@ -35,6 +35,10 @@ def _add_synthetic(sub) -> None:
                         "finding is drawn")
     p.add_argument("--prevalence-scale", type=float, default=1.0,
                    help="multiplies every finding's base rate (each capped at 0.9)")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="fraction of training studies that keep their labels (0 < F <= 1); the others keep image "
+                        "and report but have no labels at all (reports for every study, labels for few). A seeded, "
+                        "nested choice; val and test keep every label")
     p.add_argument("--samples-per-shard", type=int, default=250, help="samples per tar shard")
     p.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="image encoding in the shards")
     p.add_argument("--workers", type=int, default=0, help="rendering processes (0 = all cores)")
@@ -48,7 +52,7 @@ def _run_synthetic(args) -> int:
         meta = build_synthetic(args.out, args.num_train, args.num_val, args.num_test, image_size=args.image_size,
                                seed=args.seed, lesion_contrast=args.lesion_contrast, noise=args.noise,
                                label_noise=args.label_noise, prevalence_scale=args.prevalence_scale,
-                               samples_per_shard=args.samples_per_shard, workers=args.workers,
+                               label_fraction=args.label_fraction, samples_per_shard=args.samples_per_shard, workers=args.workers,
                                fmt=args.image_format)
     print(summary_line(meta, t.seconds))
     prev = meta["prevalence"]["train"]

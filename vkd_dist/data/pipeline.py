@@ -43,7 +43,7 @@ from webdataset.filters import _shuffle
 from vkd_dist.data.faults import CORRUPT, SkipLedger
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import TokenTable, fast_backend
-from vkd_dist.labels import LABELS, encode_labels
+from vkd_dist.labels import LABELS, LabelPolicy, encode_labels
 
 if TYPE_CHECKING:
     from vkd_dist.config import DataConfig
@@ -113,9 +113,9 @@ class Collate:
 
     CACHE_REPORTS = 200_000  # token ids kept per worker (int32, unpadded) for reports missing from the table
 
-    def __init__(self, tokenizer, max_len: int, uncertain: str, missing: str, labels: Sequence[str] = LABELS,
+    def __init__(self, tokenizer, max_len: int, policy: LabelPolicy, labels: Sequence[str] = LABELS,
                  text_features=None, tokens=None, ledger: Optional[SkipLedger] = None):
-        self.tokenizer, self.max_len, self.uncertain, self.missing = tokenizer, max_len, uncertain, missing
+        self.tokenizer, self.max_len, self.policy = tokenizer, max_len, policy
         self.labels = labels
         self.ledger = ledger or SkipLedger()  # the stream's: its counts go into each Batch
         self.text_features = text_features  # key -> precomputed text-encoder output (frozen-text fast path)
@@ -163,7 +163,8 @@ class Collate:
         images = torch.from_numpy(np.stack([s["image"] for s in samples]))[:, None]
         keys = [s["key"] for s in samples]
         enc = self._tokenize([s["text"] for s in samples], keys)
-        encoded = [encode_labels(s["labels"], self.uncertain, self.missing, self.labels) for s in samples]
+        encoded = [encode_labels(s["labels"], self.policy.uncertain, self.policy.missing, self.labels,
+                                 s.get("labelled", True)) for s in samples]
         targets = torch.from_numpy(np.stack([t for t, _ in encoded]))
         mask = torch.from_numpy(np.stack([m for _, m in encoded]))
         wid, _ = _worker()
@@ -188,7 +189,7 @@ def decode_sample(raw: dict, size: int) -> dict:
         raise ValueError("the json has no 'labels' mapping")
     image = fit(decode_image(raw[img_key]), size)
     return {"key": key, "image": image, "text": raw["txt"].decode("utf-8"), "labels": meta["labels"],
-            "patient_id": str(meta.get("patient_id") or key)}
+            "labelled": meta.get("labelled", True) is not False, "patient_id": str(meta.get("patient_id") or key)}
 
 
 def _members(raw: dict) -> str:
@@ -316,6 +317,11 @@ def _text_features(cfg: DataConfig, split: str):
     return TextFeatureLookup(cfg.text_features, split)
 
 
+def training_policy(info: DatasetInfo, cfg: DataConfig) -> LabelPolicy:
+    """The data set's training policy with what data.uncertain / data.missing override."""
+    return info.train_policy.overridden(cfg.uncertain, cfg.missing)
+
+
 def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank: int = 0, world: int = 1,
                  seed: int = 0, tokens: Optional[TokenTable] = None) -> TrainStream:
     """`tokens` is the split's TokenTable, if any. Returns a stream whose every rank yields
@@ -331,7 +337,7 @@ def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank
         _TrainShards(urls, seed, rank, world, position),
         wds.tarfile_to_samples(handler=ledger.shard_failed),
         _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position, ledger),
-        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, cfg.uncertain, cfg.missing,
+        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, training_policy(info, cfg),
                                                          info.labels, _text_features(cfg, split), tokens, ledger),
                     partial=False),
         _EpochBatches(per_worker, position),
@@ -389,9 +395,8 @@ def eval_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank:
     pipeline = wds.DataPipeline(
         shards, wds.tarfile_to_samples(handler=ledger.shard_failed), shards.select,
         partial(decoded, size=cfg.image_size, ledger=ledger),
-        wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, policy.uncertain,
-                                                              policy.missing, info.labels, _text_features(cfg, split),
-                                                              ledger=ledger),
+        wds.batched(cfg.eval_batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, policy, info.labels,
+                                                              _text_features(cfg, split), ledger=ledger),
                     partial=True),
     )
     loader = _loader(pipeline, min(cfg.num_workers, max(1, len(urls))) if len(urls) > 0 else 0)

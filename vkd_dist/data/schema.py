@@ -5,13 +5,17 @@ A sample in a shard tar is three members with one key:
               decodes ~3x faster than PNG at 256 px (0.23 ms vs 0.62-0.73 ms) and is ~25% smaller; sources such
               as MIMIC-CXR-JPG are JPEG already. `.png` (lossless) is accepted everywhere as an alternative.
   <key>.txt   the report text (normalised, UTF-8)
-  <key>.json  {"labels": {<label name>: 1|0|-1|null, ...}, "patient_id", "study_id", "view", "source", ...}
+  <key>.json  {"labels": {<label name>: 1|0|-1|null, ...}, "patient_id", "study_id", "view", "source", ...};
+              "labelled": false marks a study that has a report but no labels at all (a training-split study
+              outside the curated subset): every policy masks it whole, and it is counted apart
 Shards live at DIR/<split>/shard-000000.tar; DIR/dataset.json describes them; DIR/rejects.csv lists
 every item a writer skipped, with the reason.
 
 dataset.json declares the label names in order ("labels": the 14 CheXpert labels unless a manifest was
-converted with its own columns) and the evaluation policy ("eval_policy": how blank and uncertain entries are
-scored; see vkd_dist/labels.py). Files written before eval_policy existed get their source's convention.
+converted with its own columns), the evaluation policy ("eval_policy": how blank and uncertain entries are
+scored; see vkd_dist/labels.py) and the training policy ("train_policy": how training reads them; the evaluation
+policy unless a writer says otherwise). Files written before either existed get their source's convention, and
+their evaluation policy for training. Each split records its labelled and unlabelled study counts.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ import numpy as np
 from PIL import Image
 
 from vkd_dist.fileio import atomic_write_text
-from vkd_dist.labels import LABELS, SOURCE_EVAL_POLICY, EvalPolicy, check_label_dict, check_label_names, scorable_labels
+from vkd_dist.labels import (
+    LABELS,
+    SOURCE_EVAL_POLICY,
+    EvalPolicy,
+    LabelPolicy,
+    check_label_dict,
+    check_label_names,
+    scorable_labels,
+)
 
 SCHEMA_VERSION = 1
 IMAGE_KEYS = ("jpg", "png")
@@ -50,11 +62,16 @@ class Record:
     view: str = ""
     source: str = ""
     extra: dict = field(default_factory=dict)
+    labelled: bool = True  # False: a report but no labels at all (every label must be null)
 
     def meta(self, names: Sequence[str] = LABELS) -> dict:
-        return {"labels": check_label_dict(self.labels, where=self.key, names=names),
-                "patient_id": str(self.patient_id), "study_id": str(self.study_id), "view": self.view,
-                "source": self.source, **self.extra}
+        labels = check_label_dict(self.labels, where=self.key, names=names)
+        if not self.labelled and any(v is not None for v in labels.values()):
+            raise ValueError(f"{self.key}: an unlabelled study has label values {labels}")
+        # Written only when false: shards of fully labelled data stay byte-identical to earlier ones.
+        unlabelled = {} if self.labelled else {"labelled": False}
+        return {"labels": labels, "patient_id": str(self.patient_id), "study_id": str(self.study_id),
+                "view": self.view, "source": self.source, **self.extra, **unlabelled}
 
 
 @dataclass
@@ -121,6 +138,7 @@ def empty_label_counts(names: Sequence[str] = LABELS) -> dict:
 
 
 def add_label_counts(counts: dict, labels: dict) -> None:
+    """Counts of one labelled study's values (an unlabelled study is counted apart, never as blanks)."""
     for name in counts:
         value = labels.get(name)
         counts[name]["null" if value is None else str(int(value))] += 1
@@ -133,14 +151,21 @@ def prevalence(counts: dict, num_samples: int) -> dict:
 
 def write_dataset_json(out_dir: Path, splits: dict, rejects: int, params: dict, source: str,
                        label_counts: dict, rejects_by_reason: Optional[dict] = None,
-                       labels: Sequence[str] = LABELS, eval_policy: Optional[EvalPolicy] = None) -> dict:
+                       labels: Sequence[str] = LABELS, eval_policy: Optional[EvalPolicy] = None,
+                       train_policy: Optional[LabelPolicy] = None) -> dict:
+    """`splits[name]` holds num_samples, shards and num_unlabelled (0 when absent); num_labelled is derived."""
+    eval_policy = eval_policy or SOURCE_EVAL_POLICY.get(source, EvalPolicy())
+    for split in splits.values():
+        split.setdefault("num_unlabelled", 0)
+        split["num_labelled"] = split["num_samples"] - split["num_unlabelled"]
     meta = {
         "schema_version": SCHEMA_VERSION,
         "source": source,
         "labels": list(labels),
-        "eval_policy": (eval_policy or SOURCE_EVAL_POLICY.get(source, EvalPolicy())).to_dict(),
+        "eval_policy": eval_policy.to_dict(),
+        "train_policy": (train_policy or eval_policy).to_dict(),
         "splits": splits,
-        "prevalence": {s: prevalence(label_counts[s], splits[s]["num_samples"]) for s in splits},
+        "prevalence": {s: prevalence(label_counts[s], splits[s]["num_labelled"]) for s in splits},
         "label_counts": label_counts,
         "rejects": rejects,
         "rejects_by_reason": rejects_by_reason or {},
@@ -176,6 +201,16 @@ class DatasetInfo:
         raw = self.meta.get("eval_policy")
         return EvalPolicy(**raw) if raw else SOURCE_EVAL_POLICY.get(self.meta.get("source", ""), EvalPolicy())
 
+    @property
+    def train_policy(self) -> LabelPolicy:
+        """How training reads the labels unless data.uncertain / data.missing say otherwise: the data set's
+        declared training policy, else its evaluation policy (a model trained on the targets it is scored on)."""
+        raw = self.meta.get("train_policy")
+        return LabelPolicy(**raw) if raw else self.eval_policy
+
+    def num_unlabelled(self, split: str) -> int:
+        return int(self.split(split).get("num_unlabelled", 0))
+
     def scorable_labels(self, split: str) -> list[str]:
         """The labels with both classes on `split` under the evaluation policy: what its macro AUROC averages."""
         counts = self.meta.get("label_counts", {}).get(split)
@@ -203,11 +238,12 @@ def read_dataset(root: str | Path) -> DatasetInfo:
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")
     check_label_names(meta["labels"], f"{path}: 'labels'")
-    if meta.get("eval_policy") is not None:
-        try:
-            EvalPolicy(**meta["eval_policy"])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: 'eval_policy' {meta['eval_policy']}: {exc}") from exc
+    for key in ("eval_policy", "train_policy"):
+        if meta.get(key) is not None:
+            try:
+                LabelPolicy(**meta[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: {key!r} {meta[key]}: {exc}") from exc
     return DatasetInfo(root, meta)
 
 

@@ -32,7 +32,7 @@ from vkd_dist.data.schema import (
     write_dataset_json,
 )
 from vkd_dist.fileio import atomic_write_text
-from vkd_dist.labels import LABELS, EvalPolicy
+from vkd_dist.labels import LABELS, EvalPolicy, LabelPolicy
 
 MakeRecord = Callable[[Any], Union[Record, Reject]]
 PROGRESS_DIR = ".progress"
@@ -42,7 +42,8 @@ PROGRESS_DIR = ".progress"
 class SplitResult:
     shards: list = field(default_factory=list)  # [{"name", "num_samples"}]
     rejects: list = field(default_factory=list)  # [Reject]
-    label_counts: dict = field(default_factory=empty_label_counts)
+    label_counts: dict = field(default_factory=empty_label_counts)  # of the labelled studies
+    num_unlabelled: int = 0  # studies with a report but no labels
     kept: int = 0  # shards found finished by an earlier run
 
     @property
@@ -59,7 +60,7 @@ def _write_shard(job: tuple) -> dict:
     tar_path = out_dir / split / shard_name(index)
     # Streamed to a temporary name (atomic_write_bytes would need the whole tar in memory), renamed when complete.
     tmp_path = tar_path.with_name(f".tmp-{tar_path.name}")
-    counts, rejects, n = empty_label_counts(labels), [], 0
+    counts, rejects, n, unlabelled = empty_label_counts(labels), [], 0, 0
     with wds.TarWriter(str(tmp_path), mtime=0) as sink:  # an int: a float mtime adds a PAX header per member
         for item in items:
             try:
@@ -71,11 +72,14 @@ def _write_shard(job: tuple) -> dict:
                 continue
             sample = to_sample(rec, fmt, labels)
             sink.write(sample)
-            add_label_counts(counts, json.loads(sample["json"])["labels"])
+            if rec.labelled:
+                add_label_counts(counts, json.loads(sample["json"])["labels"])
+            else:
+                unlabelled += 1
             n += 1
     os.replace(tmp_path, tar_path)
     progress = {"fingerprint": fingerprint, "name": tar_path.name, "num_samples": n, "label_counts": counts,
-                "rejects": rejects}
+                "num_unlabelled": unlabelled, "rejects": rejects}
     atomic_write_text(_progress_path(out_dir, split, index), json.dumps(progress))
     return progress
 
@@ -120,6 +124,7 @@ def write_split(out_dir: Path, split: str, items: Sequence, make_record: MakeRec
         res = done[index]
         result.shards.append({"name": res["name"], "num_samples": res["num_samples"]})
         result.rejects.extend(Reject(**r) for r in res["rejects"])
+        result.num_unlabelled += res.get("num_unlabelled", 0)
         for name, c in res["label_counts"].items():
             for k, v in c.items():
                 result.label_counts[name][k] += v
@@ -128,7 +133,7 @@ def write_split(out_dir: Path, split: str, items: Sequence, make_record: MakeRec
 
 def finish_dataset(out_dir: Path, results: dict[str, SplitResult], params: dict, source: str,
                    extra_rejects: Iterable[Reject] = (), labels: Sequence[str] = LABELS,
-                   eval_policy: Optional[EvalPolicy] = None) -> dict:
+                   eval_policy: Optional[EvalPolicy] = None, train_policy: Optional[LabelPolicy] = None) -> dict:
     """Write rejects.csv and dataset.json for the splits written by `write_split`."""
     out_dir = Path(out_dir)
     rejects = [*extra_rejects, *(r for res in results.values() for r in res.rejects)]
@@ -141,14 +146,17 @@ def finish_dataset(out_dir: Path, results: dict[str, SplitResult], params: dict,
     for r in rejects:
         kind = r.reason.split(":", 1)[0]
         by_reason[kind] = by_reason.get(kind, 0) + 1
-    splits = {name: {"num_samples": res.num_samples, "shards": res.shards} for name, res in results.items()}
+    splits = {name: {"num_samples": res.num_samples, "shards": res.shards, "num_unlabelled": res.num_unlabelled}
+              for name, res in results.items()}
     return write_dataset_json(out_dir, splits, len(rejects), params, source,
                               {name: res.label_counts for name, res in results.items()}, by_reason, labels,
-                              eval_policy)
+                              eval_policy, train_policy)
 
 
 def summary_line(meta: dict, seconds: Optional[float] = None) -> str:
-    parts = [f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards" for name, s in meta["splits"].items()]
+    parts = [f"{name}: {s['num_samples']} samples in {len(s['shards'])} shards"
+             + (f" ({s['num_unlabelled']} without labels)" if s.get("num_unlabelled") else "")
+             for name, s in meta["splits"].items()]
     took = f" in {seconds:.1f}s" if seconds is not None else ""
     return f"wrote {'; '.join(parts)}; {meta['rejects']} rejected{took}"
 

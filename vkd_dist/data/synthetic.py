@@ -7,6 +7,12 @@ report describes it. Labels come from what the report says, as MIMIC-CXR's come 
 `label_noise` makes the image disagree with the report for a fraction of findings, so that the image
 alone is noisy while the report makes the labels nearly certain - the regime VKD is meant for.
 Everything is drawn from numpy generators seeded by (seed, split, index): same arguments, same bytes.
+
+`label_fraction` F < 1 builds the regime users live in, reports for every study and labels for few: in the
+training split a seeded random 1 - F of the studies keep their image and report but lose every label (written as
+unlabelled studies, see vkd_dist/data/schema.py). Which studies keep labels is one permutation seeded by `seed`,
+so a smaller F's labelled studies are a subset of a larger F's, and the images and reports are those of the
+fully labelled corpus. Validation and test are unchanged.
 """
 
 from __future__ import annotations
@@ -374,8 +380,18 @@ def render_image(rng: np.random.Generator, findings: list[Finding], p: Synthetic
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def labelled_indices(num_train: int, label_fraction: float, seed: int) -> set[int]:
+    """The training studies that keep their labels: the first round(F * N) of one seeded permutation (nested)."""
+    if not 0 < label_fraction <= 1:
+        raise ValueError(f"label fraction {label_fraction} must be in (0, 1] (the fraction of training studies that "
+                         "keep their labels)")
+    order = np.random.default_rng([seed, 7919]).permutation(num_train)
+    return set(order[: round(label_fraction * num_train)].tolist())
+
+
 def make_record(job: tuple) -> Record:
-    split, index, params = job
+    split, index, params, *rest = job
+    labelled = rest[0] if rest else True
     p = SyntheticParams(**params)
     rng = np.random.default_rng([p.seed, SPLIT_IDS[split], index])
     labels, findings, findings_text, pathologic = sample_case(rng, p)
@@ -383,8 +399,10 @@ def make_record(job: tuple) -> Record:
     text = render_report(rng, labels, findings_text, pathologic, view)
     image = render_image(rng, findings, p)
     pid = f"syn{p.seed}-{split}-{index:07d}"
+    if not labelled:
+        labels = {name: None for name in labels}
     return Record(key=f"{split}-{index:07d}", image=image, text=normalise_whitespace(text), labels=labels,
-                  patient_id=pid, study_id=f"{pid}-s0", view=view, source="synthetic")
+                  patient_id=pid, study_id=f"{pid}-s0", view=view, source="synthetic", labelled=labelled)
 
 
 def normalise_whitespace(text: str) -> str:
@@ -394,8 +412,8 @@ def normalise_whitespace(text: str) -> str:
 
 def build_synthetic(out: str | Path, num_train: int, num_val: int, num_test: int, *, image_size: int = 256,
                     seed: int = 0, lesion_contrast: float = 1.0, noise: float = 1.0, label_noise: float = 0.05,
-                    prevalence_scale: float = 1.0, samples_per_shard: int = 250, workers: int = 0,
-                    fmt: str = "jpg", progress: bool = True) -> dict:
+                    prevalence_scale: float = 1.0, label_fraction: float = 1.0, samples_per_shard: int = 250,
+                    workers: int = 0, fmt: str = "jpg", progress: bool = True) -> dict:
     """Generate the corpus into `out` (shards + dataset.json). Returns the dataset.json contents."""
     import os
 
@@ -403,12 +421,16 @@ def build_synthetic(out: str | Path, num_train: int, num_val: int, num_test: int
     params = asdict(SyntheticParams(image_size, seed, lesion_contrast, noise, label_noise, prevalence_scale, fmt))
     workers = workers or (os.cpu_count() or 1)
     counts = {"train": num_train, "val": num_val, "test": num_test}
+    labelled = labelled_indices(num_train, label_fraction, seed)
     results = {}
     for split in SPLITS:
-        jobs = [(split, i, params) for i in range(counts[split])]
+        partial_labels = split == "train" and label_fraction < 1
+        jobs = [(split, i, params, not partial_labels or i in labelled) for i in range(counts[split])]
+        # The fraction enters the fingerprint only where it changes shards: fully labelled ones stay as cached.
+        fingerprint = {**params, "label_fraction": label_fraction} if partial_labels else params
         results[split] = write_split(out, split, jobs, make_record, samples_per_shard=samples_per_shard,
                                      workers=workers, fmt=fmt, progress=progress,
-                                     fingerprint=json.dumps(params, sort_keys=True))
+                                     fingerprint=json.dumps(fingerprint, sort_keys=True))
     sizes = {f"num_{split}": n for split, n in counts.items()}
-    return finish_dataset(out, results, {**params, **sizes, "samples_per_shard": samples_per_shard},
-                          source="synthetic")
+    return finish_dataset(out, results, {**params, **sizes, "label_fraction": label_fraction,
+                                         "samples_per_shard": samples_per_shard}, source="synthetic")

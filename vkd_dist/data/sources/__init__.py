@@ -171,7 +171,8 @@ def run_and_report(build: Callable[[], dict]) -> int:
 
 
 def build_record(opts: ConvertOptions, *, split: str, key: str, image_path: str, text: str, labels: dict,
-                 patient_id: str, study_id: str, view: str, source: str, extra: Optional[dict] = None):
+                 patient_id: str, study_id: str, view: str, source: str, extra: Optional[dict] = None,
+                 labelled: bool = True):
     """The shared tail of every converter's make_record: empty-report policy, then the image.
     Returns a Record or a Reject (never raises for a bad image)."""
     from vkd_dist.data.images import ImageError, load_image
@@ -185,7 +186,7 @@ def build_record(opts: ConvertOptions, *, split: str, key: str, image_path: str,
     except ImageError as exc:
         return Reject(split=split, item_id=key, reason=exc.reason, path=str(image_path))
     return Record(key=key, image=image, text=text, labels=labels, patient_id=str(patient_id),
-                  study_id=str(study_id), view=view, source=source, extra=extra or {})
+                  study_id=str(study_id), view=view, source=source, extra=extra or {}, labelled=labelled)
 
 
 def open_table(path: Path):

@@ -20,8 +20,14 @@ Evaluation policy (dataset.json "eval_policy"; training has its own, data.uncert
 Split: --split-col (train / val / validate / test) if given, else a deterministic patient-level hash
 split of --patient-col with --val-frac / --test-frac / --seed (a missing patient column is an error;
 pass --patient-col "" to treat every row as its own patient).
+Unlabelled rows: a row whose every label cell is blank has no labels at all; reading its blanks as negatives
+(the default policy) would invent 14 negative findings, so it is rejected (no_labels) unless
+--allow-unlabelled is given. Then a training-split row becomes an unlabelled study: its image and report are
+used by objectives that learn from reports (vkd, kd), never as negatives, and the conversion summary counts
+them. Validation and test rows still need labels (they are scored), so they are rejected there either way.
 Key: row-NNNNNNN (the 1-based data row). Text is whitespace-normalised (vkd_dist/data/reports.py).
-Rejects: bad_row (empty image path, unknown split value), bad_label, empty_report and the image kinds.
+Rejects: bad_row (empty image path, unknown split value), bad_label, no_labels, empty_report and the image
+kinds.
 """
 
 from __future__ import annotations
@@ -95,16 +101,16 @@ def categorical_labels(value: str, where: str) -> dict:
 
 
 def make_record(item: tuple, opts: ConvertOptions):
-    split, key, image, raw_text, labels, patient, study = item
+    split, key, image, raw_text, labels, patient, study, labelled = item
     text = normalise_text(raw_text, opts.deid, opts.deid_token)
     return build_record(opts, split=split, key=key, image_path=image, text=text, labels=dict(labels),
-                        patient_id=patient, study_id=study, view="", source=SOURCE)
+                        patient_id=patient, study_id=study, view="", source=SOURCE, labelled=labelled)
 
 
 def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = "image", text_col: str = "text",
          label_cols: Optional[str] = None, label_col: Optional[str] = None, patient_col: str = "patient_id",
          study_col: Optional[str] = None, split_col: Optional[str] = None, val_frac: float = 0.1,
-         test_frac: float = 0.1, seed: int = 0, label_set: str = "chexpert"):
+         test_frac: float = 0.1, seed: int = 0, label_set: str = "chexpert", allow_unlabelled: bool = False):
     """(items by split, rejects, counts, label names in order)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -161,10 +167,19 @@ def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = 
             except ValueError as exc:
                 rejects.append(Reject(split, key, f"bad_label: {exc}", str(path)))
                 continue
+            labelled = any(v is not None for v in labels.values())
+            if not labelled and not (allow_unlabelled and split == "train"):
+                why = ("a validation or test study is scored, so it needs labels" if allow_unlabelled else
+                       "--allow-unlabelled keeps such training rows as studies with a report but no labels")
+                rejects.append(Reject(split, key, f"no_labels: {csv_path.name} line {line}: every label cell is "
+                                      f"blank ({why})", str(path)))
+                continue
             study = (row[study_col] or "").strip() if study_col else key
             items[split].append((split, key, str(path), row[text_col] or "", tuple(labels.items()), patient,
-                                 study or key))
-    return items, rejects, {"rows": rows, "planned": sum(len(v) for v in items.values())}, names
+                                 study or key, labelled))
+    planned = sum(len(v) for v in items.values())
+    unlabelled = sum(not item[-1] for v in items.values() for item in v)
+    return items, rejects, {"rows": rows, "planned": planned, "unlabelled": unlabelled}, names
 
 
 def convert_manifest(csv_path, out, *, opts: ConvertOptions = ConvertOptions(), image_root=None,
@@ -172,15 +187,17 @@ def convert_manifest(csv_path, out, *, opts: ConvertOptions = ConvertOptions(), 
                      label_col: Optional[str] = None, patient_col: str = "patient_id", study_col: Optional[str] = None,
                      split_col: Optional[str] = None, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
                      label_set: str = "chexpert", eval_policy: EvalPolicy = EvalPolicy(),
-                     samples_per_shard: int = 1000, workers: int = 0, progress: bool = True) -> dict:
+                     allow_unlabelled: bool = False, samples_per_shard: int = 1000, workers: int = 0,
+                     progress: bool = True) -> dict:
     """Convert a CSV manifest into `out`; returns the dataset.json contents."""
     opts.check()
     items, rejects, counts, names = plan(
         csv_path, image_root=image_root, image_col=image_col, text_col=text_col, label_cols=label_cols,
         label_col=label_col, patient_col=patient_col, study_col=study_col, split_col=split_col, val_frac=val_frac,
-        test_frac=test_frac, seed=seed, label_set=label_set)
+        test_frac=test_frac, seed=seed, label_set=label_set, allow_unlabelled=allow_unlabelled)
     params = {**options_params(opts), "image_col": image_col, "text_col": text_col, "label_cols": label_cols,
-              "label_col": label_col, "label_set": label_set, "patient_col": patient_col, "split_col": split_col,
+              "label_col": label_col, "label_set": label_set, "allow_unlabelled": allow_unlabelled,
+              "patient_col": patient_col, "split_col": split_col,
               "split": "column" if split_col else "patient-hash",
               **({} if split_col else {"val_frac": val_frac, "test_frac": test_frac, "seed": seed}), "counts": counts}
     return convert(out, items, partial(make_record, opts=opts), params, SOURCE, rejects,
@@ -203,6 +220,9 @@ def add_subcommand(sub) -> None:
                    help="how evaluation scores a blank label cell (negative: as MIMIC-CXR; mask: left out)")
     p.add_argument("--eval-uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
                    help="how evaluation scores -1 (ignore: left out, as MIMIC-CXR)")
+    p.add_argument("--allow-unlabelled", action="store_true",
+                   help="keep training rows whose every label cell is blank as studies with a report but no "
+                        "labels (default: reject them as no_labels, since blank would read as negative)")
     p.add_argument("--patient-col", default="patient_id", help="patient id for the patient-level split "
                                                                "('' = every row its own patient)")
     p.add_argument("--study-col", help="optional study id column")
@@ -219,4 +239,4 @@ def _run(args) -> int:
         label_cols=args.label_cols, label_col=args.label_col, patient_col=args.patient_col, study_col=args.study_col,
         split_col=args.split_col, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
         label_set=args.label_set, eval_policy=EvalPolicy(args.eval_uncertain, args.eval_missing),
-        **common_kwargs(args)))
+        allow_unlabelled=args.allow_unlabelled, **common_kwargs(args)))
