@@ -2,19 +2,38 @@
 
     python -m benchmarks.study                               # the full grid, 150 cells, into runs/study
     python -m benchmarks.study --quick                       # QUICK below, into runs/study-quick
-    python -m benchmarks.study --regimes n500,n2000 --arms vkd,image_only --seeds 3 --set train.max_steps=300
+    python -m benchmarks.study --evidence                    # EVIDENCE below, into runs/study-evidence
+    python -m benchmarks.study --regimes n500,labels0.1 --arms vkd,image_only --seeds 3 --set train.max_steps=300
     python -m benchmarks.study --arm beta1=objective.beta=1.0,objective.beta_schedule=constant --arms image_only
+    python -m benchmarks.study --arm neg=data.missing=negative --policy-control neg --arms vkd,image_only
     python -m benchmarks.study --report-only --out runs/study  # study.md, plots, comparisons again; no training
 
 Grid. Regimes are settings of the synthetic corpus (vkd_dist/data/synthetic.py), one factor varied at a time
 around a base (BASE_REGIME, CORPUS): `n<N>` sets num_train, `noise<p>` label_noise, `contrast<c>`
-lesion_contrast, the other knobs staying at the base (`--corpus key=value` moves the base or the split sizes).
-The full grid is n500, n2000 (the base), n8000, noise0.2, contrast0.5, contrast0.25, with 400 validation and
-1,000 test studies each and data seed 0, so every arm and seed of a regime is scored on the same test samples
-(the comparisons are paired). Each regime's corpus is built once into OUT/data/<regime>. Arms are the ARMS
-table: key=value overrides on the base config (configs/default.yaml, or --config); `kd` distils from the
-`text_only` run of the same regime and seed, which the study adds to the grid when kd is asked for. Seeds are
-train.seed=0..N-1.
+lesion_contrast, `labels<F>` label_fraction (0 < F <= 1: a seeded 1 - F of the training studies keep image and
+report but have no labels; the labelled subsets are nested, the images and reports those of the fully labelled
+corpus; `labels1` is the base), the other knobs staying at the base (`--corpus key=value` moves the base or the
+split sizes; two names for one corpus are refused). The full grid is n500, n2000 (the base), n8000, noise0.2,
+contrast0.5, contrast0.25, with 400 validation and 1,000 test studies each and data seed 0, so every arm and seed
+of a regime is scored on the same test samples (the comparisons are paired). Each regime's corpus is built once
+into OUT/data/<regime>. Seeds are train.seed=0..N-1.
+
+Arms are the ARMS table: key=value overrides on the base config (configs/default.yaml, or --config). The full
+grid runs DEFAULT_ARMS (vkd, vkd_paper, image_only, text_only, kd); the VKD variants vkd_mean, vkd_sep, vkd_reg
+and vkd_reg_init run when named (or with --evidence). An override KEY=@ARM gives KEY the path of ARM's run of the
+same regime and seed (vkd_reg_init: objective.text_init=@text_only), and an arm of objective kd gets
+objective.kd_teacher=@text_only unless it sets that key: ARM is added to the grid and runs first, and a cell
+whose ARM run has not finished fails without training.
+
+Label policy. Every arm trains under one label policy: data.missing and data.uncertain as the base config and
+--set leave them (unset: the data set's own training policy, dataset.json train_policy). An arm whose overrides
+give either another value is refused (exit 2) unless it is named with --policy-control ARM (repeatable, part of
+the grid): a deliberate comparison of policies, marked as such in study.md.
+
+Presets (explicit flags still win): --quick, the faint-lesion regime contrast0.5, vkd against image_only, 3 seeds,
+300 steps: 6 cells, ~15 minutes on 2 CPU cores. --evidence, labels0.1 and the base n2000; image_only, kd (with
+its text_only teacher), vkd, vkd_mean, vkd_sep, vkd_reg, vkd_reg_init; 5 seeds; 300 steps, validation every 100
+so that best/ is picked on validation: 80 cells, ~3.5 h on 2 CPU cores (an estimate from --quick's cells: not run).
 
 Per-cell budget. Every cell trains train.max_steps x data.batch_size x optim.grad_accum samples, the same for
 every arm (arms may not set those keys; `--set` sets them for all). study.json and study.md state it.
@@ -30,7 +49,8 @@ run, the full grid is over a day on 2 CPU cores (an estimate: it has not been ru
 
 Outputs in OUT: study.json (the grid, the budget, every cell, per regime x arm summaries with a 95 %
 t-interval over seeds, the paired comparisons), study.md (the table), auroc_vs_train_size.png and, where the
-grid varies them, auroc_vs_label_noise.png and auroc_vs_lesion_contrast.png. Each image-inference arm is
+grid varies them, auroc_vs_label_noise.png, auroc_vs_lesion_contrast.png and auroc_vs_label_fraction.png (log
+axis; the base, fully labelled, is its point at 1). Each image-inference arm is
 compared with image_only within each regime by vkd_dist.compare (each arm's seeds averaged, one paired patient
 bootstrap for the delta's 95 % CI and p), on the final/ checkpoints that test_metrics.json describes. text_only
 reads the report at inference: it is listed as the teacher's ceiling, not compared.
@@ -57,24 +77,35 @@ if __package__ in (None, ""):  # run as a file: import the package from the repo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.bench import REPO  # noqa: E402
+from benchmarks.study_plots import PLOTS, plot_knob  # noqa: E402
 from vkd_dist.fileio import atomic_write_text  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ the grid
-ARMS: dict[str, list[str]] = {  # name -> key=value overrides on the base config
+REG = ["objective.detach_posterior=true", "objective.image_bce=mean", "objective.free_bits=0.1"]
+ARMS: dict[str, list[str]] = {  # name -> key=value overrides on the base config (KEY=@ARM: ARM's run, same cell)
     "vkd": [],  # the embedded default
     "vkd_paper": ["objective.prior_bce_weight=0", "objective.beta=1.0", "objective.beta_schedule=constant",
                   "model.text_encoder=minilm", "model.freeze_text=true"],  # the paper's objective, frozen MiniLM
     "image_only": ["objective.name=image_only"],
     "text_only": ["objective.name=text_only"],
-    "kd": ["objective.name=kd"],  # + objective.kd_teacher: the text_only run of the same regime and seed
+    "kd": ["objective.name=kd"],  # + objective.kd_teacher=@text_only (OBJECTIVE_RUNS)
+    "vkd_mean": ["objective.image_bce=mean"],  # the image path's BCE on mu_p, what inference reads
+    # the authors' separate image classifier on [z_p, image features]
+    "vkd_sep": ["model.image_head=separate", "objective.image_bce=mean"],
+    "vkd_reg": REG,  # distillation as regression onto the teacher's code: q detached in the KL, 0.1 nats/dim free
+    "vkd_reg_init": [*REG, "objective.text_init=@text_only"],  # vkd_reg, its report path from text_only's weights
 }
+DEFAULT_ARMS = ["vkd", "vkd_paper", "image_only", "text_only", "kd"]  # the full grid's
 BASELINE = "image_only"  # what every image-inference arm is compared with
-TEACHER_ARM = {"kd": "text_only"}  # objective -> the arm whose run (same regime, seed) is its objective.kd_teacher
-BASE_REGIME = {"num_train": 2000, "label_noise": 0.05, "lesion_contrast": 1.0}
+RUN_REF = re.compile(r"@([A-Za-z0-9_.-]+)")  # KEY=@ARM: the path of ARM's run of the same regime and seed
+OBJECTIVE_RUNS = {"kd": ("objective.kd_teacher", "text_only")}  # objective -> KEY=@ARM, unless an arm sets KEY
+POLICY_KEYS = ("data.missing", "data.uncertain")  # one label policy per study (but --policy-control arms)
+BASE_REGIME = {"num_train": 2000, "label_noise": 0.05, "lesion_contrast": 1.0, "label_fraction": 1.0}
 VARIED: dict[str, list[Any]] = {"num_train": [500, 2000, 8000], "label_noise": [0.05, 0.2],
                                 "lesion_contrast": [1.0, 0.5, 0.25]}
 CORPUS = {"num_val": 400, "num_test": 1000, "image_size": 128, "seed": 0}  # every regime
-PREFIX = {"noise": "label_noise", "contrast": "lesion_contrast", "n": "num_train"}  # regime name -> knob
+PREFIX = {"noise": "label_noise", "contrast": "lesion_contrast", "labels": "label_fraction",
+          "n": "num_train"}  # regime name -> knob; "noise" before "n"
 SEEDS = 5
 # --quick (explicit flags still win): the faint-lesion regime, the default against its baseline, 3 seeds, half the
 # default's steps: 6 cells, ~15 minutes on 2 CPU cores (README "Evidence")
@@ -82,13 +113,17 @@ QUICK: dict[str, Any] = {
     "regimes": ["contrast0.5"], "arms": ["vkd", "image_only"], "seeds": 3,
     "set": ["train.max_steps=300", "train.eval_every=300", "train.ckpt_every=300"], "out": "runs/study-quick",
 }
+# --evidence: a tenth of the labels against all of them, the VKD variants against image_only and kd, 5 seeds,
+# validation every 100 steps (best/ picked on it): 80 cells with kd's teacher
+EVIDENCE: dict[str, Any] = {
+    "regimes": ["labels0.1", "n2000"], "seeds": 5, "out": "runs/study-evidence",
+    "arms": ["image_only", "kd", "vkd", "vkd_mean", "vkd_sep", "vkd_reg", "vkd_reg_init"],
+    "set": ["train.max_steps=300", "train.eval_every=100", "train.ckpt_every=300"],
+}
 CHECKPOINT = "final"  # the model test_metrics.json describes; the comparisons use the same one
 OWNED = ("run_dir", "resume", "train.seed", "data.path", "data.synthetic")  # the study sets these per cell
 AGREED = {"data.build_synthetic": False}  # also set per cell; a --set that says the same is harmless
 BUDGET_KEYS = ("train.max_steps", "data.batch_size", "optim.grad_accum")  # the same for every arm
-PLOTS = {"num_train": ("auroc_vs_train_size.png", "training-set size (studies)"),
-         "label_noise": ("auroc_vs_label_noise.png", "label noise (fraction of findings the image does not show)"),
-         "lesion_contrast": ("auroc_vs_lesion_contrast.png", "lesion contrast")}
 TAIL_LINES = 20  # of a failed cell's log, kept as its error
 
 
@@ -106,19 +141,29 @@ def regime_name(knob: str, value: float) -> str:
     return f"{prefix}{value:g}"
 
 
+def knob_value(knob: str, text: str, where: str) -> float:
+    """A corpus knob's value, checked: sizes are positive integers, label_fraction is in (0, 1]."""
+    if not re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", text.strip()):
+        raise StudyError(f"{where}: {text!r} is not a number")
+    value = float(text)
+    if knob in ("num_train", "num_val", "num_test", "image_size"):
+        if not value.is_integer() or value < 1:
+            raise StudyError(f"{where}: {knob} must be a positive integer")
+        return int(value)
+    if knob == "label_fraction" and not 0 < value <= 1:
+        raise StudyError(f"{where}: label_fraction (the labelled fraction of the training studies) must be in (0, 1]")
+    return value
+
+
 def parse_regime(name: str, base: dict) -> tuple[str, dict]:
-    """`n500` / `noise0.2` / `contrast0.25` -> (the name as the study writes it, the base corpus with that knob set)."""
+    """`n500` / `noise0.2` / `contrast0.25` / `labels0.1` -> (the name as the study writes it, the base corpus with
+    that knob set)."""
     for prefix, knob in PREFIX.items():  # "noise" before "n"
-        m = re.fullmatch(rf"{prefix}(\d+(?:\.\d*)?)", name)
-        if m:
-            value = float(m.group(1))
-            if knob == "num_train":
-                if not value.is_integer() or value < 1:
-                    raise StudyError(f"regime {name}: the training-set size must be a positive integer")
-                value = int(value)
+        if name.startswith(prefix):
+            value = knob_value(knob, name[len(prefix):], f"regime {name} ({prefix}<{knob}>)")
             return regime_name(knob, value), {**base, knob: value}
-    raise StudyError(f"regime {name!r}: expected n<train size>, noise<label noise> or contrast<lesion contrast>, "
-                     "e.g. n500, noise0.2, contrast0.5")
+    raise StudyError(f"regime {name!r}: expected n<train size>, noise<label noise>, contrast<lesion contrast> or "
+                     "labels<labelled fraction>, e.g. n500, noise0.2, contrast0.5, labels0.1")
 
 
 def default_regimes(base: dict) -> list[str]:
@@ -131,16 +176,12 @@ def default_regimes(base: dict) -> list[str]:
 
 def parse_corpus(items: list[str]) -> dict:
     base = {**BASE_REGIME, **CORPUS}
-    allowed = ("num_train", "num_val", "num_test", "image_size", "label_noise", "lesion_contrast")
+    allowed = [k for k in base if k != "seed"]
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in allowed:
             raise StudyError(f"--corpus {item}: expected KEY=VALUE with KEY one of {', '.join(allowed)}")
-        key = key.strip()
-        try:
-            base[key] = int(value) if key in ("num_train", "num_val", "num_test", "image_size") else float(value)
-        except ValueError:
-            raise StudyError(f"--corpus {item}: not a number") from None
+        base[key.strip()] = knob_value(key.strip(), value, f"--corpus {item}")
     return base
 
 
@@ -188,55 +229,113 @@ def config_layers(config: Optional[str]) -> list:
     return layers
 
 
-def arm_objective(grid: dict, arm: str) -> str:
-    name = "vkd"
+def setting(grid: dict, overrides: list[str], key: str, alias: Optional[str] = None) -> Any:
+    """A dotted key's value in a cell with these arm overrides: the config layers, --set, the overrides (the last
+    wins); None where nothing sets it."""
+    value, (*path, leaf) = None, key.split(".")
     for layer in grid["config_yaml"]:
-        name = ((layer or {}).get("objective") or {}).get("name", name)
-    for item in [*grid["set"], *grid["arms"][arm]]:
+        node = layer
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node[leaf]
+    for item in [*grid["set"], *overrides]:
+        k, _, v = item.partition("=")
+        if k.strip() in (key, alias):
+            value = yaml.safe_load(v) if v.strip() else None
+    return value
+
+
+def arm_objective(grid: dict, overrides: list[str]) -> str:
+    return str(setting(grid, overrides, "objective.name", alias="objective") or "vkd")
+
+
+def runs_of(grid: dict, overrides: list[str]) -> dict[str, str]:
+    """Key -> the arm whose run of the same regime and seed it receives: KEY=@ARM (the last setting of KEY wins),
+    and OBJECTIVE_RUNS for the arm's objective where --set and the arm leave its key alone."""
+    refs: dict[str, Optional[str]] = {}
+    for item in [*grid["set"], *overrides]:
         key, _, value = item.partition("=")
-        if key.strip() in ("objective", "objective.name"):
-            name = str(yaml.safe_load(value))
-    return name
+        ref = RUN_REF.fullmatch(value.strip())
+        refs[key.strip()] = ref.group(1) if ref else None
+    rule = OBJECTIVE_RUNS.get(arm_objective(grid, overrides))
+    if rule and rule[0] not in refs:
+        refs[rule[0]] = rule[1]
+    return {key: arm for key, arm in refs.items() if arm}
 
 
-def teacher_of(grid: dict, arm: str) -> Optional[str]:
-    """The arm whose run of the same regime and seed an arm distils from (objective.kd_teacher), if any."""
-    own = [override_key(i, "") for i in [*grid["set"], *grid["arms"][arm]]]
-    return None if "objective.kd_teacher" in own else TEACHER_ARM.get(arm_objective(grid, arm))
+def _policy(value: Any) -> str:
+    return "null (the data set's training policy)" if value is None else str(value)
+
+
+def check_policy(grid: dict) -> None:
+    """Every arm but the policy controls under one label policy: the shared one (config, --set) where an arm leaves
+    the key alone, else the first arm's."""
+    arms = [a for a in grid["arms"] if a not in grid["policy_control"]]
+    for key in POLICY_KEYS:
+        values = {a: setting(grid, grid["arms"][a], key) for a in arms}
+        leave = [a for a in arms if key not in (override_key(i, "") for i in grid["arms"][a])]
+        ref = setting(grid, [], key) if leave else values[arms[0]] if arms else None
+        for arm, value in values.items():
+            if value != ref:
+                raise StudyError(f"arm {arm}: {key}={_policy(value)}, where the other arms train under {key}="
+                                 f"{_policy(ref)}; one label policy per study: set it for all with --set, or name "
+                                 f"{arm} with --policy-control {arm}")
+
+
+def preset_of(args: argparse.Namespace) -> dict:
+    return QUICK if args.quick else EVIDENCE if args.evidence else {}
 
 
 def build_grid(args: argparse.Namespace) -> dict:
-    quick = QUICK if args.quick else {}
-    base = parse_corpus([*quick.get("corpus", []), *args.corpus])
-    regimes = args.regimes.split(",") if args.regimes else quick.get("regimes") or default_regimes(base)
+    preset = preset_of(args)
+    base = parse_corpus([*preset.get("corpus", []), *args.corpus])
     custom = dict(parse_arm(spec) for spec in args.arm)
     known = {**ARMS, **custom}
-    names = [n.strip() for n in args.arms.split(",") if n.strip()] if args.arms else list(quick.get("arms") or ARMS)
+    names = [n.strip() for n in args.arms.split(",") if n.strip()] if args.arms else list(preset.get("arms")
+                                                                                          or DEFAULT_ARMS)
     names += [n for n in custom if n not in names]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise StudyError(f"--arms: unknown arm {unknown[0]!r} (known: {', '.join(known)}; define one with --arm)")
-    settings = [*quick.get("set", []), *args.set]
+    settings = [*preset.get("set", []), *args.set]
     check_overrides(settings, "--set", arm=False)
-    seeds = args.seeds if args.seeds is not None else quick.get("seeds", SEEDS)
+    seeds = args.seeds if args.seeds is not None else preset.get("seeds", SEEDS)
     if seeds < 1:
         raise StudyError("--seeds must be at least 1")
-    grid: dict[str, Any] = {
-        "config": args.config, "config_yaml": config_layers(args.config), "base": base,
-        "regimes": dict(parse_regime(name.strip(), base) for name in regimes if name.strip()),
-        "arms": {}, "seeds": list(range(seeds)), "set": settings}
+    grid: dict[str, Any] = {"config": args.config, "config_yaml": config_layers(args.config), "base": base,
+                            "regimes": {}, "arms": {}, "seeds": list(range(seeds)), "set": settings}
+    for name in args.regimes.split(",") if args.regimes else preset.get("regimes") or default_regimes(base):
+        if name.strip():
+            regime, knobs = parse_regime(name.strip(), base)
+            same = [r for r, k in grid["regimes"].items() if k == knobs and r != regime]
+            if same:
+                raise StudyError(f"regimes {same[0]} and {regime} are the same corpus; keep one")
+            grid["regimes"][regime] = knobs
     if not grid["regimes"] or not names:
         raise StudyError("the grid is empty: give at least one regime and one arm")
-    for name in dict.fromkeys(names):  # a teacher runs before the arms that distil from it
-        grid["arms"][name] = known[name]
-        teacher = teacher_of(grid, name)
-        if teacher and teacher not in grid["arms"]:
-            del grid["arms"][name]
-            grid["arms"][teacher] = known[teacher]
-            grid["arms"][name] = known[name]
-            if teacher not in names:
-                print(f"[study] arm {name} distils from {teacher}'s run of the same regime and seed: {teacher} added",
+
+    def add(name: str, chain: tuple[str, ...]) -> None:  # an arm whose run another reads runs before it
+        if name in grid["arms"]:
+            return
+        if name in chain:
+            raise StudyError(f"arm {name} reads its own run ({' -> '.join([*chain, name])})")
+        for key, source in runs_of(grid, known[name]).items():
+            if source not in known:
+                raise StudyError(f"arm {name}: {key}=@{source}: no arm {source!r} (known: {', '.join(known)})")
+            if source not in grid["arms"] and source not in names:
+                print(f"[study] arm {name} reads {source}'s run of the same regime and seed ({key}): {source} added",
                       file=sys.stderr)
+            add(source, (*chain, name))
+        grid["arms"].setdefault(name, known[name])
+
+    for name in dict.fromkeys(names):
+        add(name, ())
+    unknown = [a for a in args.policy_control if a not in grid["arms"]]
+    if unknown:
+        raise StudyError(f"--policy-control {unknown[0]}: not an arm of this grid ({', '.join(grid['arms'])})")
+    grid["policy_control"] = [a for a in grid["arms"] if a in args.policy_control]
+    check_policy(grid)
     return json.loads(json.dumps(grid))  # as study.json will hold it, for comparing with the one there
 
 
@@ -272,6 +371,9 @@ def grid_difference(held: dict, asked: dict) -> list[str]:
         out.append(f"the config ({held['config'] or 'configs/default.yaml'}) changed since the study began")
     out += _named(held["regimes"], asked["regimes"], "regimes")
     out += _named(held["arms"], asked["arms"], "arms")
+    if held["policy_control"] != asked["policy_control"]:
+        out.append(f"--policy-control {' '.join(held['policy_control']) or '(none)'} vs "
+                   f"{' '.join(asked['policy_control']) or '(none)'}")
     if held["seeds"] != asked["seeds"]:
         counted = all(seeds == list(range(len(seeds))) for seeds in (held["seeds"], asked["seeds"]))
         out.append(f"seeds {len(held['seeds'])} != {len(asked['seeds'])}" if counted
@@ -299,14 +401,12 @@ def run_rel(regime: str, arm: str, seed: int) -> str:
 
 def cell_overrides(grid: dict, out: Path, regime: str, arm: str, seed: int) -> list[str]:
     """--set, then the arm's own keys (they win), then the study's per-cell keys."""
-    knobs = grid["regimes"][regime]
-    items = [*grid["set"], *grid["arms"][arm], f"data.path={(out / 'data' / regime).resolve()}",
-             "data.build_synthetic=false", *(f"data.synthetic.{k}={v}" for k, v in knobs.items()),
-             f"train.seed={seed}", f"run_dir={(out / run_rel(regime, arm, seed)).resolve()}", "resume=latest"]
-    teacher = teacher_of(grid, arm)
-    if teacher:
-        items.append(f"objective.kd_teacher={(out / run_rel(regime, teacher, seed)).resolve()}")
-    return items
+    knobs, runs = grid["regimes"][regime], runs_of(grid, grid["arms"][arm])
+    own = [i for i in [*grid["set"], *grid["arms"][arm]] if override_key(i, "") not in runs]  # KEY=@ARM: below
+    return [*own, f"data.path={(out / 'data' / regime).resolve()}", "data.build_synthetic=false",
+            *(f"data.synthetic.{k}={v}" for k, v in knobs.items()), f"train.seed={seed}",
+            f"run_dir={(out / run_rel(regime, arm, seed)).resolve()}", "resume=latest",
+            *(f"{key}={(out / run_rel(regime, source, seed)).resolve()}" for key, source in runs.items())]
 
 
 def resolve(grid: dict, out: Path) -> dict:
@@ -324,12 +424,12 @@ def resolve(grid: dict, out: Path) -> dict:
     steps, batch, accum = cfg.train.max_steps, cfg.data.batch_size, cfg.optim.grad_accum
     arms = {}
     for arm in grid["arms"]:
-        objective = arm_objective(grid, arm)
+        objective = arm_objective(grid, grid["arms"][arm])
         try:
             report = get_objective(objective).inference == TEXT
         except KeyError:  # an unknown objective: its cells fail with the trainer's message
             report = False
-        arms[arm] = {"objective": objective, "reads_report": report, "teacher": teacher_of(grid, arm)}
+        arms[arm] = {"objective": objective, "reads_report": report, "runs_of": runs_of(grid, grid["arms"][arm])}
     return {"budget": {"max_steps": steps, "batch_size": batch, "grad_accum": accum,
                        "samples_per_cell": steps * batch * accum}, "arm_info": arms}
 
@@ -351,7 +451,7 @@ def build_corpora(grid: dict, out: Path) -> None:
         t0 = time.time()
         build_synthetic(path, knobs["num_train"], knobs["num_val"], knobs["num_test"], image_size=knobs["image_size"],
                         seed=knobs["seed"], lesion_contrast=knobs["lesion_contrast"],
-                        label_noise=knobs["label_noise"], progress=False)
+                        label_noise=knobs["label_noise"], label_fraction=knobs["label_fraction"], progress=False)
         print(f"[study] corpus {name}: built in {time.time() - t0:.0f} s ({path})", flush=True)
 
 
@@ -428,7 +528,9 @@ def load_study(path: Path) -> Optional[dict]:
         return None
     try:
         study = json.loads(path.read_text())
-        study["grid"]["arms"]
+        for knobs in [study["grid"]["base"], *study["grid"]["regimes"].values()]:  # before label_fraction
+            knobs.setdefault("label_fraction", 1.0)
+        study["grid"].setdefault("policy_control", [])
     except (ValueError, KeyError, TypeError) as exc:
         raise StudyError(f"{path}: not a study file ({exc}); start another --out") from None
     return study
@@ -461,10 +563,11 @@ def run_cells(grid: dict, out: Path, study: dict) -> bool:
             continue
         cell = {"regime": regime, "arm": arm, "seed": seed, "run_dir": run_rel(regime, arm, seed),
                 "attempts": old.get("attempts", 0) + 1, "status": "running"}
-        teacher = teacher_of(grid, arm)
-        if teacher and study["cells"].get(cell_key(regime, teacher, seed), {}).get("status") != "ok":
+        waiting = [f"{cell_key(regime, a, seed)} ({k})" for k, a in runs_of(grid, grid["arms"][arm]).items()
+                   if study["cells"].get(cell_key(regime, a, seed), {}).get("status") != "ok"]
+        if waiting:
             cell.update(status="failed", exit_code=None, seconds=0.0,
-                        error=f"its teacher {cell_key(regime, teacher, seed)} has no finished run")
+                        error=f"the run it reads, {', '.join(waiting)}, has not finished")
             study["cells"][key] = cell
             write_study(out, study)
             print(f"{head}: failed ({cell['error']})", flush=True)
@@ -613,20 +716,30 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
     notes += [f"- {cell_key(c['regime'], c['arm'], c['seed'])} {c['status']}"
               + (f": {error_line(c.get('error'))}" if c.get("error") else "") for c in failed]
     table = "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
-    base = grid["base"]
-    regimes = "; ".join(f"{name} (num_train {k['num_train']}, label_noise {k['label_noise']:g}, lesion_contrast "
-                        f"{k['lesion_contrast']:g})" for name, k in grid["regimes"].items())
-    arms = "; ".join(f"{a}: {' '.join(ov) or '(the config as it is)'}" + (
-        f" + objective.kd_teacher=<{teacher_of(grid, a)} run, same regime and seed>" if teacher_of(grid, a) else "")
-        for a, ov in grid["arms"].items())
+    base, controls = grid["base"], grid["policy_control"]
+
+    def corpus(k: dict) -> str:
+        return ", ".join(f"{knob} {k[knob]:g}" if isinstance(k[knob], float) else f"{knob} {k[knob]}"
+                         for knob in BASE_REGIME)
+
+    def arm(a: str) -> str:
+        runs = runs_of(grid, grid["arms"][a])
+        items = [i for i in grid["arms"][a] if override_key(i, "") not in runs]
+        items += [f"{k}=<{source} run, same regime and seed>" for k, source in runs.items()]
+        return f"{a}: {' '.join(items) or '(the config as it is)'}" + (" [policy control]" if a in controls else "")
+
+    regimes = "; ".join(f"{name} ({corpus(k)})" for name, k in grid["regimes"].items())
+    policy = ", ".join(f"{key} {_policy(setting(grid, [], key))}" for key in POLICY_KEYS)
     ok = sum(c.get("status") == "ok" for c in study["cells"].values())
     seconds = sum(c.get("seconds") or 0 for c in study["cells"].values())
     head = [f"# Study: {out}", "",
             f"- **Regimes** (synthetic corpus, data seed {base['seed']}, {base['num_val']} val / "
             f"{base['num_test']} test studies at {base['image_size']} px; one knob varied at a time around "
-            f"num_train {base['num_train']}, "
-            f"label_noise {base['label_noise']:g}, lesion_contrast {base['lesion_contrast']:g}): {regimes}",
-            f"- **Arms** (on {grid['config'] or 'configs/default.yaml'}): {arms}",
+            f"{corpus(base)}; label_fraction F: the other 1 - F of the training studies have image and report, no "
+            f"labels): {regimes}",
+            f"- **Arms** (on {grid['config'] or 'configs/default.yaml'}): {'; '.join(map(arm, grid['arms']))}",
+            f"- **Label policy** (training): {policy} in every arm"
+            + (f" but the policy controls ({', '.join(controls)})" if controls else ""),
             f"- **Seeds**: train.seed {', '.join(map(str, grid['seeds']))}; **--set**: "
             f"{' '.join(grid['set']) or '(none)'}",
             f"- **Budget**: {budget_text(study['budget'])}, the same for every arm",
@@ -642,57 +755,13 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
     return "\n".join(head + [table, ""] + plots) + "\n", table
 
 
-def plot_knob(study: dict, out: Path, knob: str) -> Optional[str]:
-    """Test macro AUROC against one knob (regimes where only it moves off the base), a line and band per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    grid, base = study["grid"], study["grid"]["base"]
-    points = sorted((k[knob], name) for name, k in grid["regimes"].items()
-                    if all(k[o] == base[o] for o in ("num_train", "label_noise", "lesion_contrast") if o != knob))
-    if not points or (knob != "num_train" and len({x for x, _ in points}) < 2):
-        return None
-    rows = {(s["regime"], s["arm"]): s for s in study["summaries"]}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for arm in grid["arms"]:
-        got = [(x, rows[(name, arm)]) for x, name in points if rows[(name, arm)]["mean"] is not None]
-        if not got:
-            continue
-        xs = np.array([x for x, _ in got], dtype=float)
-        report = got[0][1]["reads_report"]
-        (line,) = ax.plot(xs, [s["mean"] for _, s in got], marker="o", linestyle="--" if report else "-",
-                          label=f"{arm} (reads the report)" if report else arm)
-        lo = np.array([s["ci95"][0] if s["ci95"] else np.nan for _, s in got])
-        hi = np.array([s["ci95"][1] if s["ci95"] else np.nan for _, s in got])
-        if len(xs) > 1:
-            ax.fill_between(xs, lo, hi, where=~np.isnan(lo), color=line.get_color(), alpha=0.2, linewidth=0)
-        elif not np.isnan(lo[0]):  # one point: no band to shade
-            ax.errorbar(xs, [got[0][1]["mean"]], yerr=[[got[0][1]["mean"] - lo[0]], [hi[0] - got[0][1]["mean"]]],
-                        color=line.get_color(), capsize=4)
-    if knob == "num_train":
-        ax.set_xscale("log")
-        ax.set_xticks([x for x, _ in points], [f"{x:g}" for x, _ in points])
-        ax.minorticks_off()
-    ax.set_xlabel(PLOTS[knob][1])
-    ax.set_ylabel("test macro AUROC (mean, 95 % CI over seeds)")
-    ax.set_title(f"{len(grid['seeds'])} seeds; {budget_text(study['budget'])}", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[knob][0], dpi=110)
-    plt.close(fig)
-    return PLOTS[knob][0]
-
-
 def report(study: dict, out: Path, n_boot: int, force: bool) -> str:
     """Summaries, comparisons, plots and study.md from the cells; returns the table for the terminal."""
     study["summaries"] = summarise(study)
     study["bootstrap"] = n_boot
     study["comparisons"] = comparisons(study, out, n_boot, force)
-    study["plots"] = [p for p in (plot_knob(study, out, k) for k in PLOTS) if p]
+    title = f"{len(study['grid']['seeds'])} seeds; {budget_text(study['budget'])}"
+    study["plots"] = [p for p in (plot_knob(study, out, k, title) for k in PLOTS) if p]
     text, table = markdown(study, out)
     atomic_write_text(out / "study.md", text)
     write_study(out, study)
@@ -705,25 +774,33 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=RawDefaultsHelpFormatter)
-    ap.add_argument("--out", help="study directory (default: runs/study, or runs/study-quick with --quick)")
+    ap.add_argument("--out", help="study directory (default: runs/study, runs/study-quick with --quick, "
+                    "runs/study-evidence with --evidence)")
     ap.add_argument("--config", help="base trainer YAML (default: configs/default.yaml)")
-    ap.add_argument("--regimes", help="comma-separated regimes, e.g. n500,noise0.2,contrast0.5 (default: the full "
-                    "grid around the base)")
-    ap.add_argument("--arms", help=f"comma-separated arms (default: {','.join(ARMS)})")
+    ap.add_argument("--regimes", help="comma-separated regimes, e.g. n500,noise0.2,contrast0.5,labels0.1 (default: "
+                    "the full grid around the base)")
+    ap.add_argument("--arms", help=f"comma-separated arms of {','.join(ARMS)} or --arm's (default: "
+                    f"{','.join(DEFAULT_ARMS)})")
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="define (and add) an arm: overrides on the base config")
     ap.add_argument("--seeds", type=int, help=f"train.seed 0..N-1 (default {SEEDS})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every cell, e.g. train.max_steps=300 (an arm's own keys win)")
     ap.add_argument("--corpus", action="append", default=[], metavar="KEY=VALUE",
-                    help="the base corpus: num_train, num_val, num_test, image_size, label_noise, lesion_contrast")
-    ap.add_argument("--quick", action="store_true", help="the smaller grid QUICK (explicit flags still win)")
+                    help="the base corpus: num_train, num_val, num_test, image_size, label_noise, lesion_contrast, "
+                    "label_fraction")
+    ap.add_argument("--policy-control", action="append", default=[], metavar="ARM",
+                    help="an arm that may train under another label policy (data.missing, data.uncertain)")
+    preset = ap.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="the smaller grid QUICK (explicit flags still win)")
+    preset.add_argument("--evidence", action="store_true",
+                        help="the grid EVIDENCE: label scarcity and the VKD variants (explicit flags still win)")
     ap.add_argument("--bootstrap", type=int, help="paired patient-bootstrap resamples per comparison (default: "
                     "the study's, else 1000)")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild study.md, the plots and the comparisons from OUT; no training")
     args = ap.parse_args(argv)
-    args.out = Path(args.out or (QUICK["out"] if args.quick else "runs/study"))
+    args.out = Path(args.out or preset_of(args).get("out", "runs/study"))
     return args
 
 

@@ -2,7 +2,8 @@
 one regime, 2 arms x 2 seeds), run in stages on one OUT: a cell that fails at run time (a checkpoint that does not
 verify, planted in its run directory) is recorded and the others still run; the same command then retries it and
 skips the rest; once more, it trains nothing; another grid in the same OUT is refused. And the grid's pieces,
-in-process, without training.
+in-process, without training: regimes (labels<F> too), presets, the one-label-policy rule, arms that read another
+arm's run (kd, vkd_reg_init), and the report and plots from fake cells.
 
 The staged study launches the trainer 5 times (~12 s each, ~7 s of it imports) and loads the runs twice for the
 comparison: 85-100 s on this 2-core VM. The grid tests take about a second."""
@@ -146,8 +147,10 @@ def test_the_full_and_quick_grids():
     full = _grid()
     assert list(full["regimes"]) == ["n500", "n2000", "n8000", "noise0.2", "contrast0.5", "contrast0.25"]
     assert full["regimes"]["contrast0.25"] == {"num_train": 2000, "label_noise": 0.05, "lesion_contrast": 0.25,
-                                               "num_val": 400, "num_test": 1000, "image_size": 128, "seed": 0}
-    assert list(full["arms"]) == list(study.ARMS) and full["seeds"] == [0, 1, 2, 3, 4]
+                                               "label_fraction": 1.0, "num_val": 400, "num_test": 1000,
+                                               "image_size": 128, "seed": 0}
+    assert list(full["arms"]) == study.DEFAULT_ARMS and full["seeds"] == [0, 1, 2, 3, 4]
+    assert full["policy_control"] == [] and all(k["label_fraction"] == 1.0 for k in full["regimes"].values())
     assert len(study.cells_of(full)) == 6 * 5 * 5
     quick = _grid("--quick")
     assert quick["regimes"] == {"contrast0.5": {**full["regimes"]["n2000"], "lesion_contrast": 0.5}}
@@ -193,3 +196,209 @@ def test_the_t_interval_over_seeds():
     assert mean == 2.0 and sd == 1.0
     assert hi - mean == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)  # t(0.975, df 2)
     assert study.t_interval([0.7]) == (0.7, None, None) and study.t_interval([]) == (None, None, None)
+
+
+# ------------------------------------------------------------------------ label scarcity, policy, VKD variants
+@pytest.mark.parametrize("name, canonical, fraction", [
+    ("labels0.1", "labels0.1", 0.1), ("labels0.10", "labels0.1", 0.1), ("labels.05", "labels0.05", 0.05),
+    ("labels1", "labels1", 1.0),
+])
+def test_labels_regimes(name, canonical, fraction):
+    base = study.parse_corpus([])
+    assert study.parse_regime(name, base) == (canonical, {**base, "label_fraction": fraction})
+    assert study.regime_name("label_fraction", fraction) == canonical
+
+
+@pytest.mark.parametrize("name, message", [
+    ("labels0", r"label_fraction .* must be in \(0, 1\]"), ("labels1.5", r"must be in \(0, 1\]"),
+    ("labelsx", "'x' is not a number"), ("labels-0.1", "'-0.1' is not a number"), ("labels", "'' is not a number"),
+    ("labelz0.1", "expected n<train size>.*labels<labelled fraction>"),
+])
+def test_labels_regimes_refused(name, message):
+    with pytest.raises(study.StudyError, match=message):
+        study.parse_regime(name, study.parse_corpus([]))
+
+
+def test_a_regime_under_two_names_is_refused():
+    with pytest.raises(study.StudyError, match="regimes n2000 and labels1 are the same corpus"):
+        _grid("--regimes", "n2000,labels1", "--arms", "image_only")
+    assert _grid("--corpus", "label_fraction=0.5", "--regimes", "labels1", "--arms", "vkd")["regimes"]["labels1"][
+        "label_fraction"] == 1.0  # off a base that --corpus moved, labels1 is a regime of its own
+
+
+def test_the_label_fraction_reaches_the_cells_and_the_corpus(tmp_path, monkeypatch):
+    grid = _grid("--regimes", "labels0.25,n2000", "--arms", "image_only", "--seeds", "1")
+    items = study.cell_overrides(grid, tmp_path, "labels0.25", "image_only", 0)
+    assert "data.synthetic.label_fraction=0.25" in items and "data.synthetic.num_train=2000" in items
+    assert "data.synthetic.label_fraction=1.0" in study.cell_overrides(grid, tmp_path, "n2000", "image_only", 0)
+    calls = {}
+
+    def fake_build(out, num_train, num_val, num_test, **kw):
+        calls[out.name] = (num_train, num_val, num_test, kw)
+
+    import vkd_dist.data.synthetic
+
+    monkeypatch.setattr(vkd_dist.data.synthetic, "build_synthetic", fake_build)
+    study.build_corpora(grid, tmp_path)
+    assert calls["labels0.25"] == (2000, 400, 1000, {"image_size": 128, "seed": 0, "lesion_contrast": 1.0,
+                                                     "label_noise": 0.05, "label_fraction": 0.25, "progress": False})
+    assert calls["n2000"][3]["label_fraction"] == 1.0
+
+
+NEG = "neg=data.missing=negative"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--arm", NEG, "--arms", "image_only"],
+    ["--arm", NEG, "--arms", "image_only", "--set", "data.missing=null"],  # what the others train under, said
+    ["--arm", NEG, "--arm", "ones=data.missing=negative,data.uncertain=ones", "--arms", "image_only",
+     "--set", "data.missing=negative"],
+])
+def test_an_arm_under_another_label_policy_is_refused(argv, tmp_path, capsys):
+    with pytest.raises(study.StudyError) as info:
+        _grid(*argv)
+    line = str(info.value)
+    assert "\n" not in line and "--policy-control" in line
+    assert line.startswith("arm neg: data.missing=negative, where the other arms train under data.missing=null "
+                           "(the data set's training policy)") or line.startswith(
+        "arm ones: data.uncertain=ones, where the other arms train under data.uncertain=null")
+    assert study.main(["--out", str(tmp_path), *argv]) == 2  # exit 2, one line, before anything is written
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == f"study: {line}" and not (tmp_path / "study.json").exists()
+
+
+def test_a_policy_control_may_train_under_another_policy():
+    grid = _grid("--arm", NEG, "--arms", "image_only,vkd", "--policy-control", "neg")
+    assert list(grid["arms"]) == ["image_only", "vkd", "neg"] and grid["policy_control"] == ["neg"]
+    same = _grid("--arm", NEG, "--arms", "image_only", "--set", "data.missing=negative")  # every arm: one policy
+    assert same["policy_control"] == []
+    with pytest.raises(study.StudyError, match="--policy-control vkd: not an arm of this grid"):
+        _grid("--arms", "image_only", "--policy-control", "vkd")
+    diff = study.grid_difference(grid, _grid("--arm", NEG, "--arms", "image_only,vkd", "--policy-control", "neg",
+                                             "--policy-control", "vkd"))
+    assert diff == ["--policy-control neg vs vkd neg"]  # the grid's arm order
+
+
+def test_a_study_from_before_label_fraction_and_policy_controls_resumes(tmp_path):
+    grid = _grid("--quick")
+    old = json.loads(json.dumps(grid))
+    del old["policy_control"]
+    for knobs in [old["base"], *old["regimes"].values()]:
+        del knobs["label_fraction"]
+    (tmp_path / "study.json").write_text(json.dumps({"grid": old, "cells": {}}))
+    assert study.grid_difference(study.load_study(tmp_path / "study.json")["grid"], grid) == []
+
+
+def test_the_evidence_preset():
+    ev = _grid("--evidence")
+    base = study.parse_corpus([])
+    assert ev["regimes"] == {"labels0.1": {**base, "label_fraction": 0.1}, "n2000": base}
+    assert list(ev["arms"]) == ["image_only", "text_only", "kd", "vkd", "vkd_mean", "vkd_sep", "vkd_reg",
+                                "vkd_reg_init"]  # kd's teacher added before it
+    assert ev["seeds"] == [0, 1, 2, 3, 4] and len(study.cells_of(ev)) == 2 * 8 * 5
+    assert ev["set"] == ["train.max_steps=300", "train.eval_every=100", "train.ckpt_every=300"]
+    assert study.parse_args(["--evidence"]).out == study.Path("runs/study-evidence")
+    mine = _grid("--evidence", "--seeds", "2", "--arms", "vkd_sep,image_only", "--set", "train.max_steps=50")
+    assert mine["seeds"] == [0, 1] and list(mine["arms"]) == ["vkd_sep", "image_only"]  # explicit flags win
+    assert mine["set"][-1] == "train.max_steps=50" and list(mine["regimes"]) == ["labels0.1", "n2000"]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--evidence", "--quick"])
+
+
+def test_the_vkd_variant_arms():
+    assert study.ARMS["vkd_mean"] == ["objective.image_bce=mean"]
+    assert study.ARMS["vkd_sep"] == ["model.image_head=separate", "objective.image_bce=mean"]
+    assert study.ARMS["vkd_reg"] == ["objective.detach_posterior=true", "objective.image_bce=mean",
+                                     "objective.free_bits=0.1"]
+    assert study.ARMS["vkd_reg_init"] == [*study.ARMS["vkd_reg"], "objective.text_init=@text_only"]
+    assert not set(study.DEFAULT_ARMS) & {"vkd_mean", "vkd_sep", "vkd_reg", "vkd_reg_init"}
+
+
+def test_vkd_reg_init_starts_from_the_text_only_run_of_its_regime_and_seed(tmp_path):
+    grid = _grid("--arms", "vkd_reg_init,image_only", "--regimes", "labels0.1,n500", "--seeds", "2")
+    assert list(grid["arms"]) == ["text_only", "vkd_reg_init", "image_only"]
+    order = study.cells_of(grid)
+    for regime in ("labels0.1", "n500"):
+        for seed in (0, 1):
+            assert order.index((regime, "text_only", seed)) < order.index((regime, "vkd_reg_init", seed))
+            items = study.cell_overrides(grid, tmp_path, regime, "vkd_reg_init", seed)
+            init = [i for i in items if i.startswith("objective.text_init=")]
+            assert init == [f"objective.text_init={tmp_path.resolve()}/runs/{regime}/text_only/seed{seed}"]
+            assert "objective.free_bits=0.1" in items and not any("@" in i for i in items)
+            assert not any(i.startswith("objective.kd_teacher") for i in items)
+    kd = study.cell_overrides(_grid("--arms", "kd"), tmp_path, "n2000", "kd", 3)
+    assert f"objective.kd_teacher={tmp_path.resolve()}/runs/n2000/text_only/seed3" in kd
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arm", "x=objective.text_init=@nope", "--arms", "vkd"], "arm x: objective.text_init=@nope: no arm 'nope'"),
+    (["--arm", "x=objective.text_init=@x"], r"arm x reads its own run \(x -> x\)"),
+    (["--arm", "a=objective.text_init=@b", "--arm", "b=objective.text_init=@a"], r"\(a -> b -> a\)"),
+])
+def test_run_references_that_cannot_be_met(argv, message):
+    with pytest.raises(study.StudyError, match=message):
+        _grid(*argv)
+
+
+def test_a_cell_whose_source_run_failed_fails_without_training(tmp_path, monkeypatch):
+    grid = _grid("--arms", "vkd_reg_init", "--regimes", "labels0.1", "--seeds", "1")
+    trained = []
+
+    def fake_run_cell(grid, out, regime, arm, seed):
+        trained.append(arm)
+        return {"status": "failed", "exit_code": 1, "seconds": 1.0, "error": "exit code 1"}
+
+    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    record = {"grid": grid, "cells": {}}
+    assert study.run_cells(grid, tmp_path, record)
+    assert trained == ["text_only"]
+    cell = record["cells"]["labels0.1/vkd_reg_init/seed0"]
+    assert cell["status"] == "failed" and "labels0.1/text_only/seed0 (objective.text_init)" in cell["error"]
+
+
+def test_the_label_fraction_plot_and_table_from_fake_cells(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import numpy as np
+
+    grid = _grid("--evidence", "--seeds", "3", "--arms", "image_only,vkd_reg_init")
+    values = {(r, a): [0.6 + 0.01 * i + (0.1 if r == "n2000" else 0) + 0.02 * s for s in grid["seeds"]]
+              for i, a in enumerate(grid["arms"]) for r in grid["regimes"]}
+    cells = {study.cell_key(r, a, s): {"regime": r, "arm": a, "seed": s, "status": "ok", "seconds": 10.0,
+                                       "run_dir": study.run_rel(r, a, s), "test_macro_auroc": v[s],
+                                       "best_val_macro_auroc": None}
+             for (r, a), v in values.items() for s in grid["seeds"]}
+    fake = {"grid": grid, "cells": cells, "budget": {"max_steps": 300, "batch_size": 32, "grad_accum": 1,
+                                                     "samples_per_cell": 9600},
+            "arm_info": {a: {"objective": study.arm_objective(grid, grid["arms"][a]), "reads_report": a == "text_only"}
+                         for a in grid["arms"]}}
+    monkeypatch.setattr(study, "comparisons", lambda *a, **k: [])
+    figures = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, *a, **k):
+        figures[study.Path(path).name] = fig
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    study.report(fake, tmp_path, 200, force=False)
+    assert "auroc_vs_label_fraction.png" in fake["plots"]
+    png = tmp_path / "auroc_vs_label_fraction.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = figures["auroc_vs_label_fraction.png"].axes
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [0.1, 1.0]
+    lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["image_only", "text_only (reads the report)", "vkd_reg_init"]
+    rows = {(s["regime"], s["arm"]): s for s in fake["summaries"]}
+    for line, band, arm in zip(lines, ax.collections, grid["arms"]):
+        xs, ys = line.get_xydata().T
+        assert list(xs) == [0.1, 1.0]  # labels0.1, then the fully labelled base n2000
+        assert ys == pytest.approx([np.mean(values[("labels0.1", arm)]), np.mean(values[("n2000", arm)])])
+        lo, hi = zip(rows[("labels0.1", arm)]["ci95"], rows[("n2000", arm)]["ci95"])
+        edge = band.get_paths()[0].vertices[:, 1]
+        assert edge.min() == pytest.approx(min(lo)) and edge.max() == pytest.approx(max(hi))
+    md = (tmp_path / "study.md").read_text()
+    assert "labels0.1 (num_train 2000, label_noise 0.05, lesion_contrast 1, label_fraction 0.1)" in md
+    assert "vkd_reg_init: objective.detach_posterior=true objective.image_bce=mean objective.free_bits=0.1 " \
+           "objective.text_init=<text_only run, same regime and seed>" in md
+    assert "**Label policy** (training): data.missing null (the data set's training policy)" in md
+    assert "![auroc_vs_label_fraction.png](auroc_vs_label_fraction.png)" in md

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from vkd_dist.config.schema import Config, ConfigError, did_you_mean, no_dataset, not_allowed, unknown_key
 
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[Optional[str], ...]] = {
     "data.uncertain": (None, "ignore", "ones", "zeros"),  # None: the data set's training policy
     "data.missing": (None, "mask", "negative"),
     "model.text_pooling": ("cls", "mean"),
