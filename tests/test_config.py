@@ -36,7 +36,8 @@ def test_default_config_loads_and_overrides_apply(tmp_path):
 @pytest.mark.parametrize("override, message", [
     (["objective=vkdd"], "objective.name='vkdd' is not allowed (allowed: vkd, image_only, text_only, kd; "
                          "did you mean vkd?)"),
-    (["data.uncertain=one"], "data.uncertain='one' is not allowed (allowed: null, ignore, ones, zeros; did you mean ones?)"),
+    (["data.uncertain=one"],
+     "data.uncertain='one' is not allowed (allowed: null, ignore, ones, zeros; did you mean ones?)"),
     (["model.in_chans=2"], "model.in_chans=2 is not allowed (allowed: 1, 3)"),
     (["train.max_step=3"], "unknown key train.max_step (train allows: bootstrap_resamples, "),
     (["train.max_step=3"], "; did you mean max_steps?)"),

@@ -253,3 +253,38 @@ def test_eval_predictions_with_mc_inference_carry_the_spread(hospital, tmp_path)
     rows = _read(out)
     assert list(rows[0]) == ["key", "patient_id", *LABELS, *(f"{n}_std" for n in LABELS)]
     assert len(rows) == 12 and all(float(r["Nodule_std"]) > 0 for r in rows)
+
+
+def test_a_separate_image_head_exports_and_predicts_as_its_run(tiny_data, tmp_path):
+    """model.image_head=separate: vkd-export writes the image path's own classifier and vkd-predict on PNGs gives
+    the probabilities of the run's full model (its last checkpoint, report path and all)."""
+    import torch
+
+    from vkd_dist.checkpoint import load_weights
+    from vkd_dist.data.tokens import load_tokenizer
+    from vkd_dist.evaluate import load_run_config
+    from vkd_dist.models.build import build_model
+    from vkd_dist.prepare import tokenizer_dir
+
+    run = tmp_path / "run"
+    train(load_config(overrides=tiny_overrides(tiny_data, run, **{
+        "model.image_head": "separate", "train.max_steps": 2, "train.ckpt_every": 2, "train.test_at_end": False})))
+    assert export_main([str(run), "--checkpoint", "final", "--out", str(tmp_path / "model")]) == 0
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["architecture"]["image_head"] == "separate"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)  # the corpus's own size: no resize
+    paths = [str(tmp_path / f"{i}.png") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        Image.fromarray(image).save(path)
+    assert predict_main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "pred.csv"), *paths]) == 0
+    predicted = np.array([[float(r[n]) for n in config["labels"]] for r in _read(tmp_path / "pred.csv")])
+
+    cfg = load_run_config(run)
+    full = build_model(cfg, len(load_tokenizer(tokenizer_dir(cfg, run))), num_labels=len(config["labels"]))
+    full.load_state_dict(load_weights(run / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert full.image_classifier is not None and full.text_encoder is not None
+    expected = full.eval().predict(torch.from_numpy(images)[:, None])[0].numpy()
+    assert np.abs(predicted - expected).max() <= 1e-5
+    older = {**config, "architecture": {k: v for k, v in config["architecture"].items() if k != "image_head"}}
+    assert VKDImageClassifier(older).image_classifier is None  # model dirs from before the key: shared

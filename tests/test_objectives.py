@@ -130,3 +130,53 @@ def test_select_metric_chooses_best_by_its_own_direction(tiny_data, tmp_path):
     assert meta["step"] == min(bce, key=bce.get)  # the lowest validation loss, not the highest
     with pytest.raises(ConfigError, match="train.select_metric='auroc' is not allowed.*macro_auroc"):
         load_config(overrides=tiny_overrides(tiny_data, tmp_path, **{"train.select_metric": "auroc"}))
+
+
+@pytest.fixture(scope="module")
+def text_only_run(tiny_data, tmp_path_factory):
+    """A 2-step text_only run with a checkpoint at step 2 (and final/)."""
+    run = tmp_path_factory.mktemp("text_only") / "run"
+    train(load_config(overrides=tiny_overrides(tiny_data, run, objective="text_only", **{
+        "train.max_steps": 2, "train.ckpt_every": 2, "train.test_at_end": False})))
+    return run
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoint"])
+def test_text_init_copies_the_text_only_runs_report_path(tiny_data, text_only_run, tmp_path, where):
+    import torch
+
+    from vkd_dist.checkpoint import load_weights
+    from vkd_dist.models.text_init import REPORT_PATH
+    from vkd_dist.prepare import tokenizer_dir
+    from vkd_dist.run import build_run
+
+    ckpt = text_only_run / "checkpoints" / "step-00000002"
+    given = text_only_run if where == "run" else ckpt
+    cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path / "vkd", **{
+        "objective.text_init": str(given), "model.image_head": "separate"}))
+    assert tokenizer_dir(cfg, cfg.run_dir) == text_only_run / "tokenizer"  # the token ids it was trained on
+    model = build_run(cfg).model
+    teacher = load_weights(ckpt / "model.safetensors")  # step 2 = final/: the same tensors either way
+    state = model.state_dict()
+    copied = [k for k in state if k.startswith(REPORT_PATH)]
+    assert {k.split(".")[0] for k in copied} == {"text_encoder", "posterior_head", "classifier"}
+    assert set(copied) == {k for k in teacher if k in state} and all(torch.equal(state[k], teacher[k]) for k in copied)
+    assert "prior_head.mu.weight" not in teacher  # the image path starts afresh
+
+
+def test_text_init_refuses_a_run_that_is_not_a_matching_text_only_run(tiny_data, text_only_run, tmp_path):
+    from vkd_dist.config import save_config
+
+    vkd_run = tmp_path / "vkd_run"
+    save_config(load_config(overrides=tiny_overrides(tiny_data, vkd_run)), vkd_run / "config.yaml")
+    cases = [({"objective.text_init": str(vkd_run)}, "expected a text_only run, got a vkd run"),
+             ({"objective.text_init": str(text_only_run), "model.latent_dim": 8},
+              r"text encoder / latent sizes differ \(model.latent_dim 16 there, 8 here\)"),
+             ({"objective.text_init": str(text_only_run), "model.posterior": "image_text"},
+              "expected model.posterior=text"),
+             ({"objective.text_init": str(text_only_run), "objective": "image_only"}, "has no report path"),
+             ({"objective.text_init": str(tmp_path)}, "no config.yaml there")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            load_config(overrides=tiny_overrides(tiny_data, tmp_path / "student", **overrides))
+        assert "\n" not in str(err.value) and str(err.value).startswith("objective.text_init=")

@@ -14,7 +14,6 @@ from PIL import Image
 from vkd_dist.data.cli import main as vkd_data
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.manifest import convert_manifest, parse_label_cols
-from vkd_dist.labels import LABELS
 
 
 @pytest.fixture(scope="module")

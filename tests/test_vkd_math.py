@@ -228,3 +228,188 @@ def test_the_baseline_modes_use_the_mean_and_never_run_logvar(mode):
     feats = encoder(batch.image) if mode == "image" else encoder(batch.input_ids, batch.attention_mask)
     assert torch.allclose(logits[0], model.classify(head(feats).mu))  # the same as the full head's mean
     assert len(ran) == 1  # only the reference call above ran logvar
+
+
+# -- model.image_head, objective.image_bce / detach_posterior / free_bits, unlabelled studies --------------------
+def _model(**kwargs):
+    torch.manual_seed(0)
+    return VKDModel(_Encoder(8), _Encoder(8, text=True), latent_dim=4, hidden_dim=8, dropout=0.0, **kwargs)
+
+
+def _vkd(**knobs):
+    settings = {"beta": 0.5, "beta_schedule": "constant", "prior_bce_weight": 0.7, **knobs}
+    return build_objective(ObjectiveConfig(**settings), num_samples=3)
+
+
+def _grads(objective, model, batch, seed=1) -> dict:
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same latent samples in every call
+    objective(model, batch, step=0)["loss"].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_free_bits_floor_each_dimensions_batch_mean_kl():
+    q, p = _gauss(b=5, d=7, seed=1), _gauss(b=5, d=7, seed=2)
+    q.mu.requires_grad_(True)
+    std = lambda g: torch.exp(0.5 * g.logvar)  # noqa: E731
+    per_dim = kl_divergence(Normal(q.mu, std(q)), Normal(p.mu, std(p))).detach()  # [B, D]
+    batch_mean = per_dim.mean(0).sort().values
+    floor = float(batch_mean[3] + batch_mean[4]) / 2  # three dimensions under it, four over
+    term, raw = _vkd(free_bits=floor).kl_term(q, p)
+    assert term.item() == pytest.approx(sum(max(float(k), floor) for k in per_dim.mean(0)), rel=1e-5)
+    assert raw.item() == pytest.approx(float(per_dim.sum(-1).mean()), rel=1e-5)  # the logged KL stays the raw one
+    term.backward()
+    under = per_dim.mean(0) < floor
+    assert (q.mu.grad[:, under] == 0).all() and (q.mu.grad[:, ~under] != 0).all()
+    off, raw_off = _vkd().kl_term(q, p)  # free_bits=0: exactly today's term
+    assert torch.equal(off, raw_off) and torch.equal(off, kl_diag_gaussians(q, p).mean())
+
+
+def test_free_bits_in_the_loss_and_the_kl_it_logs():
+    model, batch = _model(), _batch()
+    torch.manual_seed(1)
+    terms = _vkd(free_bits=0.3)(model, batch, step=0)
+    torch.manual_seed(1)
+    out = model(batch, mode="both", num_samples=3)
+    per_dim = kl_per_dim(out.posterior, out.prior)
+    floored = per_dim.mean(0).clamp(min=0.3).sum()
+    bce = masked_bce(out.post_logits, batch.targets, batch.target_mask)
+    prior_bce = masked_bce(out.prior_logits, batch.targets, batch.target_mask)
+    assert terms["loss"].item() == pytest.approx((bce + 0.5 * floored + 0.7 * prior_bce).item(), rel=1e-5)
+    assert terms["kl"].item() == pytest.approx(per_dim.sum(-1).mean().item(), rel=1e-5)
+
+
+def test_detach_posterior_trains_q_by_its_bce_alone_and_p_as_before():
+    model, batch = _model(), _batch()
+    plain, detached, no_kl = (_grads(o, model, batch) for o in (_vkd(), _vkd(detach_posterior=True), _vkd(beta=0.0)))
+    report_path = [n for n in plain if n.startswith(("text_encoder.", "posterior_head."))]
+    assert report_path and plain.keys() == detached.keys()
+    for name in report_path:  # q: its BCE's gradient, nothing from the KL
+        assert torch.allclose(detached[name], no_kl[name], atol=1e-7), name
+    assert any(not torch.allclose(plain[n], no_kl[n]) for n in report_path)  # ... which it did get without detach
+    for name in set(plain) - set(report_path):  # p (and the classifier): the same gradient as without detach
+        assert torch.allclose(detached[name], plain[name], atol=1e-7), name
+
+
+@pytest.mark.parametrize("image_head", ["shared", "separate"])
+def test_image_bce_mean_puts_the_image_bce_on_the_prior_mean(image_head):
+    model, batch = _model(image_head=image_head), _batch()
+    objective = _vkd(image_bce="mean")
+    torch.manual_seed(1)
+    terms = objective(model, batch, step=0)
+    feats = model.image_encoder(batch.image)
+    p = model.prior_head(feats)
+    expected = masked_bce(model.classify_image(p.mu, feats), batch.targets, batch.target_mask)
+    assert terms["prior_bce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.manual_seed(2)  # other samples of q, the same prior BCE: no sample of p is drawn
+    assert objective(model, batch, step=0)["prior_bce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    q = model.posterior(batch.input_ids, batch.attention_mask, feats)
+    assert terms["kl"].item() == pytest.approx(kl_diag_gaussians(q, p).mean().item(), rel=1e-5)  # full Gaussians
+    assert _grads(objective, model, batch)["prior_head.logvar.weight"].abs().sum() > 0  # through the KL
+    assert (_grads(_vkd(image_bce="mean", beta=0.0), model, batch)["prior_head.logvar.weight"] == 0).all()
+
+
+def test_a_separate_image_head_reads_mu_p_and_the_image_features():
+    model, batch = _model(image_head="separate").eval(), _batch()
+    assert model.image_classifier[0].in_features == 4 + 8 and model.classifier is not None  # the report path's
+    feats = model.image_encoder(batch.image)
+    mu = model.prior_head.mean(feats)
+    logits = model.image_classifier(torch.cat([mu, feats], dim=-1))
+    by_hand = torch.sigmoid(logits)
+    probs, spread = model.predict(batch.image)
+    assert spread is None and torch.allclose(probs, by_hand, atol=1e-6)
+    assert not torch.allclose(probs, torch.sigmoid(model.classify(mu)), atol=1e-3)
+    assert torch.allclose(model(batch, mode="image").prior_logits[0], logits, atol=1e-6)
+    torch.manual_seed(3)
+    probs_mc, spread_mc = model.predict(batch.image, mode="mc", num_samples=5)
+    torch.manual_seed(3)
+    z = model.prior_head(feats).sample(5)
+    mc = torch.sigmoid(model.image_classifier(torch.cat([z, feats.expand(5, -1, -1)], dim=-1)))
+    assert torch.allclose(probs_mc, mc.mean(0), atol=1e-6) and torch.allclose(spread_mc, mc.std(0), atol=1e-6)
+    deployed = model.deploy_state_dict()
+    assert any(k.startswith("image_classifier.") for k in deployed)
+    assert not any(k.startswith(("classifier.", "text_encoder.", "posterior_head.")) for k in deployed)
+    image_only = VKDModel(_Encoder(8), None, latent_dim=4, hidden_dim=8, image_head="separate")
+    assert image_only.classifier is None  # nothing reads it: DDP would stop on its missing gradients
+
+
+@pytest.mark.parametrize("objective", ["vkd", "image_only", "text_only", "kd"])
+def test_a_separate_image_head_leaves_no_trainable_parameter_without_gradient(objective):
+    from dataclasses import replace
+
+    from vkd_dist.config import load_config
+    from vkd_dist.models.build import build_model
+
+    cfg = load_config(overrides=[
+        "data.image_size=32", "model.image_encoder=vit_small_patch16_224", "model.image_head=separate",
+        "model.image_encoder_kwargs={depth: 1, embed_dim: 32, num_heads: 2, patch_size: 16}",
+        "model.text_config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}",
+        "model.latent_dim=4", "model.hidden_dim=8"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 50, objective=objective)
+    teacher = build_model(cfg, 50, objective="text_only") if objective == "kd" else None
+    loss = build_objective(replace(cfg.objective, name=objective), 2, teacher)(model, _batch(3, size=32), 0)["loss"]
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert (model.image_classifier is not None) == (objective != "text_only")  # every image path has its own
+    assert (model.classifier is not None) == (objective in ("vkd", "text_only"))  # only a report path's
+
+
+class _Recording(_Encoder):
+    """Keeps the gradient that reaches its output: per study, what the loss asks of that study's features."""
+
+    out = None
+
+    def forward(self, x, mask=None):
+        self.out = super().forward(x, mask)
+        self.out.retain_grad()
+        return self.out
+
+
+UNLABELLED = [1, 4]
+CASES = {  # objective, objective knobs, model knobs
+    "vkd": ("vkd", {}, {}),
+    "vkd-image_bce-mean": ("vkd", {"image_bce": "mean"}, {}),
+    "vkd-detach": ("vkd", {"detach_posterior": True}, {}),
+    "vkd-free_bits": ("vkd", {"free_bits": 0.01}, {}),
+    "vkd-separate-image_text": ("vkd", {}, {"image_head": "separate", "posterior": "image_text"}),
+    "vkd-all": ("vkd", {"image_bce": "mean", "detach_posterior": True, "free_bits": 0.01}, {"image_head": "separate"}),
+    "vkd-beta0": ("vkd", {"beta": 0.0}, {}),
+    "image_only": ("image_only", {}, {}),
+    "image_only-separate": ("image_only", {}, {"image_head": "separate"}),
+    "text_only": ("text_only", {}, {}),
+    "kd": ("kd", {}, {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_unlabelled_studies_learn_only_from_the_terms_that_need_no_labels(case):
+    """A study with no labels (target_mask all False) gets no BCE gradient: vkd's only through the KL (none at
+    beta 0), kd's only through the teacher term, the baselines' none."""
+    from dataclasses import replace
+
+    name, knobs, arch = CASES[case]
+    torch.manual_seed(0)
+    model = VKDModel(_Recording(8), _Recording(8, text=True), latent_dim=4, hidden_dim=8, dropout=0.0, **arch)
+    teacher = VKDModel(None, _Encoder(8, text=True), latent_dim=4, hidden_dim=8) if name == "kd" else None
+    cfg = ObjectiveConfig(**{"name": name, "beta": 0.5, "beta_schedule": "constant", **knobs})
+    objective = build_objective(cfg, num_samples=3, teacher=teacher)
+    batch = _batch()
+    batch.target_mask[UNLABELLED] = False
+    labelled = [i for i in range(len(batch)) if i not in UNLABELLED]
+
+    def feature_grads(b) -> dict:
+        _grads(objective, model, b)
+        return {path: enc.out.grad.clone() for path, enc in (("image", model.image_encoder),
+                                                             ("text", model.text_encoder)) if enc.out is not None}
+
+    full = feature_grads(batch)
+    # Every study unlabelled: what is left is the part of the loss that needs no labels.
+    label_free = feature_grads(replace(batch, target_mask=torch.zeros_like(batch.target_mask)))
+    for path, grad in full.items():
+        assert torch.allclose(grad[UNLABELLED], label_free[path][UNLABELLED], atol=1e-8), path
+        assert grad[labelled].abs().sum() > 0, path
+    learns_without_labels = name == "kd" or (name == "vkd" and cfg.beta > 0)
+    assert bool(sum(g[UNLABELLED].abs().sum() for g in label_free.values()) > 0) == learns_without_labels
+    if cfg.detach_posterior:  # the KL does not reach the report path
+        assert (label_free["text"] == 0).all()

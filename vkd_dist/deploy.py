@@ -41,7 +41,8 @@ class ModelDirError(ValueError):
 
 
 class VKDImageClassifier(VKDModel):
-    """The deployed image path of a VKD (or baseline) run: image encoder -> prior p(z|x) -> classifier."""
+    """The deployed image path of a VKD (or baseline) run: image encoder -> prior p(z|x) -> classifier (on z, or
+    on [z, image features] with architecture.image_head=separate; model dirs from before the key are shared)."""
 
     def __init__(self, config: dict):
         arch = config["architecture"]
@@ -51,7 +52,8 @@ class VKDImageClassifier(VKDModel):
         encoder.mean.fill_(norm["mean"])  # the statistics the run used, whatever timm's defaults become
         encoder.std.fill_(norm["std"])
         super().__init__(encoder, None, latent_dim=arch["latent_dim"], hidden_dim=arch["hidden_dim"],
-                         dropout=arch.get("dropout", 0.0), num_labels=len(config["labels"]))
+                         dropout=arch.get("dropout", 0.0), num_labels=len(config["labels"]),
+                         image_head=arch.get("image_head", "shared"))
         self.config = config
         self.labels: tuple[str, ...] = tuple(config["labels"])
         self.eval()
@@ -142,7 +144,7 @@ def classifier_config(cfg: Config, labels: Sequence[str], dataset_meta: Optional
         "labels": list(labels),
         "architecture": {"image_encoder": m.image_encoder, "image_encoder_kwargs": dict(m.image_encoder_kwargs),
                          "in_chans": m.in_chans, "latent_dim": m.latent_dim, "hidden_dim": m.hidden_dim,
-                         "dropout": m.dropout},
+                         "dropout": m.dropout, "image_head": m.image_head},
         "preprocessing": {
             "source_size": int(params.get("image_size", cfg.data.image_size)),
             "resize": params.get("resize", "crop"),
@@ -232,7 +234,7 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
         f"- objective: `{prov['objective']}`; checkpoint `{prov['checkpoint']}` (step {prov['step']})",
         f"- image encoder: timm `{arch['image_encoder']}`"
         + (f" {arch['image_encoder_kwargs']}" if arch["image_encoder_kwargs"] else "")
-        + f", latent {arch['latent_dim']}",
+        + f", latent {arch['latent_dim']}, image head {arch.get('image_head', 'shared')}",
         f"- labels ({len(config['labels'])}): {', '.join(config['labels'])}",
         f"- inference: `{config['inference']['mode']}`",
         "",

@@ -97,13 +97,19 @@ def adopt_teacher_text_features(cfg: Config) -> Optional[str]:
 
 
 def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
-    """Where a run's tokenizer lives: the kd teacher's (its batches feed the teacher) > model.tokenizer > the
-    text encoder's own directory (for a short name, its package's) > RUN/tokenizer (built from the training
-    reports by `resolve_tokenizer`)."""
+    """Where a run's tokenizer lives: the kd teacher's (its batches feed the teacher) > the objective.text_init
+    run's (its text encoder was trained on those token ids) > model.tokenizer > the text encoder's own directory
+    (for a short name, its package's) > RUN/tokenizer (built from the training reports by `resolve_tokenizer`)."""
     if get_objective(cfg.objective.name).needs_teacher:
         teacher = teacher_run_dir(cfg) / "tokenizer"
         if (teacher / "tokenizer.json").is_file():
             return teacher
+    if cfg.objective.text_init:
+        from vkd_dist.evaluate import load_run_config  # evaluate imports this module
+        from vkd_dist.models.text_init import text_init_run
+
+        init_run = text_init_run(cfg)
+        return tokenizer_dir(load_run_config(init_run), init_run)
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
     if cfg.model.text_encoder != "tiny-bert":  # a local directory, or a short name's package dir (minilm)

@@ -26,6 +26,7 @@ from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_c
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
 from vkd_dist.models.build import build_model
+from vkd_dist.models.text_init import init_text_path
 from vkd_dist.objectives import Objective, build_objective, get_objective
 from vkd_dist.optim import build_optimizer, lr_lambda
 from vkd_dist.prepare import (
@@ -173,6 +174,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     tokenizer = resolve_tokenizer(cfg, info, accelerator)
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
+    init_text_path(model, cfg, info.labels)  # objective.text_init: the report path from a text_only run
     teacher = load_teacher(cfg, accelerator.device) if get_objective(cfg.objective.name).needs_teacher else None
     objective = build_objective(cfg.objective, cfg.model.num_samples, teacher)
     optimizer = build_optimizer(model, cfg, accelerator.device)  # the model is still on the CPU here

@@ -23,8 +23,8 @@ CHOICES: dict[str, tuple[Optional[str], ...]] = {
 }
 
 POSITIVE: tuple[str, ...] = (  # null, where allowed, is fine
-    "data.synthetic.num_train", "data.synthetic.image_size", "data.synthetic.label_fraction", "data.image_size", "data.batch_size",
-    "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
+    "data.synthetic.num_train", "data.synthetic.image_size", "data.synthetic.label_fraction", "data.image_size",
+    "data.batch_size", "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
     "model.num_samples", "model.vocab_size", "optim.lr", "optim.grad_accum", "train.max_steps", "train.eval_every",
     "train.eval_max_batches", "train.ckpt_every", "train.keep_last", "train.cpu_threads", "logging.log_every",
 )

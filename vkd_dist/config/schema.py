@@ -202,9 +202,9 @@ def did_you_mean(value: Any, options: Iterable[str]) -> str:
     return f"; did you mean {match}?" if match else ""
 
 
-def not_allowed(key: str, value: Any, allowed: Iterable[str]) -> ConfigError:
-    allowed = ["null" if a is None else str(a) for a in allowed]
-    return ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(allowed)}{did_you_mean(value, allowed)})")
+def not_allowed(key: str, value: Any, allowed: Iterable[Optional[str]]) -> ConfigError:
+    names = ["null" if a is None else str(a) for a in allowed]
+    return ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(names)}{did_you_mean(value, names)})")
 
 
 def unknown_key(key: str, where: str, allowed: Iterable[str]) -> ConfigError:

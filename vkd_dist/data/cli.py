@@ -52,8 +52,8 @@ def _run_synthetic(args) -> int:
         meta = build_synthetic(args.out, args.num_train, args.num_val, args.num_test, image_size=args.image_size,
                                seed=args.seed, lesion_contrast=args.lesion_contrast, noise=args.noise,
                                label_noise=args.label_noise, prevalence_scale=args.prevalence_scale,
-                               label_fraction=args.label_fraction, samples_per_shard=args.samples_per_shard, workers=args.workers,
-                               fmt=args.image_format)
+                               label_fraction=args.label_fraction, samples_per_shard=args.samples_per_shard,
+                               workers=args.workers, fmt=args.image_format)
     print(summary_line(meta, t.seconds))
     prev = meta["prevalence"]["train"]
     print("train prevalence: " + ", ".join(f"{k} {v:.2f}" for k, v in prev.items()))

@@ -30,7 +30,7 @@ def build_model(cfg: Config, vocab_size: int, objective: Optional[str] = None, w
         text_dim = feature_dim(cfg.data.text_features)
     model = VKDModel(image, text, latent_dim=m.latent_dim, hidden_dim=m.hidden_dim,
                      posterior=m.posterior if spec.configurable_posterior else "text", dropout=m.dropout,
-                     text_dim=text_dim, num_labels=num_labels)
+                     text_dim=text_dim, num_labels=num_labels, image_head=m.image_head)
     if not spec.stochastic:  # deterministic objectives use the means only; keep DDP free of unused parameters
         for head in (model.prior_head, model.posterior_head):
             if head is not None:

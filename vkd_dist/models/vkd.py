@@ -1,5 +1,7 @@
 """The VKD model: prior p(z|x) from the image, posterior q(z|t) or q(z|x,t) from the report, one classifier
-p(y|z) shared by both paths. Diagonal Gaussians, reparameterised samples, analytic KL(q || p).
+p(y|z) shared by both paths (model.image_head=shared) or, for the image path, its own classifier on
+[z, pooled image features] (separate, as in the authors' released code). Diagonal Gaussians, reparameterised
+samples, analytic KL(q || p).
 
 Image-only prediction (`predict`) takes images alone: the deployed model never sees a report.
 """
@@ -46,6 +48,10 @@ class VKDOutput:
     prior_logits: Optional[torch.Tensor] = None  # [K, B, L] from z ~ p (or [1, B, L] from the prior mean)
 
 
+def _mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
 class GaussianHead(nn.Module):
     """features -> (mu, logvar) of a diagonal Gaussian."""
 
@@ -68,11 +74,13 @@ class GaussianHead(nn.Module):
 
 
 class VKDModel(nn.Module):
-    """`image_encoder` / `text_encoder` map inputs to feature vectors; either may be None for baselines."""
+    """`image_encoder` / `text_encoder` map inputs to feature vectors; either may be None for baselines.
+    `image_head`: shared (the image path reads `classifier`, p(y|z)) | separate (it reads `image_classifier`
+    on [z, image features]; `classifier` is then built only for a report path)."""
 
     def __init__(self, image_encoder: Optional[ImageEncoder], text_encoder: Optional[TextEncoder], *, latent_dim: int,
                  hidden_dim: int, posterior: str = "text", dropout: float = 0.1, text_dim: Optional[int] = None,
-                 num_labels: int = NUM_LABELS):
+                 num_labels: int = NUM_LABELS, image_head: str = "shared"):
         super().__init__()
         self.image_encoder, self.text_encoder, self.posterior_kind = image_encoder, text_encoder, posterior
         img_dim = image_encoder.out_dim if image_encoder is not None else 0
@@ -84,7 +92,10 @@ class VKDModel(nn.Module):
         if txt_dim:
             post_in = txt_dim + (img_dim if posterior == "image_text" else 0)
             self.posterior_head = GaussianHead(post_in, hidden_dim, latent_dim, dropout)
-        self.classifier = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, num_labels))
+        separate = image_head == "separate" and image_encoder is not None
+        # Only classifiers some path reads: a parameter without gradient would stop DDP.
+        self.classifier = _mlp(latent_dim, hidden_dim, num_labels) if txt_dim or not separate else None
+        self.image_classifier = _mlp(latent_dim + img_dim, hidden_dim, num_labels) if separate else None
 
     # -- the two paths --------------------------------------------------------------------------------
     def _image_path(self) -> tuple[ImageEncoder, GaussianHead]:
@@ -106,12 +117,18 @@ class VKDModel(nn.Module):
         encoder, head = self._image_path()
         return head.mean(encoder(image))
 
+    def image_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """The deployed path's logits [B, L]: the image classifier on the prior mean."""
+        encoder, head = self._image_path()
+        feats = encoder(image)
+        return self.classify_image(head.mean(feats), feats)
+
     def _posterior_input(self, input_ids, attention_mask, image_features, text_features) -> torch.Tensor:
         if text_features is None:
             if self.text_encoder is None:
                 raise ValueError("this model has no text encoder: batches must carry precomputed text_features")
             text_features = self.text_encoder(input_ids, attention_mask)
-        text_features = text_features.to(self.classifier[0].weight.dtype)
+        text_features = text_features.to(self._posterior().mu.weight.dtype)
         if self.posterior_kind == "image_text":
             text_features = torch.cat([text_features, image_features], dim=-1)
         return text_features
@@ -124,29 +141,42 @@ class VKDModel(nn.Module):
         return self._posterior().mean(self._posterior_input(input_ids, attention_mask, None, text_features))
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """The report path's classifier (and the image path's, with a shared head)."""
+        if self.classifier is None:
+            raise ValueError("this model has no report path: its image path has its own classifier (classify_image)")
         return self.classifier(z)
 
+    def classify_image(self, z: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """The image path's classifier on z [..., B, D] (the prior's mean or its samples)."""
+        if self.image_classifier is None:
+            return self.classify(z)
+        feats = image_features.to(z.dtype).expand(*z.shape[:-1], image_features.shape[-1])
+        return self.image_classifier(torch.cat([z, feats], dim=-1))
+
     # -- training forward -----------------------------------------------------------------------------
-    def forward(self, batch, mode: str = "both", num_samples: int = 1) -> VKDOutput:
-        """mode: both (both paths, K samples each) | image (prior mean) | text (posterior mean)."""
+    def forward(self, batch, mode: str = "both", num_samples: int = 1, prior_logits: str = "sample") -> VKDOutput:
+        """mode: both (both paths, K samples each) | image (prior mean) | text (posterior mean). In mode both,
+        `prior_logits`: sample (K samples of p) | mean (the prior mean alone, as inference reads it)."""
         if mode == "image":
-            return VKDOutput(prior_logits=self.classify(self.prior_mean(batch.image))[None])
+            return VKDOutput(prior_logits=self.image_logits(batch.image)[None])
         if mode == "text":
             mu = self.posterior_mean(batch.input_ids, batch.attention_mask, batch.text_features)
             return VKDOutput(post_logits=self.classify(mu)[None])
         p, img_feats = self.prior(batch.image)
         q = self.posterior(batch.input_ids, batch.attention_mask, img_feats, batch.text_features)
-        return VKDOutput(prior=p, posterior=q, post_logits=self.classify(q.sample(num_samples)),
-                         prior_logits=self.classify(p.sample(num_samples)))
+        post_logits = self.classify(q.sample(num_samples))
+        z_p = p.mu[None] if prior_logits == "mean" else p.sample(num_samples)
+        return VKDOutput(prior=p, posterior=q, post_logits=post_logits,
+                         prior_logits=self.classify_image(z_p, img_feats))
 
     # -- deployment -------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: torch.Tensor, mode: str = "prior_mean", num_samples: int = 16):
         """Image-only probabilities [B, L] and, for mode='mc', their spread over K prior samples."""
         if mode == "prior_mean":
-            return torch.sigmoid(self.classify(self.prior_mean(image)).float()), None
-        p, _ = self.prior(image)
-        probs = torch.sigmoid(self.classify(p.sample(num_samples)).float())
+            return torch.sigmoid(self.image_logits(image).float()), None
+        p, feats = self.prior(image)
+        probs = torch.sigmoid(self.classify_image(p.sample(num_samples), feats).float())
         return probs.mean(0), probs.std(0)
 
     @torch.no_grad()
@@ -155,7 +185,11 @@ class VKDModel(nn.Module):
         return torch.sigmoid(self.classify(self.posterior_mean(input_ids, attention_mask, text_features)).float()), None
 
     def deploy_state_dict(self) -> dict:
-        """The deployable part: image encoder, prior head and classifier; everything for a text-only model."""
+        """The deployable part: image encoder, prior head and the image path's classifier; everything for a
+        text-only model."""
         if self.image_encoder is None:
             return self.state_dict()
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("text_encoder.", "posterior_head."))}
+        report_path = ["text_encoder.", "posterior_head."]
+        if self.image_classifier is not None:
+            report_path.append("classifier.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(tuple(report_path))}
