@@ -88,3 +88,23 @@ def test_embed_text_cli_then_train_with_the_sidecar(tiny_data, tmp_path, capsys)
     result = train(cfg)
     assert result.step == 3 and result.test is not None
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_kd_from_a_teacher_trained_on_text_features_takes_them_by_itself(tiny_data, tmp_path, capsys):
+    """The student names no data.text_features: it adopts its teacher's (a teacher without a text encoder
+    needs them in every batch) and says so, instead of failing at step 0."""
+    from vkd_dist.evaluate import load_run_config
+    from vkd_dist.train import train
+
+    over = tiny_overrides(tiny_data, tmp_path / "teacher", **{"model.freeze_text": True})
+    assert data_main(["embed-text", "--out", str(tmp_path / "tf"), *over]) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1].split("data.text_features=", 1)[1]
+    train(load_config(overrides=over + [f"data.text_features={path}", "objective.name=text_only",
+                                        "train.max_steps=2", "train.test_at_end=false"]))
+    student = tiny_overrides(tiny_data, tmp_path / "student", **{"objective.name": "kd",
+                                                                 "objective.kd_teacher": tmp_path / "teacher",
+                                                                 "train.max_steps": 2, "train.test_at_end": False})
+    result = train(load_config(overrides=student))
+    assert result.step == 2
+    assert load_run_config(tmp_path / "student").data.text_features == path  # recorded in its config.yaml
+    assert f"data.text_features={path}: the kd teacher's precomputed report features" in capsys.readouterr().out

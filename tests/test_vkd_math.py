@@ -375,6 +375,7 @@ CASES = {  # objective, objective knobs, model knobs
     "vkd-separate-image_text": ("vkd", {}, {"image_head": "separate", "posterior": "image_text"}),
     "vkd-all": ("vkd", {"image_bce": "mean", "detach_posterior": True, "free_bits": 0.01}, {"image_head": "separate"}),
     "vkd-beta0": ("vkd", {"beta": 0.0}, {}),
+    "vkd-beta0-predictive": ("vkd", {"beta": 0.0, "predictive_weight": 1.0, "image_bce": "mean"}, {}),
     "image_only": ("image_only", {}, {}),
     "image_only-separate": ("image_only", {}, {"image_head": "separate"}),
     "text_only": ("text_only", {}, {}),
@@ -409,7 +410,30 @@ def test_unlabelled_studies_learn_only_from_the_terms_that_need_no_labels(case):
     for path, grad in full.items():
         assert torch.allclose(grad[UNLABELLED], label_free[path][UNLABELLED], atol=1e-8), path
         assert grad[labelled].abs().sum() > 0, path
-    learns_without_labels = name == "kd" or (name == "vkd" and cfg.beta > 0)
+    learns_without_labels = name == "kd" or (name == "vkd" and (cfg.beta > 0 or cfg.predictive_weight > 0))
     assert bool(sum(g[UNLABELLED].abs().sum() for g in label_free.values()) > 0) == learns_without_labels
     if cfg.detach_posterior:  # the KL does not reach the report path
         assert (label_free["text"] == 0).all()
+
+
+def test_predictive_distillation_fits_the_image_path_to_the_report_paths_predictive_by_hand():
+    from vkd_dist.objectives.vkd import predictive_distillation
+
+    model, batch = _model(), _batch()
+    torch.manual_seed(1)
+    terms = _vkd(image_bce="mean", predictive_weight=2.0)(model, batch, step=0)
+    torch.manual_seed(1)
+    out = model(batch, mode="both", num_samples=3, prior_logits="mean")
+    target = torch.sigmoid(out.post_logits).mean(0)  # E_q[p(y|z)] over the K = 3 samples, per study and label
+    image = out.prior_logits[0]
+    by_hand = -(target * torch.log(torch.sigmoid(image)) + (1 - target) * torch.log(1 - torch.sigmoid(image)))
+    assert terms["pred"].item() == pytest.approx(by_hand.sum(-1).mean().item(), rel=1e-5)
+    base = _vkd(image_bce="mean")
+    torch.manual_seed(1)
+    expected = base(model, batch, step=0)["loss"] + 2.0 * by_hand.sum(-1).mean()
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # The report path is the teacher here: no gradient reaches it through this term.
+    logits = torch.randn(3, 4, 5, requires_grad=True)
+    img = torch.randn(1, 4, 5, requires_grad=True)
+    predictive_distillation(img, logits).backward()
+    assert logits.grad is None and img.grad is not None and img.grad.abs().sum() > 0

@@ -30,7 +30,7 @@ POSITIVE: tuple[str, ...] = (  # null, where allowed, is fine
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "data.shuffle_buffer",
-    "objective.beta", "objective.prior_bce_weight", "objective.free_bits",
+    "objective.beta", "objective.prior_bce_weight", "objective.free_bits", "objective.predictive_weight",
     "optim.weight_decay", "optim.warmup_steps",
     "optim.grad_clip",  # 0 = no clipping
     "train.bootstrap_resamples",

@@ -120,6 +120,8 @@ class ObjectiveConfig:
     image_bce: str = "sample"
     detach_posterior: bool = False  # vkd: KL(stopgrad(q) || p): the prior regresses onto the report's code
     free_bits: float = 0.0  # vkd: nats per latent dimension; each dim's batch-mean KL counts as max(KL_d, free_bits)
+    # vkd: weight of BCE(image path, the report path's predictive E_q[p(y|z)]) on every study, labelled or not
+    predictive_weight: float = 0.0
     # a text_only run directory (or a checkpoint in one): the report path (text encoder, posterior head,
     # classifier) starts from its weights, and the run uses its tokenizer
     text_init: Optional[str] = None

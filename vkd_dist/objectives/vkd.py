@@ -5,11 +5,15 @@ Knobs (objective.*): image_bce=mean puts the image path's BCE on mu_p, the input
 K samples of p; detach_posterior=true makes the KL KL(stopgrad(q) || p), so the report path learns from its own
 BCE only and the prior regresses onto its code; free_bits > 0 counts each latent dimension's batch-mean KL as at
 least free_bits nats (Kingma et al., 2016), so dimensions under the floor get no gradient. "kl" logs the raw KL.
+predictive_weight > 0 adds the posterior's predictive as a target for the image path on every study, labelled or
+not: BCE(image path's logits, E_q[p(y|z)]) summed over labels, q's side detached. The KL moves the whole code
+towards the report's; this moves what the labels read of it (the report path's opinion on each label).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vkd_dist.models.vkd import Gaussian, kl_per_dim
 from vkd_dist.objectives.base import BOTH, Objective, register
@@ -44,5 +48,17 @@ class VKD(Objective):
         kl_loss, kl = self.kl_term(out.posterior, out.prior)
         beta = beta_at(step, self.cfg)
         loss = bce + beta * kl_loss + self.cfg.prior_bce_weight * prior_bce
-        return {"loss": loss, "bce": bce.detach(), "prior_bce": prior_bce.detach(), "kl": kl.detach(),
-                "beta": torch.tensor(beta)}
+        terms = {"bce": bce.detach(), "prior_bce": prior_bce.detach(), "kl": kl.detach(), "beta": torch.tensor(beta)}
+        if self.cfg.predictive_weight > 0:
+            pred = predictive_distillation(out.prior_logits, out.post_logits)
+            loss = loss + self.cfg.predictive_weight * pred
+            terms["pred"] = pred.detach()
+        return {"loss": loss, **terms}
+
+
+def predictive_distillation(image_logits: torch.Tensor, report_logits: torch.Tensor) -> torch.Tensor:
+    """BCE of the image path's logits [K', B, L] against the report path's predictive E_q[p(y|z)] (the mean of
+    its K samples' probabilities, detached): summed over labels, averaged over samples and studies."""
+    target = torch.sigmoid(report_logits.detach().float()).mean(0)
+    logits = image_logits.float()
+    return F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").sum(-1).mean()
