@@ -81,9 +81,9 @@ class Validate(Periodic):
         run.model.train()
         self.result.val = report
         run.log.evaluation(tick.step, report, preds[0], "val")
-        run.log.info(f"step {tick.step:>6} val {self.metric} {report.get(self.metric)} over "
-                     f"{len(report['macro_labels'])} labels")
         value, state = report.get(self.metric), run.state
+        shown = f"{value:.4f}" if isinstance(value, float) else value  # TensorBoard and best/meta.json keep every digit
+        run.log.info(f"step {tick.step:>6} val {self.metric} {shown} over {len(report['macro_labels'])} labels")
         if report["macro_labels"] == self.labels and is_better(self.metric, value, state.best_value):
             state.best_value = value
             checkpoint.export_image_model(run.accelerator, run.model, run.run_dir / "best",
