@@ -20,10 +20,10 @@ into OUT/data/<regime>. Seeds are train.seed=0..N-1.
 
 Arms are the ARMS table: key=value overrides on the base config (configs/default.yaml, or --config). The full
 grid runs DEFAULT_ARMS (vkd, vkd_paper, image_only, text_only, kd); the VKD variants vkd_mean, vkd_sep, vkd_reg,
-vkd_reg_init and vkd_distil run when named (vkd_distil with --evidence). An override KEY=@ARM gives KEY the path of ARM's run of the
-same regime and seed (vkd_reg_init: objective.text_init=@text_only), and an arm of objective kd gets
-objective.kd_teacher=@text_only unless it sets that key: ARM is added to the grid and runs first, and a cell
-whose ARM run has not finished fails without training.
+vkd_reg_init and vkd_distil run when named (vkd_distil with --evidence). An override KEY=@ARM gives KEY the
+path of ARM's run of the same regime and seed (vkd_reg_init: objective.text_init=@text_only), and an arm of
+objective kd gets objective.kd_teacher=@text_only unless it sets that key: ARM is added to the grid and runs
+first, and a cell whose ARM run has not finished fails without training.
 
 Label policy. Every arm trains under one label policy: data.missing and data.uncertain as the base config and
 --set leave them (unset: the data set's own training policy, dataset.json train_policy). An arm whose overrides
