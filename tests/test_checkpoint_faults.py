@@ -120,10 +120,10 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_
     if where == "manifest":
         real = checkpoint.write_manifest
 
-        def write_manifest(ckpt):
+        def write_manifest(ckpt, *args):
             if STEP(4) in ckpt.name:
                 raise _enospc(str(ckpt / checkpoint.MANIFEST_FILE))
-            real(ckpt)
+            real(ckpt, *args)
 
         monkeypatch.setattr(checkpoint, "write_manifest", write_manifest)
     else:
@@ -191,6 +191,177 @@ def test_best_is_replaced_without_a_moment_in_which_it_is_missing(tmp_path):
     assert json.loads((tmp_path.parent / "copied" / "best" / "meta.json").read_text()) == {"version": 59}
 
 
+def _saved(run: Path, step: int) -> Path:
+    """A checkpoint of `run` at `step` as `save` leaves it (train_state.json with its step, a manifest)."""
+    ckpt = _fake_checkpoint(run / checkpoint.CKPT_DIR / STEP(step))
+    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({"step": step}))
+    checkpoint.write_manifest(ckpt)
+    return ckpt
+
+
+ROLLED_BACK = (r"rolled back to step-00000300: step-00000400 moved to checkpoints/abandoned-00000300-\d{8}T\d{6}Z "
+               r"\(kept; never deleted by retention\)")
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_a_rollback_keeps_the_abandoned_line_aside_and_the_new_line_survives_retention(tmp_path, keep_last):
+    """resume=RUN/checkpoints/step-300 in a run that has step-400: step-400 is moved aside (kept), the save at 350
+    survives keep_last=1 (it used to delete itself), and resume=latest follows the new line (it used to load 400)."""
+    from accelerate import Accelerator
+
+    accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
+    _saved(tmp_path, 300), _saved(tmp_path, 400)
+    ckpt = checkpoint.resolve(tmp_path, str(root / STEP(300)), accelerator)
+    message = checkpoint.set_aside_newer(tmp_path, ckpt, accelerator)
+    print(message)
+    assert message is not None and re.fullmatch(ROLLED_BACK, message), message
+    saved = checkpoint.save(accelerator, tmp_path, 350, {}, keep_last=keep_last)
+    assert saved.is_dir() and checkpoint.verify(saved) is None
+    assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [STEP(s) for s in (300, 350)][-keep_last:]
+    assert checkpoint.resolve(tmp_path, "latest") == root / STEP(350) == checkpoint.latest(tmp_path)
+    checkpoint.save(accelerator, tmp_path, 360, {}, keep_last=keep_last)
+    (abandoned,) = root.glob(f"{checkpoint.ABANDONED}*")  # one per rollback, never touched by retention
+    assert [p.name for p in abandoned.iterdir()] == [STEP(400)] and checkpoint.verify(abandoned / STEP(400)) is None
+    assert checkpoint.set_aside_newer(tmp_path, root / STEP(360), accelerator) is None  # nothing newer: no message
+
+
+def test_a_fallback_from_a_bad_newest_checkpoint_moves_it_aside_and_keeps_the_good_ones(tmp_path):
+    """resume=latest skips a truncated step-400 for step-300; the next save (keep_last=1) used to keep step-400
+    alone, deleting every checkpoint that verifies."""
+    from accelerate import Accelerator
+
+    accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
+    _saved(tmp_path, 200), _saved(tmp_path, 300)
+    bad = _saved(tmp_path, 400)
+    os.truncate(bad / "model.safetensors", 100)
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {STEP(400)} skipped"):
+        ckpt = checkpoint.resolve(tmp_path, "latest", accelerator)
+    assert ckpt == root / STEP(300)
+    message = checkpoint.set_aside_newer(tmp_path, ckpt, accelerator)
+    assert message is not None and re.fullmatch(ROLLED_BACK, message), message
+    checkpoint.save(accelerator, tmp_path, 350, {}, keep_last=1)
+    assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [STEP(350)]
+    assert checkpoint.resolve(tmp_path, "latest") == root / STEP(350)
+    (abandoned,) = root.glob(f"{checkpoint.ABANDONED}*")
+    assert (abandoned / STEP(400) / "model.safetensors").stat().st_size == 100  # the evidence, kept as it was
+
+
+class _Killed(BaseException):
+    """A process killed mid-save: nothing after it runs (no except-Exception clean-up either)."""
+
+
+@pytest.mark.parametrize("then", ["resolve", "save"])
+def test_a_resave_killed_between_its_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch, then):
+    """Re-saving step 4 (after a resume) renames the old step-4 aside, then the new one into place; killed between
+    the two, the old one is kept as .old-step-4 and put back by the next resume or save (it used to be deleted
+    before the new one was in place)."""
+    from accelerate import Accelerator
+
+    accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
+    checkpoint.save(accelerator, tmp_path, 4, {"attempt": 1}, keep_last=2)
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == f".tmp-{STEP(4)}":
+            raise _Killed
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Killed):
+        checkpoint.save(accelerator, tmp_path, 4, {"attempt": 2}, keep_last=2)
+    monkeypatch.undo()
+    assert not (root / STEP(4)).exists() and (root / f".old-{STEP(4)}" / checkpoint.STATE_FILE).is_file()
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {STEP(4)} restored from .old-{STEP(4)}"):
+        if then == "resolve":
+            assert checkpoint.resolve(tmp_path, "latest") == root / STEP(4)
+        else:
+            checkpoint.save(accelerator, tmp_path, 6, {}, keep_last=2)
+    assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [STEP(4)] + ([STEP(6)] if then == "save" else [])
+    assert json.loads((root / STEP(4) / checkpoint.STATE_FILE).read_text())["attempt"] == 1
+    assert checkpoint.verify(root / STEP(4)) is None
+    checkpoint.save(accelerator, tmp_path, 4, {"attempt": 3}, keep_last=2)  # a re-save that finishes: no .old-* left
+    assert json.loads((root / STEP(4) / checkpoint.STATE_FILE).read_text())["attempt"] == 3
+    assert not list(root.glob(".old-*")) and not list(root.glob(".tmp-*"))
+
+
+def test_files_are_dealt_to_ranks_largest_first_so_the_shares_balance():
+    sizes = {"model.safetensors": 100, "optimizer.bin": 60, "random_states_0.pkl": 50, "train_state.json": 10}
+    assert checkpoint._deal(sizes, 2) == [["model.safetensors", "train_state.json"],
+                                          ["optimizer.bin", "random_states_0.pkl"]]
+    assert checkpoint._deal(sizes, 1) == [sorted(sizes, key=lambda r: -sizes[r])]
+    assert checkpoint._deal(sizes, 8)[4:] == [[], [], [], []]  # more ranks than files: the rest hash nothing
+
+
+@pytest.mark.distributed
+def test_every_rank_hashes_a_share_at_save_and_resume_and_all_agree(tmp_path):
+    """2 processes: each hashes about half of the checkpoint's files at the save and at the resume (rank 0 used to
+    hash them all while rank 1 waited); the manifest is what one process would write; a file changed in each
+    rank's share is reported alike on both ranks, the first in the manifest's order."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           __file__, "hashing", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ckpt = tmp_path / "run" / checkpoint.CKPT_DIR / STEP(2)
+    manifest = json.loads((ckpt / checkpoint.MANIFEST_FILE).read_text())["files"]
+    assert list(manifest) == list(checkpoint._files(ckpt))  # the order one process writes
+    for when in ("save", "resume"):
+        shares = [set(r[when]) for r in ranks]
+        assert all(shares) and not shares[0] & shares[1] and shares[0] | shares[1] == set(manifest), (when, shares)
+    assert ranks[0]["chosen"] == ranks[1]["chosen"] == str(ckpt)
+    damaged = ranks[0]["damaged"]
+    assert len(damaged) == 2 and {damaged[0] in set(r["resume"]) for r in ranks} == {True, False}
+    first = min(damaged, key=list(manifest).index)
+    assert ranks[0]["problem"] == ranks[1]["problem"] == ranks[0]["single"] == (
+        f"{ckpt / first} does not match its SHA-256 in {checkpoint.MANIFEST_FILE} (changed since the save)")
+    for rel, want in manifest.items():
+        if rel not in damaged:
+            assert checkpoint._sha256(ckpt / rel) == want["sha256"] and (ckpt / rel).stat().st_size == want["size"]
+
+
+def _rank_hashing(out: str) -> None:  # one rank under torchrun
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    rank, run = accelerator.process_index, Path(out) / "run"
+    accelerator.prepare(torch.nn.Linear(64, 64))
+    hashed: list[str] = []
+    real = checkpoint._sha256
+
+    def spy(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    checkpoint._sha256 = spy  # type: ignore[assignment]
+    ckpt = checkpoint.save(accelerator, run, 2, {}, keep_last=2)
+    report: dict = {"save": sorted(hashed)}
+    hashed.clear()
+    checkpoint._verified.clear()
+    report["chosen"] = str(checkpoint.resolve(run, "latest", accelerator))
+    report["resume"] = sorted(hashed)
+    shares = [sorted(s) for s in _gather_shares(report["resume"], accelerator)]
+    report["damaged"] = [shares[1][0], shares[0][0]]  # one file of each rank's share
+    if rank == 0:
+        for rel in report["damaged"]:
+            data = bytearray((ckpt / rel).read_bytes())
+            data[len(data) // 2] ^= 1
+            (ckpt / rel).write_bytes(bytes(data))
+    accelerator.wait_for_everyone()
+    report["problem"] = checkpoint.verify(ckpt, accelerator)
+    if rank == 0:
+        checkpoint._verified.clear()
+        report["single"] = checkpoint.verify(ckpt)  # one process, all files: the same answer
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    accelerator.end_training()  # a rank that exits with gloo still connected can abort ("terminate called ...")
+
+
+def _gather_shares(share: list[str], accelerator) -> list[list[str]]:
+    from accelerate.utils import gather_object
+
+    return gather_object([share])
+
+
 @pytest.mark.distributed
 def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_alike(tiny_data, tmp_path):
     """Rank 1 cannot write its part of checkpoint 4: both ranks raise the same error (neither waits forever in
@@ -228,5 +399,8 @@ def _rank_enospc(data: str, out: str) -> None:  # one rank under torchrun
         raise SystemExit(3) from None
 
 
-if __name__ == "__main__":  # DATA OUT
-    _rank_enospc(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":  # DATA OUT, or: hashing OUT
+    if sys.argv[1] == "hashing":
+        _rank_hashing(sys.argv[2])
+    else:
+        _rank_enospc(sys.argv[1], sys.argv[2])

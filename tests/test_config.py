@@ -53,6 +53,7 @@ def test_default_config_loads_and_overrides_apply(tmp_path):
     (["model.dropout=1"], "model.dropout=1.0 must be in [0, 1)"),
     (["optim.grad_clip=-1"], "optim.grad_clip=-1.0 must be >= 0"),
     (["train.eval_max_batches=-3"], "train.eval_max_batches=-3 must be positive"),
+    (["objective.beta_cycle_steps=0"], "objective.beta_cycle_steps=0 must be positive"),  # issue 20: 1/0
     (["train.max_steps=10"], "optim.warmup_steps=50 is more than train.max_steps=10: the learning rate would never "
                              "reach optim.lr (allowed: 0 to 10)"),
     (["model.text_config.hidden_sise=64"], "unknown key model.text_config.hidden_sise (model.text_config (BertConfig) "

@@ -245,6 +245,35 @@ def test_compare_runs_is_paired(hospital, tmp_path, capsys):
     assert "delta (a - b)" in capsys.readouterr().out
 
 
+def test_compare_with_an_undefined_ci_writes_null_and_says_why(tmp_path, monkeypatch, capsys):
+    """Too few positives for the patient bootstrap: label j is scored on patient j's two studies only (one
+    positive, one negative), so a resample keeps every macro label only if it draws all 8 patients (p = 8!/8^8).
+    No resample does: vkd-compare writes a null CI and says why instead of failing on list(None)."""
+    import vkd_dist.compare as compare_module
+    from vkd_dist.data.schema import SCHEMA_VERSION
+    from vkd_dist.metrics import Predictions
+
+    labels = [f"L{j}" for j in range(8)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "labels": labels,
+                                                   "splits": {"test": {}}}))
+    targets, mask = np.zeros((16, 8), np.float32), np.zeros((16, 8), bool)
+    for j in range(8):
+        targets[2 * j, j], mask[2 * j:2 * j + 2, j] = 1, True
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(compare_module, "_predictions", lambda *_: Predictions(
+        rng.random((16, 8)).astype(np.float32), targets, mask, [f"k{i:02d}" for i in range(16)],
+        [f"p{i // 2}" for i in range(16)]))
+    out = tmp_path / "c.json"
+    assert compare_main(["--a", "A", "--b", "B", "--data", str(data), "--bootstrap", "3", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ci"] is None and r["p_value"] is None and r["bootstrap"]["valid"] == 0
+    assert r["macro_labels"] == labels and isinstance(r["delta_macro_auroc"], float)
+    assert ("CI undefined (none of the 3 paired patient resamples kept a positive and a negative of every macro "
+            "label") in capsys.readouterr().out
+
+
 def test_eval_predictions_with_mc_inference_carry_the_spread(hospital, tmp_path):
     _, _, run, _ = hospital
     out = tmp_path / "mc.csv"

@@ -80,3 +80,25 @@ def test_report_macro_is_over_the_fixed_set_and_says_so():
     # The loss of the image path: summed over labels, averaged over studies.
     q = np.clip(p, 1e-7, 1 - 1e-7)
     assert full["bce"] == pytest.approx(float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).sum(1).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("empty_at", [0, 1, 2])
+def test_mc_predictions_join_with_an_empty_rank_anywhere(empty_at):
+    """model.inference=mc: a rank without evaluation samples builds its part as evaluate.predict_split does (no
+    batches: Predictions.concat([])); the gathered result keeps every sample and the std columns wherever it is."""
+    from vkd_dist.metrics import Predictions
+
+    rng = np.random.default_rng(0)
+
+    def part(rank: int) -> Predictions:
+        p = rng.random((3, 2)).astype(np.float32)
+        return Predictions(p, (p > 0.5).astype(np.float32), np.ones((3, 2), bool), [f"r{rank}-{i}" for i in range(3)],
+                           [f"p{rank}"] * 3, std=p / 10)
+
+    parts = [part(r) for r in range(2)]
+    parts.insert(empty_at, Predictions.concat([], 2))  # the empty rank's part
+    joined = Predictions.concat(parts, 2)
+    full = [p for p in parts if p.keys]
+    assert joined.keys == [k for p in full for k in p.keys] and joined.probs.shape == (6, 2)
+    assert joined.std is not None and np.array_equal(joined.std, np.concatenate([p.std for p in full]))
+    assert Predictions.concat([Predictions.concat([], 2)] * 2, 2).probs.shape == (0, 2)

@@ -262,12 +262,12 @@ def test_resume_after_skipped_samples_gives_exactly_the_same_batches(corrupt_dat
         batches = first.epoch(1)
         assert [next(batches).keys for _ in range(stop)] == keys[:stop]
         resumed = stream()
-        resumed.resume([first.offsets], rank=0)  # what the checkpoint saves: every rank's offsets
+        resumed.resume(1, stop, [first.offsets], [first.reads], first.layout(1).to_dict())  # what a checkpoint saves
         assert [b.keys for b in resumed.epoch(1, stop)] == keys[stop:], stop
     # Without offsets (a checkpoint from before they were saved) workers skip whole batches of raw samples, which
     # misses the corrupt ones they had read: the stream is shifted.
     old = stream()
-    old.resume(None, rank=0)
+    old.resume(1, 6)
     assert [b.keys for b in old.epoch(1, 6)] != keys[6:]
 
 
@@ -341,3 +341,46 @@ def test_training_follows_the_datasets_policy_unless_overridden_and_unlabelled_s
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"dataset.json: 'train_policy' .*uncertain='maybe'"):
         read_dataset(tmp_path)
+
+
+def _consume(streams, epoch, skip, count=None):
+    """Each rank's stream takes `count` batches of `epoch` (all of them by default); returns the keys per rank, the
+    batches per rank and what a checkpoint would save then."""
+    taken, batches = [], []
+    for s in streams:
+        it = s.epoch(epoch, skip)
+        got = list(it) if count is None else [next(it) for _ in range(count)]
+        taken.append([k for b in got for k in b.keys])
+        batches.append(len(got))
+    saved = ([s.offsets for s in streams], [s.reads for s in streams], streams[0].layout(epoch).to_dict())
+    return taken, batches, saved
+
+
+@pytest.mark.parametrize("hops", [[(2, 2), (1, 2)], [(1, 0), (2, 2)], [(2, 0), (1, 2), (3, 0)], [(2, 2), (2, 0)]],
+                         ids=["2x2->1x2", "1x1->2x2", "2->1->3", "workers2->1"])
+def test_the_rest_of_an_epoch_is_read_exactly_once_on_another_layout(tiny_data, tokenizer, hops):
+    """Interrupted mid-epoch on N processes x W workers and resumed on M x W' (again mid-way, on a third): every
+    sample the uninterrupted epoch reads is read once in all, none twice, none left out; every rank of a layout
+    takes the same number of batches; the next epoch is the new layout's own."""
+    info = read_dataset(tiny_data)
+
+    def streams(world, workers):
+        cfg = _cfg(num_workers=workers)
+        return [train_loader(info, "train", cfg, tokenizer, rank=r, world=world, seed=5) for r in range(world)]
+
+    reference, _, _ = _consume(streams(*hops[0]), 1, 0)
+    expected = Counter(k for rank in reference for k in rank)
+    taken, _, saved = _consume(streams(*hops[0]), 1, 0, count=3)
+    seen = Counter(k for rank in taken for k in rank)
+    for i, (world, workers) in enumerate(hops[1:], 1):
+        resumed = streams(world, workers)
+        starts = {r.resume(1, 3 if i == 1 else 2, *saved)[:2] for r in resumed}
+        assert starts == {(1, 0)}  # every rank: the rest of epoch 1, from its start
+        last = i == len(hops) - 1
+        taken, batches, saved = _consume(resumed, 1, 0, None if last else 2)
+        assert len(set(batches)) == 1, batches  # every rank takes the same number of steps
+        assert saved[2]["rest_of"] is not None and saved[2]["world"] == world
+        seen.update(k for rank in taken for k in rank)
+    assert seen == expected, (sum(seen.values()), sum(expected.values()))
+    nxt = resumed[0].layout(2)
+    assert nxt.rest_of is None and nxt.world == hops[-1][0]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vkd_dist.slurm import TrainJob, _parse_time, build_parser, sbatch_script, spec_from_args
+from vkd_dist.slurm import TrainJob, _parse_time, build_parser, sbatch_script, spec_from_args, training_command
+from vkd_dist.slurm_env import attempt_resume, restart_count
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "launchers" / "slurm.py"
@@ -102,6 +103,82 @@ def test_notice_outside_training_is_recorded_in_the_job_file(tmp_path, monkeypat
     monkeypatch.setenv("SLURM_PROCID", "1")  # other ranks leave the record to rank 0
     job.checkpoint()
     assert len(json.loads((run / "slurm_job.json").read_text())["attempts"]) == 1
+
+
+@pytest.mark.parametrize("requested,restarts,has_checkpoint,expected", [
+    (None, 0, False, "latest"), (None, 2, True, "latest"), ("latest", 0, True, "latest"),
+    ("/old/run/checkpoints/step-00000300", 0, True, "/old/run/checkpoints/step-00000300"),  # issue 20: was latest
+    ("/old/run/checkpoints/step-00000300", 1, True, "latest"),  # a requeue continues its own run
+    ("/old/run/checkpoints/step-00000300", 1, False, "/old/run/checkpoints/step-00000300"),  # nothing saved yet
+])
+def test_an_explicit_resume_holds_on_the_first_attempt_and_a_requeue_takes_latest(requested, restarts,
+                                                                                  has_checkpoint, expected):
+    assert attempt_resume(requested, restarts, has_checkpoint) == expected
+
+
+def test_restart_count_tells_the_attempts_apart():
+    assert restart_count({}) == 0 and restart_count({"SLURM_RESTART_COUNT": "2"}) == 2
+    assert restart_count({"SLURM_RESTART_COUNT": ""}) == 0 and restart_count({"SLURM_RESTART_COUNT": "x"}) == 0
+
+
+def _fake_checkpoint(path: Path, complete: bool = True) -> Path:
+    from vkd_dist import checkpoint
+
+    path.mkdir(parents=True)
+    (path / checkpoint.STATE_FILE).write_text("{}")
+    (path / "model.bin").write_bytes(b"weights")
+    if complete:
+        checkpoint.write_manifest(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:resume=latest:RuntimeWarning")  # step-20 skipped: the point of the test
+@pytest.mark.parametrize("restarts,explicit,trains_with,records", [
+    (0, True, "explicit", "explicit"), (1, True, "latest", "good"), (0, False, "latest", "good")])
+def test_the_job_resumes_as_asked_and_records_the_verified_checkpoint(tmp_path, monkeypatch, restarts, explicit,
+                                                                       trains_with, records):
+    """TrainJob on one task, without a cluster or training: the run has a good step-10 and a newer step-20 whose
+    save never finished (no manifest). The first attempt trains from an explicit resume=PATH; a requeue, or a job
+    without one, from 'latest'. slurm_job.json records the checkpoint that resume verifies to: PATH, or step-10,
+    not the unverified newest step-20."""
+    import signal
+    import types
+
+    import submitit
+
+    import vkd_dist.slurm as slurm
+    import vkd_dist.train
+
+    run = tmp_path / "run"
+    good = _fake_checkpoint(run / "checkpoints" / "step-00000010")
+    _fake_checkpoint(run / "checkpoints" / "step-00000020", complete=False)
+    other = _fake_checkpoint(tmp_path / "other" / "checkpoints" / "step-00000007")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+    monkeypatch.setattr(slurm, "_stop_request", lambda: types.SimpleNamespace(signals=[]))
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: types.SimpleNamespace(cluster="local", job_id="42"))
+    monkeypatch.setattr(slurm, "export_distributed_env", lambda *_: {"RANK": "0", "WORLD_SIZE": "1",
+                                                                      "MASTER_ADDR": "host", "MASTER_PORT": "1"})
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # the job ignores late notices: not in pytest
+    seen = []
+
+    def train(cfg, stop):
+        seen.append(cfg.resume)
+        return types.SimpleNamespace(step=30, preempted=False, val=None, test=None, run_dir=str(run), checkpoints=[])
+
+    monkeypatch.setattr(vkd_dist.train, "train", train)
+    job = TrainJob(None, [f"run_dir={run}", "optim.warmup_steps=0", *([f"resume={other}"] if explicit else [])])
+    job()
+    assert seen == [str(other) if trains_with == "explicit" else "latest"]
+    attempt = json.loads((run / "slurm_job.json").read_text())["attempts"][0]
+    assert attempt["resume_from"] == str(other if records == "explicit" else good)
+
+
+def test_dry_run_command_keeps_an_explicit_resume(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path / "old" / "checkpoints" / "step-00000003")
+    spec = spec_from_args(build_parser().parse_args(["--dry-run", f"run_dir={tmp_path / 'run'}", f"resume={ckpt}"]))
+    command = training_command(spec)
+    assert spec.resume == str(ckpt) and f"resume={ckpt}" in command and "resume=latest" not in command.split("\n")[1]
+    assert "a requeued attempt with resume=latest" in command
 
 
 # ----------------------------------------------------------------------------------------- real cluster

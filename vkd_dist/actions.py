@@ -17,10 +17,11 @@ from accelerate.utils import gather_object
 
 from vkd_dist import checkpoint
 from vkd_dist.data.tokens import remove_token_tables
-from vkd_dist.distributed import param_digests
-from vkd_dist.evaluate import evaluate
+from vkd_dist.distributed import param_digests, sync_buffers
+from vkd_dist.evaluate import Interrupted, evaluate
 from vkd_dist.metrics import format_table, is_better
 from vkd_dist.run import Run, TrainResult
+from vkd_dist.stop import StopRequest
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Tick:
 
 class Periodic:
     every: int
+    on_stop = True  # runs when a stop lands on its step; False: deferred to the resumed attempt (after the save)
 
     def __init__(self, run: Run, result: TrainResult):
         self.run, self.result = run, result
@@ -65,7 +67,10 @@ class LogTerms(Periodic):
 
 
 class Validate(Periodic):
-    """Evaluates the validation split; exports best/ when train.select_metric improves over the same label set."""
+    """Evaluates the validation split; exports best/ when train.select_metric improves over the same label set.
+    A stop on its step checkpoints first and leaves it to the resumed attempt (TrainState.deferred)."""
+
+    on_stop = False
 
     def __init__(self, run: Run, result: TrainResult):
         super().__init__(run, result)
@@ -76,6 +81,7 @@ class Validate(Periodic):
     def __call__(self, tick: Tick) -> None:
         run, cfg = self.run, self.run.cfg
         preds: list = []
+        sync_buffers(run.accelerator, run.model)  # one model on every rank: what is scored is what is exported
         report = evaluate(run.model, cfg, run.info, cfg.data.val_split, run.tokenizer, run.accelerator,
                           cfg.train.eval_max_batches, checkpoint_name=f"step-{tick.step:08d}", predictions=preds)
         run.model.train()
@@ -101,7 +107,13 @@ class Save(Periodic):
 
     def __call__(self, tick: Tick) -> None:
         run = self.run
+        sync_buffers(run.accelerator, run.model)
         run.state.data_offsets = gather_object([getattr(run.stream, "offsets", None)])  # collective: every rank's
+        run.state.data_reads = gather_object([getattr(run.stream, "reads", None)])
+        layout = getattr(run.stream, "layout", None)
+        run.state.data_layout = layout(run.state.epoch).to_dict() if layout is not None else None
+        if run.ledger is not None:
+            run.ledger.flush()  # the rows of every step the checkpoint holds are on disk before it is
         path = checkpoint.save(run.accelerator, run.run_dir, tick.step, vars(run.state), run.cfg.train.keep_last)
         self.result.checkpoints.append(str(path))
 
@@ -110,9 +122,21 @@ def periodic_actions(run: Run, result: TrainResult) -> list[Periodic]:
     return [LogTerms(run, result), Validate(run, result), Save(run, result)]
 
 
-def finish(run: Run, result: TrainResult) -> None:
-    """After the last step: export final/ (refusing ranks that disagree) and evaluate it on the test split."""
+def run_deferred(run: Run, actions: list[Periodic]) -> None:
+    """What a stop deferred past its checkpoint (a validation), run first by the resumed attempt."""
+    for action in actions:
+        if type(action).__name__ in run.state.deferred:
+            action(Tick(run.state.step, {}, None, final=False, stopping=False))
+    run.state.deferred = []
+
+
+def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) -> None:
+    """After the last step: export final/ (refusing ranks that disagree) and evaluate it on the test split. A stop
+    agreed on during it (the last step's checkpoint is on disk) ends it with result.preempted: the requeued attempt
+    resumes at the last step and finishes."""
     cfg, step = run.cfg, run.state.step
+    stopping = (lambda: stop.agreed(run.accelerator)) if stop is not None else None
+    sync_buffers(run.accelerator, run.model)
     digests = param_digests(run.accelerator, run.model)  # every rank must end with the same model
     checkpoint.export_image_model(run.accelerator, run.model, run.run_dir / "final",
                                   {"step": step, "objective": cfg.objective.name, "param_digests": digests,
@@ -124,8 +148,16 @@ def finish(run: Run, result: TrainResult) -> None:
     if not cfg.train.test_at_end:
         return
     preds: list = []
-    result.test = evaluate(run.model, cfg, run.info, cfg.data.test_split, run.tokenizer, run.accelerator,
-                           checkpoint_name="final", predictions=preds)
+    try:
+        if stopping is not None and stopping():
+            raise Interrupted("before the test split")
+        result.test = evaluate(run.model, cfg, run.info, cfg.data.test_split, run.tokenizer, run.accelerator,
+                               checkpoint_name="final", predictions=preds, interrupt=stopping)
+    except Interrupted as exc:
+        result.preempted = True
+        run.log.info(f"stop requested during finish ({exc}): final/ is exported; the requeued attempt resumes at "
+                     f"step {step} and runs the test")
+        return
     run.log.evaluation(step, result.test, preds[0], "test")
     summary: dict[str, Optional[float]] = {f"hparam/test_{k}": v for k, v in result.test.items()
                                            if isinstance(v, float)}

@@ -3,15 +3,28 @@
 A checkpoint is `RUN/checkpoints/step-00000200/`: Accelerate's state (model, optimizer, RNG of every rank;
 DeepSpeed's or FSDP's per-rank shard files) plus `train_state.json` (step, data position, best metric) and,
 written last, `manifest.json`: every other file's size and SHA-256. It is written under a temporary name, each
-node's files are fsynced, and rank 0 writes the manifest and renames the directory into place once every rank
-has finished; a save that fails on any rank fails on every rank, leaves no step-* directory and says so.
+node's files are fsynced, rank 0 writes train_state.json and lists the files, every rank hashes a share of them
+(dealt by size, largest first, so the shares balance), and rank 0 writes the gathered digests as the manifest
+and renames the directory into place; a save that fails on any rank fails on every rank, leaves no step-*
+directory and says so. Re-saving a step that exists (after a resume) renames the old one to `.old-step-X`, the
+new one into place, and only then removes the old one; a crash between the two renames leaves `.old-step-X`
+without `step-X`, which resume (and the next save) renames back.
 
 Resume verifies the manifest before anything is unpickled; `resume=latest` skips (with a warning naming the
 file) a checkpoint whose manifest is missing or whose files are missing, truncated, changed or added, in favour
-of the newest one that verifies. Rank 0 verifies and broadcasts its choice: every rank then loads the same
-checkpoint, and the (shared) files are read once rather than once per rank; a shard written by another node is
-visible to rank 0 because the writer closed it before the save's barrier (NFS close-to-open; Lustre is
-coherent).
+of the newest one that verifies. Rank 0 reads the manifest and stats the files, every rank hashes a share, and
+all ranks reach the same answer (the first problem in the manifest's file order) and so load the same
+checkpoint; each (shared) file is read once rather than once per rank. A file written by another node is visible
+to every rank because the writer closed it before the save's barrier (NFS close-to-open; Lustre is coherent).
+
+A resume from a checkpoint older than the run's newest (an explicit `resume=PATH`, or `resume=latest` falling
+back from newer ones that do not verify) starts a new line: `set_aside_newer` moves the newer step-* directories
+into `checkpoints/abandoned-<step>-<UTC time>/`, which are kept, never deleted by retention and never read by
+`resume=latest`, so retention (the `keep_last` highest steps) and `latest` work on the run's current line only.
+
+`find_weights(RUN, "last")` of a run without `final/` whose newest checkpoint holds sharded weights (DeepSpeed
+ZeRO, FSDP2's torch.distributed.checkpoint files) consolidates them once into
+`checkpoints/.consolidated-step-X/model.safetensors` (outside every manifest; removed with its step).
 
 Exports (`best/`, `final/`) hold the image-only model as one consolidated safetensors file; each is a symlink to
 a versioned directory, replaced without a moment in which neither version exists (`fileio.publish_dir`).
@@ -39,6 +52,11 @@ CKPT_DIR = "checkpoints"
 STATE_FILE = "train_state.json"
 MANIFEST_FILE = "manifest.json"
 EXPORT_FILE = "model.safetensors"
+OLD = ".old-"  # + step-X: the previous version of a step being re-saved
+CONSOLIDATED = ".consolidated-"  # + step-X: its sharded weights as one safetensors file (find_weights)
+ABANDONED = "abandoned-"  # + <step>-<UTC time>: the newer checkpoints a rollback moved aside
+ZERO_TAG = "pytorch_model"  # Accelerate's DeepSpeed checkpoint tag (its MODEL_NAME), a folder of the checkpoint
+FSDP_DCP_DIR = "pytorch_model_fsdp_0"  # Accelerate's FSDP SHARDED_STATE_DICT folder (torch.distributed.checkpoint)
 T = TypeVar("T")
 
 
@@ -47,10 +65,33 @@ class CheckpointError(RuntimeError):
 
 
 def _step_dirs(run_dir: Path) -> list[Path]:
+    """The run's current line: step-* directories with a train_state.json (never .old-*, .tmp-*, abandoned-*)."""
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
+
+
+def _recover(run_dir: str | Path) -> list[str]:
+    """Rank 0 (or one process) only: a `.old-step-X` whose `step-X` is missing is a re-save of step X that
+    stopped between its two renames; the old checkpoint goes back in place. Returns the names put back."""
+    root = Path(run_dir) / CKPT_DIR
+    restored = []
+    for old in sorted(root.glob(f"{OLD}step-*")) if root.is_dir() else []:
+        final = old.with_name(old.name[len(OLD):])
+        if not final.exists() and (old / STATE_FILE).is_file():
+            os.replace(old, final)
+            restored.append(final.name)
+            warnings.warn(f"checkpoint {final.name} restored from {old.name} (a re-save of it was interrupted)",
+                          RuntimeWarning, stacklevel=3)
+    if restored:
+        fsync_path(root)
+    return restored
+
+
+def _step_number(name: str) -> Optional[int]:
+    digits = name[len("step-"):]
+    return int(digits) if name.startswith("step-") and digits.isdigit() else None
 
 
 def latest(run_dir: str | Path) -> Optional[Path]:
@@ -73,45 +114,108 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(ckpt: Path) -> None:
-    files = {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in _files(ckpt).items()}
+def _sizes(ckpt: Path) -> dict[str, int]:
+    """Every file but the manifest -> its size, in the manifest's order."""
+    return {rel: p.stat().st_size for rel, p in _files(ckpt).items()}
+
+
+def _deal(sizes: dict[str, int], ranks: int) -> list[list[str]]:
+    """Files -> one share per rank: largest first, each to the rank with the fewest bytes so far (ties: the lower
+    rank, then the file name), so the shares balance and every rank deals the same shares from the same sizes."""
+    shares: list[list[str]] = [[] for _ in range(ranks)]
+    loads = [0] * ranks
+    for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
+        rank = min(range(ranks), key=lambda i: (loads[i], i))
+        shares[rank].append(rel)
+        loads[rank] += sizes[rel]
+    return shares
+
+
+def _rank_of(accelerator) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes
+
+
+def _gathered(accelerator, value: T) -> list[T]:
+    """Collective: every rank's `value`, in rank order, on every rank."""
+    return gather_object([value]) if _rank_of(accelerator)[1] > 1 else [value]
+
+
+def write_manifest(ckpt: Path, files: Optional[dict[str, dict]] = None) -> None:
+    """manifest.json: every other file's size and SHA-256. `files` ({rel: {size, sha256}}, as `save` gathers
+    them from the ranks' shares); without it this process hashes every file itself."""
+    if files is None:
+        files = {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in _files(ckpt).items()}
     atomic_write_text(ckpt / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
 
 
 _verified: dict[tuple, Optional[str]] = {}  # a stat of every file -> verify's answer: resume asks up to 3 times
 
 
-def verify(ckpt: str | Path) -> Optional[str]:
+def verify(ckpt: str | Path, accelerator=None) -> Optional[str]:
     """None when `ckpt` holds exactly the files its manifest lists, at their sizes and digests; otherwise what
-    is wrong, naming the file."""
+    is wrong, naming the file (the first problem in the manifest's order). With an `accelerator`, collective:
+    rank 0 reads the manifest and stats the files, every rank hashes a share, every rank gets the same answer."""
     ckpt = Path(ckpt)
+    rank, ranks = _rank_of(accelerator)
+    plan = _on_main(accelerator, lambda: _verify_plan(ckpt))
+    if isinstance(plan, tuple):  # answered without hashing: cached, or a problem found by stat alone
+        return plan[1]
+    want = plan["hash"]
+    mine: dict[str, str] = {}
+    for rel in _deal({rel: size for rel, (size, _) in want.items()}, ranks)[rank]:
+        path = ckpt / rel
+        try:
+            if _sha256(path) != want[rel][1]:
+                mine[rel] = f"{path} does not match its SHA-256 in {MANIFEST_FILE} (changed since the save)"
+        except OSError as exc:  # removed or unreadable since rank 0's stat: reported, never left uncollected
+            mine[rel] = f"{path} could not be read ({exc.strerror or exc})"
+    found = {rel: problem for share in _gathered(accelerator, mine) for rel, problem in share.items()}
+    answer = next((found.get(rel) or cheap for rel, cheap in plan["order"] if found.get(rel) or cheap), None)
+    if rank == 0:
+        _verified[plan["key"]] = answer
+    return answer
+
+
+def _verify_plan(ckpt: Path) -> tuple[str, Optional[str]] | dict[str, Any]:
+    """Rank 0's half of `verify`: ("answer", problem-or-None) when no digest is needed; otherwise the files to hash
+    ({rel: (size, sha256)}), the manifest's file order with each file's problem found by stat (or None), and
+    the cache key. Files after the first problem found by stat are not hashed: they cannot be the first problem."""
     files = _files(ckpt)
     stats = [(p, p.stat()) for p in [*files.values(), ckpt / MANIFEST_FILE] if p.is_file()]
     key = (str(ckpt.resolve()), *((str(p), st.st_size, st.st_mtime_ns) for p, st in stats))
-    if key not in _verified:
-        _verified[key] = _check(ckpt, files)
-    return _verified[key]
-
-
-def _check(ckpt: Path, files: dict[str, Path]) -> Optional[str]:
+    if key in _verified:
+        return "answer", _verified[key]
     manifest = ckpt / MANIFEST_FILE
     try:
         listed = json.loads(manifest.read_text())["files"]
     except FileNotFoundError:
-        return f"{manifest} is missing (the save did not finish)"
+        problem: Optional[str] = f"{manifest} is missing (the save did not finish)"
+        _verified[key] = problem
+        return "answer", problem
     except (ValueError, KeyError, TypeError) as exc:
-        return f"{manifest} is unreadable ({exc!r})"
+        problem = f"{manifest} is unreadable ({exc!r})"
+        _verified[key] = problem
+        return "answer", problem
+    order: list[tuple[str, Optional[str]]] = []
+    to_hash: dict[str, tuple[int, str]] = {}
     for rel, want in listed.items():
         path = ckpt / rel
         if rel not in files:
-            return f"{path} is missing (expected {want['size']} bytes)"
+            order.append((rel, f"{path} is missing (expected {want['size']} bytes)"))
+            break
         size = files[rel].stat().st_size
         if size != want["size"]:
-            return f"{path} has {size} bytes, expected {want['size']} (truncated or changed)"
-        if _sha256(path) != want["sha256"]:
-            return f"{path} does not match its SHA-256 in {MANIFEST_FILE} (changed since the save)"
-    extra = sorted(set(files) - set(listed))
-    return f"{ckpt / extra[0]} is not in {MANIFEST_FILE} (added after the save)" if extra else None
+            order.append((rel, f"{path} has {size} bytes, expected {want['size']} (truncated or changed)"))
+            break
+        order.append((rel, None))
+        to_hash[rel] = (size, want["sha256"])
+    else:
+        extra = sorted(set(files) - set(listed))
+        if extra:
+            order.append(("", f"{ckpt / extra[0]} is not in {MANIFEST_FILE} (added after the save)"))
+    return {"hash": to_hash, "order": order, "key": key}
 
 
 # --------------------------------------------------------------------------- resume
@@ -132,15 +236,17 @@ def _on_main(accelerator, fn: Callable[[], T]) -> T:
     return value
 
 
-def _newest_good(run_dir: Path) -> Optional[Path]:
-    dirs, problems = _step_dirs(run_dir), []
+def _newest_good(run_dir: Path, accelerator=None) -> Optional[Path]:
+    """Collective with an `accelerator`: every rank verifies the same candidates (rank 0's listing) together."""
+    dirs, problems = _on_main(accelerator, lambda: _step_dirs(run_dir)), []
     for path in reversed(dirs):
-        problem = verify(path)
+        problem = verify(path, accelerator)
         if problem is None:
             return path
         problems.append(problem)
-        warnings.warn(f"resume=latest: checkpoint {path.name} skipped: {problem}; trying the one before",
-                      RuntimeWarning, stacklevel=3)
+        if _rank_of(accelerator)[0] == 0:
+            warnings.warn(f"resume=latest: checkpoint {path.name} skipped: {problem}; trying the one before",
+                          RuntimeWarning, stacklevel=3)
     if dirs:  # never silently start afresh: retention would then delete the evidence
         raise CheckpointError(f"resume=latest: none of the {len(dirs)} checkpoints under {run_dir / CKPT_DIR} "
                               f"verifies ({'; '.join(problems)}); move them aside to start afresh")
@@ -149,18 +255,66 @@ def _newest_good(run_dir: Path) -> Optional[Path]:
 
 def resolve(run_dir: str | Path, which: Optional[str], accelerator=None) -> Optional[Path]:
     """`resume` value -> checkpoint directory: None, 'latest' (the newest that verifies; None if there is none
-    yet) or a path (which must verify). With an `accelerator`, collective: rank 0 verifies, all get its answer."""
+    yet) or a path (which must verify). With an `accelerator`, collective: every rank hashes a share, all agree.
+    First (rank 0) a step left as `.old-step-X` by an interrupted re-save is put back (`_recover`)."""
     if which in (None, ""):
         return None
+    _on_main(accelerator, lambda: _recover(run_dir))
     if which == "latest":
-        return _on_main(accelerator, lambda: _newest_good(Path(run_dir)))
+        return _newest_good(Path(run_dir), accelerator)
     path = Path(which)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
-    problem = _on_main(accelerator, lambda: verify(path))
+    problem = verify(path, accelerator)
     if problem is not None:
         raise CheckpointError(f"resume={which}: not a complete checkpoint: {problem}")
     return path
+
+
+def set_aside_newer(run_dir: str | Path, ckpt: Optional[Path], accelerator=None) -> Optional[str]:
+    """Collective. After `resolve` chose `ckpt`: when the run has step-* directories newer than it (an explicit
+    resume of an older checkpoint, or resume=latest falling back from newer ones that do not verify), rank 0
+    moves them into one `checkpoints/abandoned-<step>-<UTC time>/`: kept, never deleted by retention, never read
+    by resume=latest, so that the saves from here on are the run's only line. Returns the one line to log (the
+    same on every rank), or None when nothing was newer."""
+    if ckpt is None:
+        return None
+    return _on_main(accelerator, lambda: _set_aside(Path(run_dir), Path(ckpt)))
+
+
+def _set_aside(run_dir: Path, ckpt: Path) -> Optional[str]:
+    root = run_dir / CKPT_DIR
+    if not root.is_dir():
+        return None
+    try:
+        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        number = _step_number(ckpt.name)
+        if number is None:
+            raise
+        step = number
+    _recover(run_dir)
+    newer = sorted(p for p in root.glob("step-*")
+                   if (n := _step_number(p.name)) is not None and n > step and p.resolve() != ckpt.resolve())
+    for prefix in (OLD, CONSOLIDATED, ".tmp-"):  # that line's superseded versions, caches, unfinished saves
+        for stale in root.glob(f"{prefix}step-*"):
+            if (n := _step_number(stale.name[len(prefix):])) is not None and n > step:
+                shutil.rmtree(stale, ignore_errors=True)
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = root / f"{ABANDONED}{step:08d}-{stamp}"
+    suffix = 1
+    while dest.exists():  # two rollbacks within a second
+        suffix += 1
+        dest = root / f"{ABANDONED}{step:08d}-{stamp}-{suffix}"
+    dest.mkdir()
+    for path in newer:
+        os.replace(path, dest / path.name)
+    fsync_path(dest)
+    fsync_path(root)
+    return (f"rolled back to {ckpt.name}: {', '.join(p.name for p in newer)} moved to {CKPT_DIR}/{dest.name} "
+            "(kept; never deleted by retention)")
 
 
 def load(accelerator, path: Path) -> dict:
@@ -168,7 +322,7 @@ def load(accelerator, path: Path) -> dict:
     # DeepSpeed (and Accelerate, for the RNG and optimizer files) read with torch.load(weights_only=False), which
     # unpickles: the manifest is verified first so that only the files this trainer wrote, complete and unchanged,
     # reach it. (An integrity check, not a signature: whoever can write the run directory can rewrite both.)
-    problem = _on_main(accelerator, lambda: verify(path))
+    problem = verify(path, accelerator)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} not loaded: {problem}")
     accelerator.load_state(str(path))
@@ -176,43 +330,59 @@ def load(accelerator, path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- save
-def _agreed(accelerator, final: Path, fn: Callable[[], None], here: bool = True) -> None:
-    """fn() where `here`; when it failed on any rank, every rank raises the same CheckpointError (one rank's
-    full disk must not leave the others waiting in the next collective) and the partial save is removed."""
-    error = None
+def _agreed(accelerator, final: Path, fn: Callable[[], T], here: bool = True) -> list[Optional[T]]:
+    """fn() where `here`; every rank's result (None where not `here`), in rank order, on every rank. When it
+    failed on any rank, every rank raises the same CheckpointError (one rank's full disk must not leave the
+    others waiting in the next collective) and the partial save is removed."""
+    error, result = None, None
     if here:
         try:
-            fn()
+            result = fn()
         except Exception as exc:  # noqa: BLE001 - shared, then raised on every rank
             filename = getattr(exc, "filename", None)
             where = f"{filename}, " if filename else ""
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
             error = f"{reason} ({where}rank {accelerator.process_index})"
-    errors = [e for e in (gather_object([error]) if accelerator.num_processes > 1 else [error]) if e]
+    gathered = _gathered(accelerator, (error, result))
+    errors = [e for e, _ in gathered if e]
     if not errors:
-        return
+        return [r for _, r in gathered]
     if accelerator.is_main_process:
         shutil.rmtree(final.with_name(f".tmp-{final.name}"), ignore_errors=True)  # frees the space
+        _recover(final.parent.parent)  # a re-save that failed between its renames: the old one goes back
     previous = next((d for d in reversed(_step_dirs(final.parent.parent)) if d != final), None)
     intact = f"the previous checkpoint {previous.name} is intact" if previous else "there is no earlier checkpoint"
     raise CheckpointError(f"checkpoint {final.name} not written: {errors[0]}; {intact}")
 
 
-def _commit(tmp: Path, final: Path, state: dict) -> None:
-    """Rank 0, once every rank's files are on disk: train_state.json, the manifest (last), the rename."""
+def _write_state(tmp: Path, state: dict) -> dict[str, int]:
+    """Rank 0, once every rank's files are on disk: train_state.json; returns every file's size (what the ranks
+    then hash, each its share)."""
     atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
     share_like_parent(tmp)  # a shared group reads the weights too (data.shared_group)
     if delay := os.environ.get("VKD_TEST_SAVE_DELAY_S"):  # test-only: widens the window tests/test_kill.py kills in
         time.sleep(float(delay))
-    write_manifest(tmp)
+    return _sizes(tmp)
+
+
+def _hash_share(tmp: Path, sizes: dict[str, int], rank: int, ranks: int) -> dict[str, str]:
+    return {rel: _sha256(tmp / rel) for rel in _deal(sizes, ranks)[rank]}
+
+
+def _commit(tmp: Path, final: Path, files: dict[str, dict]) -> None:
+    """Rank 0, once every file is hashed: the manifest (last), then the renames. A step saved before (a re-save
+    after a resume) is renamed to .old-step-X, the new one into place, and only then is the old one removed:
+    a crash between the two renames leaves .old-step-X without step-X, which `_recover` puts back."""
+    write_manifest(tmp, files)
     fsync_path(tmp)
-    if final.exists():  # re-saving a step after a resume: move the old one aside first
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final.with_name(f"{CONSOLIDATED}{final.name}"), ignore_errors=True)  # the old one's weights
+    old = final.with_name(f"{OLD}{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash after both renames: step-X is the newer one
         os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
@@ -228,13 +398,24 @@ def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: in
     _agreed(accelerator, final, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
     # One process per node flushes what every rank on the node wrote (page caches are per node).
     _agreed(accelerator, final, lambda: fsync_tree(tmp), here=accelerator.is_local_main_process)
-    _agreed(accelerator, final, lambda: _commit(tmp, final, {**state, "step": step}),
-            here=accelerator.is_main_process)
+    sizes = _agreed(accelerator, final, lambda: _write_state(tmp, {**state, "step": step}),
+                    here=accelerator.is_main_process)[0] or {}
+    rank, ranks = accelerator.process_index, accelerator.num_processes
+    digests = {rel: sha for share in _agreed(accelerator, final, lambda: _hash_share(tmp, sizes, rank, ranks))
+               for rel, sha in (share or {}).items()}
+    files = {rel: {"size": size, "sha256": digests[rel]} for rel, size in sizes.items()}  # the listing's order
+    _agreed(accelerator, final, lambda: _commit(tmp, final, files), here=accelerator.is_main_process)
     if accelerator.is_main_process:
+        _recover(run_dir)  # an earlier re-save stopped between its renames: its step goes back, not away
         for stale in _step_dirs(Path(run_dir))[:-keep_last]:
             shutil.rmtree(stale, ignore_errors=True)
-        for leftover in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:  # from a crash in an earlier save
-            shutil.rmtree(leftover, ignore_errors=True)
+            shutil.rmtree(stale.with_name(f"{CONSOLIDATED}{stale.name}"), ignore_errors=True)
+        for leftover in [*root.glob(".tmp-step-*"), *root.glob(f"{OLD}step-*")]:  # from a crash in an earlier save
+            if leftover.name.startswith(".tmp-") or (root / leftover.name[len(OLD):]).is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        for cache in root.glob(f"{CONSOLIDATED}step-*"):  # of a step that is gone
+            if not (root / cache.name[len(CONSOLIDATED):]).is_dir():
+                shutil.rmtree(cache, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -269,14 +450,91 @@ def find_weights(run_dir: str | Path, which: str) -> Path:
     elif which == "last":
         final = run_dir / "final" / EXPORT_FILE
         ckpt = latest(run_dir)
-        path = final if final.is_file() else (ckpt / EXPORT_FILE if ckpt else final)
+        path = final if final.is_file() or ckpt is None else _checkpoint_weights(ckpt)
     else:
         path = Path(which)
         if path.is_dir():
-            path = path / EXPORT_FILE
+            path = _checkpoint_weights(path) if (path / STATE_FILE).is_file() else path / EXPORT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no weights at {path} (checkpoint={which!r}, run {run_dir})")
     return path
+
+
+def _checkpoint_weights(ckpt: Path) -> Path:
+    """A checkpoint's model weights as one safetensors file: its own (DDP), or its sharded ones consolidated."""
+    if (ckpt / EXPORT_FILE).is_file() or not ((ckpt / ZERO_TAG).is_dir() or (ckpt / FSDP_DCP_DIR).is_dir()):
+        return ckpt / EXPORT_FILE
+    return consolidated_weights(ckpt)
+
+
+def consolidated_weights(ckpt: str | Path) -> Path:
+    """The model weights of a checkpoint saved under DeepSpeed ZeRO (any stage) or FSDP2, whose shards are
+    DeepSpeed's or torch.distributed.checkpoint's files, as one safetensors file with the model's own state-dict
+    keys (as a DDP checkpoint's model.safetensors and the exports have them): consolidated once, after the
+    checkpoint verifies (both formats unpickle), into `checkpoints/.consolidated-step-X/` beside it (written
+    atomically, with a meta.json naming the step), and reused while the checkpoint's manifest is unchanged.
+    FileNotFoundError, one line naming the command to run, where it cannot be written or read."""
+    ckpt = Path(ckpt)
+    cache = ckpt.with_name(f"{CONSOLIDATED}{ckpt.name}")
+    out, meta_path = cache / EXPORT_FILE, cache / "meta.json"
+    zero = (ckpt / ZERO_TAG).is_dir()
+    command = (f"python -m deepspeed.utils.zero_to_fp32 {ckpt} OUT_DIR --tag {ZERO_TAG} --safe_serialization" if zero
+               else f"python -m torch.distributed.checkpoint.format_utils dcp_to_torch {ckpt / FSDP_DCP_DIR} OUT.pt")
+    manifest = ckpt / MANIFEST_FILE
+    stamp = _sha256(manifest) if manifest.is_file() else None
+    try:
+        if stamp and out.is_file() and json.loads(meta_path.read_text()).get("manifest_sha256") == stamp:
+            return out
+    except (OSError, ValueError):
+        pass  # no cache yet, or one from another version of this step: consolidated anew
+    problem = verify(ckpt)
+    if problem is not None:
+        raise FileNotFoundError(f"no consolidated weights for {ckpt}: the checkpoint does not verify ({problem})")
+    try:
+        state = _read_zero(ckpt) if zero else _read_dcp(ckpt / FSDP_DCP_DIR)
+    except ImportError as exc:
+        raise FileNotFoundError(f"{ckpt} holds sharded weights and {exc.name or exc} is not installed here to "
+                                f"consolidate them; where it is, run: {command}") from None
+    # Each tensor its own storage (DeepSpeed's are views of one flat buffer; safetensors refuses shared ones).
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    step = json.loads((ckpt / STATE_FILE).read_text()).get("step")
+    try:
+        cache.mkdir(exist_ok=True)
+        tmp = cache / f".{EXPORT_FILE}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        fsync_path(tmp)
+        os.replace(tmp, out)
+        atomic_write_text(meta_path, json.dumps({"step": step, "consolidated_from": f"{CKPT_DIR}/{ckpt.name}",
+                                                 "manifest_sha256": stamp}, indent=2))
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot write the consolidated weights of {ckpt} to {out} "
+                                f"({exc.strerror or exc}); run instead: {command}") from None
+    return out
+
+
+def _read_zero(ckpt: Path) -> dict[str, Any]:
+    """DeepSpeed's own fp32 consolidation of a ZeRO-1/2/3 checkpoint (parameters and buffers, the module's keys)."""
+    import contextlib
+    import sys
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its progress; stdout may be a command's output
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ZERO_TAG)
+
+
+def _read_dcp(dcp_dir: Path) -> dict[str, Any]:
+    """A torch.distributed.checkpoint directory read whole in one process, as `dcp_to_torch_save` reads it;
+    Accelerate saves the model's state dict under the key "model"."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(dcp_dir)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    model = state.get("model")
+    return model if isinstance(model, dict) else state
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -55,12 +55,23 @@ def compare(a_runs: Sequence[str], b_runs: Sequence[str], data: str, split: str 
         "a": list(a_runs), "b": list(b_runs), "data": str(info.root), "split": split, "checkpoint": which,
         "eval_policy": info.eval_policy.to_dict(), "macro_labels": macro_labels,
         "num_samples": len(ref.keys), "num_patients": len(set(ref.patient_ids)),
-        "delta_macro_auroc": result["delta"], "ci": list(result["ci"]), "p_value": result["p_value"],
+        "delta_macro_auroc": result["delta"], "p_value": result["p_value"],
+        "ci": None if result["ci"] is None else list(result["ci"]),  # None: undefined, format_result says why
         "macro_auroc_a": result["macro_a"], "macro_auroc_b": result["macro_b"],
         "per_seed_delta": result["per_seed_delta"],
         "bootstrap": {"resamples": result["resamples"], "valid": result["valid_resamples"], "seed": seed,
                       "unit": "patient", "level": 0.95},
     }
+
+
+def _interval(r: dict) -> str:
+    """The CI and p-value of a comparison, or why they are undefined (no resample kept both classes of every
+    macro label; the macro labels have both among the samples, so the delta itself is defined)."""
+    if r["ci"] is None:
+        return (f"CI undefined (none of the {r['bootstrap']['resamples']} paired patient resamples kept a positive "
+                "and a negative of every macro label: too few positives or negatives)")
+    return (f"95% CI [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]  p = {r['p_value']:.4g}  ({r['bootstrap']['valid']} "
+            f"of {r['bootstrap']['resamples']} paired patient resamples)")
 
 
 def format_result(r: dict) -> str:
@@ -71,9 +82,7 @@ def format_result(r: dict) -> str:
              + ", ".join(f"{v:.4f}" for v in r["macro_auroc_a"]),
              f"b ({len(r['b'])} runs): macro AUROC {mean(r['macro_auroc_b']):.4f}  per seed "
              + ", ".join(f"{v:.4f}" for v in r["macro_auroc_b"]),
-             f"delta (a - b) {r['delta_macro_auroc']:+.4f}  95% CI [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]  "
-             f"p = {r['p_value']:.4g}  ({r['bootstrap']['valid']} of {r['bootstrap']['resamples']} paired "
-             "patient resamples)"]
+             f"delta (a - b) {r['delta_macro_auroc']:+.4f}  " + _interval(r)]
     if r["per_seed_delta"] is not None:
         lines.append("per-seed deltas: " + ", ".join(f"{v:+.4f}" for v in r["per_seed_delta"]))
     return "\n".join(lines)

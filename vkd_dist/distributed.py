@@ -133,10 +133,12 @@ def _skip_deepspeed_shm_comm() -> None:
 
 
 def param_digests(accelerator: Accelerator, model) -> list[str]:
-    """Collective: a SHA-256 of every parameter as this rank holds it, gathered from all ranks (rank order).
+    """Collective: a SHA-256 of every parameter and buffer as this rank holds it, gathered from all ranks (rank
+    order).
 
     Where the strategy shards parameters (ZeRO-3, FSDP2) each one is gathered first, one at a time: the digest
-    is then of the full model as that rank would assemble it. Equal digests = identical models."""
+    is then of the full model as that rank would assemble it. Equal digests = identical models, BatchNorm running
+    statistics included."""
     import hashlib
 
     from accelerate.utils import gather_object
@@ -145,7 +147,39 @@ def param_digests(accelerator: Accelerator, model) -> list[str]:
     for name, data in full_parameters(accelerator, model):
         h.update(name.encode())
         h.update(data.numpy().tobytes())
+    for name, buf in accelerator.unwrap_model(model).named_buffers():
+        h.update(name.encode())
+        h.update(buf.detach().cpu().contiguous().numpy().tobytes())
     return list(gather_object([h.hexdigest()]))
+
+
+def sync_buffers(accelerator: Accelerator, model) -> None:
+    """Collective: make every rank's buffers the same, before an evaluation, a checkpoint or an export.
+
+    Parameters are equal on every rank by construction, buffers are not: each rank updates its BatchNorm running
+    statistics from its own batches (DDP re-broadcasts rank 0's only at the next forward; ZeRO and FSDP2 never).
+    Floating-point buffers become their mean over ranks (a running mean is linear in the batches it saw, so the
+    mean of the ranks' running means is the running mean over all their batches; for the variance it is the
+    usual approximation), others (batch counters) rank 0's. One flattened collective per dtype, at these
+    boundaries only; SyncBatchNorm would instead add one per BatchNorm layer per forward and change training."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in accelerator.unwrap_model(model).buffers():
+        by_dtype.setdefault(buf.dtype, []).append(buf)
+    for dtype, bufs in by_dtype.items():
+        flat = _flatten_dense_tensors([b.detach() for b in bufs])
+        if dtype.is_floating_point:
+            dist.all_reduce(flat)
+            flat /= accelerator.num_processes
+        else:
+            dist.broadcast(flat, src=0)
+        with torch.no_grad():
+            for buf, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+                buf.copy_(synced)
 
 
 def _default_rendezvous() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -26,10 +27,15 @@ from vkd_dist.prepare import check_same_labels, check_split_name, run_labels, te
 CHECKPOINTS = ("best", "last", "final")
 
 
+class Interrupted(Exception):
+    """An evaluation stopped part-way because every rank agreed to stop (a preemption notice)."""
+
+
 @torch.no_grad()
 def predict_split(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accelerator,
-                  max_batches: Optional[int] = None) -> Predictions:
-    """The predictions of every sample of `split` (each rank predicts its share; gathered on all ranks)."""
+                  max_batches: Optional[int] = None, interrupt: Optional[Callable[[], bool]] = None) -> Predictions:
+    """The predictions of every sample of `split` (each rank predicts its share; gathered on all ranks).
+    `interrupt` (collective, asked before each batch) ends it early with `Interrupted`."""
     net = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank = accelerator.process_index if accelerator is not None else 0
@@ -39,6 +45,9 @@ def predict_split(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, 
     parts: list[Predictions] = []
     batches = iter(eval_loader(info, split, cfg.data, tokenizer, rank, world, max_batches))
     while True:
+        if interrupt is not None and interrupt():
+            model.train(was_training)
+            raise Interrupted(f"evaluation of {split} interrupted after {len(parts)} batch(es)")
         batch = next(batches, None)
         if world > 1:
             # Ranks may hold different numbers of batches. Under ZeRO-3 every forward gathers weights from all
@@ -83,10 +92,10 @@ def _empty_batch(cfg: Config, tokenizer, device, num_labels: int):
 
 def evaluate(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accelerator=None,
              max_batches: Optional[int] = None, checkpoint_name: str = "current",
-             predictions: Optional[list] = None) -> dict:
+             predictions: Optional[list] = None, interrupt: Optional[Callable[[], bool]] = None) -> dict:
     """Metrics of `split` under the data set's evaluation policy, naming the checkpoint they describe. Pass a
     list as `predictions` to receive the Predictions too."""
-    pred = predict_split(model, cfg, info, split, tokenizer, accelerator, max_batches)
+    pred = predict_split(model, cfg, info, split, tokenizer, accelerator, max_batches, interrupt)
     if predictions is not None:
         predictions.append(pred)
     rep = report(pred, info.labels, info.scorable_labels(split), cfg.train.bootstrap_resamples, cfg.train.seed)

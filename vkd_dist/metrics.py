@@ -38,13 +38,18 @@ class Predictions:
 
     @classmethod
     def concat(cls, parts: Sequence[Predictions], num_labels: int) -> Predictions:
+        """`parts` in order. An empty part (a rank without evaluation samples, whose std is None even under
+        model.inference=mc) adds nothing wherever it stands: the std columns are kept if any part has them."""
+        with_std = any(p.std is not None for p in parts)
+        parts = [p for p in parts if len(p.probs)]
         if not parts:
             empty = np.zeros((0, num_labels), dtype=np.float32)
-            return cls(empty, empty.copy(), empty.astype(bool))
+            return cls(empty, empty.copy(), empty.astype(bool), std=empty.copy() if with_std else None)
+        if with_std and any(p.std is None for p in parts):
+            raise ValueError("predictions to join mix parts with and without std (model.inference=mc)")
         joined = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
         return cls(joined("probs"), joined("targets"), joined("mask"), keys=[k for p in parts for k in p.keys],
-                   patient_ids=[k for p in parts for k in p.patient_ids],
-                   std=joined("std") if parts[0].std is not None else None)
+                   patient_ids=[k for p in parts for k in p.patient_ids], std=joined("std") if with_std else None)
 
     def gathered(self) -> Predictions:
         """All ranks' predictions, concatenated in rank order. Itself without a process group."""

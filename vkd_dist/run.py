@@ -25,6 +25,7 @@ from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_compile_toolchain, set_cpu_threads
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
+from vkd_dist.ledger import SampleLedger, truncate_after
 from vkd_dist.models.build import build_model
 from vkd_dist.models.text_init import init_text_path
 from vkd_dist.objectives import Objective, build_objective, get_objective
@@ -39,6 +40,7 @@ from vkd_dist.prepare import (
     warn_unscorable,
 )
 from vkd_dist.tracking import RunLogger, Throughput
+from vkd_dist.world_size import check_loadable, keep_global_batch
 
 
 class BatchStream(Protocol):
@@ -56,6 +58,11 @@ class TrainState:
     batch_in_epoch: int = 0
     samples: int = 0
     data_offsets: Optional[list] = None  # per rank, per data worker: raw samples read this epoch (TrainStream.offsets)
+    data_reads: Optional[list] = None  # per rank, per data worker: through the last batch taken (TrainStream.reads)
+    data_layout: Optional[dict] = None  # how the epoch was dealt to ranks and workers (vkd_dist/data/rest.py)
+    world_size: int = 0  # processes and accumulation that wrote it: a resume on another number keeps the global batch
+    grad_accum: int = 0
+    deferred: list = field(default_factory=list)  # actions a stop put off past its checkpoint (vkd_dist/actions.py)
     best_metric: Optional[str] = None  # the train.select_metric that best_value was measured with
     best_value: Optional[float] = None
 
@@ -96,6 +103,7 @@ class Run:
     batches: Iterator[tuple[int, int, Batch]] = field(init=False)
     meter: Throughput = field(default_factory=Throughput)
     skipped_by_worker: dict = field(default_factory=dict)  # data workers' counts of skipped corrupt samples
+    ledger: Optional[SampleLedger] = None  # logging.sample_ledger
 
     def __post_init__(self) -> None:
         self.schedule = lr_lambda(self.cfg.optim.warmup_steps, self.cfg.train.max_steps, self.cfg.optim.min_lr_ratio)
@@ -158,6 +166,7 @@ def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
 
 def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     restrict_access(cfg.run_dir, cfg.data.shared_group)  # before anything is written: owner-only (or the group's)
+    rescaled = keep_global_batch(cfg)  # a resume on another number of processes: before the accelerator reads it
     accelerator = build_accelerator(cfg)
     threads = ""
     if accelerator.device.type == "cpu":
@@ -189,13 +198,24 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
                               accelerator.num_processes, cfg.train.seed, token_table(cfg, info, tokenizer, accelerator))
     state = TrainState(best_metric=cfg.train.select_metric)
     ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume, accelerator)  # rank 0 verifies: every rank loads its choice
+    rolled_back = checkpoint.set_aside_newer(cfg.run_dir, ckpt, accelerator)  # newer checkpoints: kept aside
+    moved = None
     if ckpt is not None:
+        check_loadable(ckpt, accelerator.strategy, accelerator.num_processes)
         state = TrainState.from_saved(checkpoint.load(accelerator, ckpt), cfg.train.select_metric)
-    if isinstance(stream, TrainStream):  # exact even when samples were skipped: each worker's raw position
-        stream.resume(state.data_offsets, accelerator.process_index)
+        if isinstance(stream, TrainStream):  # exact even when samples were skipped: each worker's raw position
+            state.epoch, state.batch_in_epoch, moved = stream.resume(
+                state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout)
+    state.world_size, state.grad_accum = accelerator.num_processes, cfg.optim.grad_accum
+    ledger = open_ledger(cfg, accelerator, state.step) if cfg.logging.sample_ledger else None
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+        if rolled_back:
+            log.info(rolled_back)
+    for line in (rescaled, moved):
+        if line:
+            log.info(line)
     log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.strategy.name} over "
              f"{accelerator.num_processes} process(es) on {accelerator.device}{threads} | "
              f"{stream.batches_per_epoch} batches/epoch/rank | "
@@ -205,4 +225,13 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         log.info(adopted)
     warn_unscorable(info, cfg.data.val_split, log.info)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
-    return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, stream, augment, log, state)
+    return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, stream, augment, log, state,
+               ledger=ledger)
+
+
+def open_ledger(cfg: Config, accelerator: Accelerator, step: int) -> SampleLedger:
+    """This rank's sample ledger, after the main process dropped every rank's rows past the resumed step."""
+    if accelerator.is_main_process:
+        truncate_after(cfg.run_dir, step)
+    accelerator.wait_for_everyone()
+    return SampleLedger(cfg.run_dir, accelerator.process_index)

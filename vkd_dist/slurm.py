@@ -6,8 +6,9 @@ Shape of a job (`launchers/slurm.py` is a thin wrapper around `main()` here):
   `srun --kill-on-bad-exit=1` starts one task per GPU, each running `TrainJob` (pickled under RUN/submitit).
 - `TrainJob` exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, tells Accelerate the strategy the way its
   launch config would (vkd_dist.strategy.accelerate_env: the shipped DeepSpeed JSON, or fsdp2.yaml's settings),
-  forces `resume=latest` and calls `vkd_dist.train.train(cfg, stop)`. `--strategy` (default: the config's
-  dist.strategy, else ddp) and dist.strategy must agree: checked before queueing and again in the job.
+  sets `resume` (an explicit one on the first attempt, else `latest`: vkd_dist.slurm_env.attempt_resume) and calls
+  `vkd_dist.train.train(cfg, stop)`. `--strategy` (default: the config's dist.strategy, else ddp) and dist.strategy
+  must agree: checked before queueing and again in the job.
 - Signals: `stop` (a `StopRequest`) owns SIGTERM/SIGUSR1/SIGUSR2 for the whole run, so submitit's own handler
   (which would checkpoint from inside a signal handler, mid-step) never fires during training. The training loop
   lets all ranks agree at a step boundary, writes one atomic checkpoint and returns `preempted=True`.
@@ -27,7 +28,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from vkd_dist import DefaultsHelpFormatter
 from vkd_dist.fileio import atomic_write_text
-from vkd_dist.slurm_env import DIST_KEYS, describe_tasks, task_env, task_ordinal
+from vkd_dist.slurm_env import (
+    DIST_KEYS,
+    attempt_resume,
+    describe_tasks,
+    node_addr,
+    restart_count,
+    task_env,
+    task_ordinal,
+)
 from vkd_dist.slurm_wait import format_result, wait_job, wait_local
 from vkd_dist.strategy import STRATEGIES, Strategy, accelerate_env, agree, clear_strategy_env, configured
 
@@ -157,6 +165,7 @@ class LaunchSpec:
     setup: list = field(default_factory=list)
     master_port: Optional[int] = None
     run_dir: str = ""
+    resume: Optional[str] = None  # an explicit resume=PATH, absolute: the first attempt's (attempt_resume)
 
     @property
     def folder(self) -> Path:
@@ -181,14 +190,13 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     cfg = load_config(args.config, overrides)
     strategy = launch_strategy(args.strategy, cfg)
     run_dir = str(Path(cfg.run_dir).expanduser().resolve())
-    pinned = [f"run_dir={run_dir}"]
+    resume = str(Path(cfg.resume).resolve()) if cfg.resume and cfg.resume != "latest" else None
+    pinned = [f"run_dir={run_dir}", *([f"resume={resume}"] if resume else [])]
     if not Path(cfg.data.path).is_absolute():
         pinned.append(f"data.path={Path(cfg.data.path).resolve()}")
     if args.cpu:
         pinned.append("dist.backend=gloo")
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else (0 if args.cpu else 1)
-    if args.cpu:
-        gpus = 0
+    gpus = 0 if args.cpu else (args.gpus_per_node if args.gpus_per_node is not None else 1)
     tasks = args.tasks_per_node or (gpus if gpus > 0 else 1)
     if gpus and tasks != gpus:
         raise SystemExit(f"slurm launcher: one task per GPU: --tasks-per-node {tasks} != --gpus-per-node {gpus}")
@@ -206,35 +214,10 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
         offload_optimizer=cfg.dist.offload_optimizer, config=config, overrides=overrides + pinned,
         job_name=args.job_name or f"vkd-{Path(run_dir).name}", cluster=args.cluster, cpu=args.cpu,
         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s, sbatch=_parse_kv(args.sbatch, "--sbatch"),
-        setup=list(args.setup), master_port=args.master_port, run_dir=run_dir)
+        setup=list(args.setup), master_port=args.master_port, run_dir=run_dir, resume=resume)
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def _node_addr(name: str) -> str:
-    """An address for a SLURM node name: DNS first, then the NodeAddr slurm.conf gives it."""
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True,
-                             timeout=30).stdout
-        for tok in out.split():
-            if tok.startswith("NodeAddr="):
-                return tok.split("=", 1)[1]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    raise RuntimeError(f"cannot resolve the first node {name!r} of the job (no DNS entry, no NodeAddr); "
-                       "set VKD_MASTER_ADDR")
-
-
-def _restart_count() -> int:
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        return 0
-
-
 def export_distributed_env(master_port: Optional[int] = None, cpu: bool = False) -> dict[str, str]:
     """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for torch.distributed, from submitit's view of
     the task; CUDA_VISIBLE_DEVICES stays as SLURM set it (vkd_dist.slurm_env says why)."""
@@ -244,8 +227,8 @@ def export_distributed_env(master_port: Optional[int] = None, cpu: bool = False)
         os.environ.pop(key, None)  # inherited from the submitting shell, never meaningful here
     job = submitit.JobEnvironment()
     if master_port is None:  # the same for every task; differs per attempt of a requeued job
-        master_port = random.Random(f"{job.job_id}-{_restart_count()}").randint(20000, 60000)
-    master_addr = os.environ.get("VKD_MASTER_ADDR") or _node_addr(job.hostnames[0])
+        master_port = random.Random(f"{job.job_id}-{restart_count(os.environ)}").randint(20000, 60000)
+    master_addr = os.environ.get("VKD_MASTER_ADDR") or node_addr(job.hostnames[0])
     env = task_env(job.global_rank, job.local_rank, job.num_tasks, job.num_tasks // job.num_nodes, master_addr,
                    master_port, cpu)
     os.environ.update(env)
@@ -264,6 +247,17 @@ def _stop_request():
     from vkd_dist.stop import StopRequest
 
     return StopRequest(install=True)  # records the signals that arrived: USR1/USR2 -> requeue; TERM alone -> don't
+
+
+def _resume_from(run_dir: Path, resume: Optional[str]) -> str:
+    """The checkpoint the attempt will resume from, verified as train() will verify it ("": a fresh start).
+    Single-process (no process group yet); a checkpoint that does not verify is recorded, train() raises."""
+    from vkd_dist import checkpoint
+
+    try:
+        return str(checkpoint.resolve(run_dir, resume) or "")
+    except (OSError, checkpoint.CheckpointError) as exc:
+        return f"not usable: {exc}"
 
 
 def _update_job_file(run_dir: Path, **entry: Any) -> None:
@@ -293,7 +287,7 @@ class TrainJob:
         on_slurm = job.cluster == "slurm"
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, self.cpus_per_task)))
         dist = export_distributed_env(self.master_port, self.cpu)
-        restarts = _restart_count()
+        restarts = restart_count(os.environ)
 
         from vkd_dist import checkpoint
         from vkd_dist.config import load_config
@@ -306,14 +300,13 @@ class TrainJob:
         clear_strategy_env()
         os.environ.update(accelerate_env(strategy.name, cfg.dist.offload_optimizer))
         run_dir = Path(cfg.run_dir)
-        if cfg.resume in (None, "") or checkpoint.latest(run_dir) is not None:
-            cfg.resume = "latest"  # a requeued attempt continues the run it belongs to
+        cfg.resume = attempt_resume(cfg.resume, restarts, checkpoint.latest(run_dir) is not None)
         rank = int(dist["RANK"])
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="running",
                              world_size=int(dist["WORLD_SIZE"]), master=f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']}",
-                             resume_from=str(checkpoint.latest(run_dir) or ""))
+                             resume_from=_resume_from(run_dir, cfg.resume))
             print(f"[vkd-slurm] job {job.job_id} attempt {restarts + 1} | world {dist['WORLD_SIZE']} | master "
                   f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']} | strategy {self.strategy} | run {run_dir}", flush=True)
 
@@ -335,7 +328,7 @@ class TrainJob:
         if not on_slurm:
             _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="preempted", step=result.step)
             print(f"[vkd-slurm] preempted at step {result.step}; not on SLURM, so no requeue: rerun the same "
-                  "command to resume", flush=True)
+                  "command with resume=latest to resume", flush=True)
             return summary
         if not requeue_signal:
             _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="terminated", step=result.step)
@@ -360,7 +353,7 @@ class TrainJob:
         the StopRequest is not installed: nothing to save then; requeue within the same bound, or give up."""
         import submitit
 
-        restarts = _restart_count()
+        restarts = restart_count(os.environ)
         requeue = restarts < self.max_requeues
         if int(os.environ.get("SLURM_PROCID", "0")) == 0:
             self._record_outside_training(restarts, "requeued" if requeue else "requeue-limit")
@@ -412,11 +405,12 @@ def training_command(spec: LaunchSpec) -> str:
     """The equivalent plain command one task runs (for --dry-run and for reading logs)."""
     env = " ".join(f"{k}={v}" for k, v in accelerate_env(spec.strategy, spec.offload_optimizer).items())
     args = [sys.executable, "-m", "vkd_dist.train"] + (["--config", spec.config] if spec.config else [])
-    args += spec.overrides + ["resume=latest"]
+    args += spec.overrides + ([] if spec.resume else ["resume=latest"])
     world = spec.nodes * spec.tasks_per_node
     command = " ".join(shlex.quote(a) for a in args)
-    return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with "
-            f"RANK/LOCAL_RANK/WORLD_SIZE={world}/MASTER_ADDR=<first node>/MASTER_PORT from submitit:\n{env} {command}")
+    requeued = "; a requeued attempt with resume=latest" if spec.resume else ""
+    return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with RANK/LOCAL_RANK/WORLD_SIZE="
+            f"{world}/MASTER_ADDR=<first node>/MASTER_PORT from submitit{requeued}:\n{env} {command}")
 
 
 def sbatch_script(spec: LaunchSpec) -> str:

@@ -1,4 +1,5 @@
-"""The per-task environment of a SLURM job, and which GPU each engine then selects.
+"""The per-task environment of a SLURM job (the first node's address included) and which GPU each engine then
+selects; which attempt of the job a task runs, and what it resumes from.
 
 Design: every task of a node sees all of the node's GPUs (CUDA_VISIBLE_DEVICES stays as SLURM set it for the
 job step) and LOCAL_RANK, the true local rank, selects one -- the layout `torchrun` gives. submitit's
@@ -16,6 +17,8 @@ LOCAL_RANK unchanged; that is not used because:
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Mapping
 from typing import Optional
 
@@ -81,6 +84,43 @@ def task_ordinal(env: Mapping[str, str], device_count: int) -> int:
             f"{picks}. Every task must see all the node's GPUs: do not bind GPUs per task (--gpu-bind, "
             "--gpus-per-task) and give one task per GPU.")
     return picks["accelerate"]
+
+
+def node_addr(name: str) -> str:
+    """An address for a SLURM node name: DNS first, then the NodeAddr slurm.conf gives it."""
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True,
+                             timeout=30).stdout
+        for tok in out.split():
+            if tok.startswith("NodeAddr="):
+                return tok.split("=", 1)[1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    raise RuntimeError(f"cannot resolve the first node {name!r} of the job (no DNS entry, no NodeAddr); "
+                       "set VKD_MASTER_ADDR")
+
+
+def restart_count(env: Mapping[str, str]) -> int:
+    """Which attempt of the job this task belongs to: SLURM_RESTART_COUNT, 0 on the first, one more on each
+    requeue (by `scontrol requeue`, submitit's or SLURM's own); 0 outside SLURM."""
+    try:
+        return int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
+def attempt_resume(requested: Optional[str], restarts: int, run_has_checkpoint: bool) -> str:
+    """The `resume` an attempt of a SLURM job trains with. The first attempt honours an explicit resume=PATH; a
+    requeued one continues the run from its own newest checkpoint ('latest'), or from PATH again while the run
+    has no checkpoint yet (preempted before its first save). Without an explicit one: 'latest' (a fresh start
+    when there is none)."""
+    if not requested or requested == "latest" or (restarts > 0 and run_has_checkpoint):
+        return "latest"
+    return requested
 
 
 def describe_tasks(nodes: int, tasks_per_node: int, gpus_per_node: int, cpu: bool) -> str:

@@ -24,6 +24,8 @@ def train_step(run: Run) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor
         t0 = time.perf_counter()
         state.epoch, state.batch_in_epoch, batch = next(run.batches)
         run.meter.wait += time.perf_counter() - t0
+        if run.ledger is not None:
+            run.ledger.record(state.epoch, state.step + 1, batch.keys)
         run.skipped_by_worker[batch.worker] = batch.skipped
         batch = run.augment(batch.to(accelerator.device), state.step * accum + micro)
         if cfg.train.compile:

@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from vkd_dist import RawDefaultsHelpFormatter
-from vkd_dist.actions import Tick, finish, periodic_actions
+from vkd_dist.actions import Tick, finish, periodic_actions, run_deferred
 from vkd_dist.config import Config, ConfigError, load_config
 from vkd_dist.run import BatchStream, Run, TrainResult, build_run
 from vkd_dist.step import train_step
@@ -36,12 +36,16 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     state, max_steps = run.state, run.cfg.train.max_steps
     result = TrainResult(step=state.step, run_dir=run.cfg.run_dir)
     actions = periodic_actions(run, result)
+    run_deferred(run, actions)  # a validation the last attempt's stop put off
     run.model.train()
     while state.step < max_steps:
         terms, grad_norm = train_step(run)
         run.log.advance(1)
         tick = Tick(state.step, terms, grad_norm, final=state.step == max_steps, stopping=stop.agreed(run.accelerator))
         due = [action for action in actions if action.due(tick)]
+        if tick.stopping:  # the checkpoint first: what a stop does not need waits for the resumed attempt
+            state.deferred = [type(a).__name__ for a in due if not a.on_stop]
+            due = [a for a in due if a.on_stop]
         if due:
             run.check_finite()  # nothing non-finite is logged, evaluated or saved
         for action in due:
@@ -52,8 +56,10 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
             break
     result.step = state.step
     if not result.preempted:
-        finish(run, result)
+        finish(run, result, stop)
     run.log.close()
+    if run.ledger is not None:
+        run.ledger.close()
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return result

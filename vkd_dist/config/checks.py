@@ -27,6 +27,7 @@ POSITIVE: tuple[str, ...] = (  # null, where allowed, is fine
     "data.batch_size", "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
     "model.num_samples", "model.vocab_size", "optim.lr", "optim.grad_accum", "train.max_steps", "train.eval_every",
     "train.eval_max_batches", "train.ckpt_every", "train.keep_last", "train.cpu_threads", "logging.log_every",
+    "objective.beta_cycle_steps",
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "data.shuffle_buffer",

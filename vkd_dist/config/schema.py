@@ -172,6 +172,8 @@ class LoggingConfig:
     tensorboard: bool = True
     log_every: int = 20
     progress: bool = True
+    # RUN/ledger/rank-R.csv: epoch,step,key of every training sample each rank consumed (keys only, no report text)
+    sample_ledger: bool = False
 
 
 @dataclass

@@ -27,9 +27,8 @@ import json
 import math
 import multiprocessing as mp
 import os
-import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -38,9 +37,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 
 from vkd_dist.data.faults import CORRUPT, SkipLedger
+from vkd_dist.data.rest import Layout, RestPlan, plan_rest, shard_order, shuffled, take
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import TokenTable, fast_backend
 from vkd_dist.labels import LABELS, LabelPolicy, encode_labels
@@ -211,44 +210,56 @@ def decoded(src: Iterator[dict], size: int, ledger: Optional[SkipLedger] = None,
         yield {**sample, "read": read}
 
 
-class _TrainShards(IterableDataset):
-    """Pipeline source: this worker's shard URLs for the current epoch, cycled without end."""
+class _Rest:
+    """The rest plan of an interrupted epoch (vkd_dist/data/rest.py), shared by the pipeline's stages; set before
+    the workers start, so each worker holds it."""
 
-    def __init__(self, urls: list[str], seed: int, rank: int, world: int, position: StreamPosition):
-        self.urls, self.seed, self.rank, self.world, self.position = urls, seed, rank, world, position
+    plan: Optional[RestPlan] = None
+
+    def active(self, epoch: int) -> Optional[RestPlan]:
+        return self.plan if self.plan is not None and self.plan.layout.epoch == epoch else None
+
+
+class _TrainShards(IterableDataset):
+    """Pipeline source: this worker's shard URLs for the current epoch, cycled without end (an ordinary epoch),
+    or the shards holding its share of the rest of an interrupted epoch, once each."""
+
+    def __init__(self, urls: list[str], seed: int, rank: int, world: int, position: StreamPosition, rest: _Rest):
+        self.urls, self.seed, self.rank, self.world, self.position, self.rest = urls, seed, rank, world, position, rest
 
     def __iter__(self) -> Iterator[dict]:
         wid, nw = _worker()
         epoch = self.position.epoch.value
-        gid, total = self.rank * nw + wid, self.world * nw
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-        mine = perm[gid::total] if len(self.urls) >= total else None
-        rng = np.random.default_rng([self.seed, epoch, self.rank, wid, 1])
-        while True:
-            order = rng.permutation(mine) if mine is not None else rng.choice(len(self.urls), len(self.urls))
-            for i in order:
-                yield {"url": self.urls[int(i)]}
+        plan = self.rest.active(epoch)
+        if plan is not None:
+            yield from ({"url": url} for url in plan.urls(self.rank, wid))
+            return
+        for i in shard_order(len(self.urls), self.seed, epoch, self.rank, wid, self.world, nw):
+            yield {"url": self.urls[i]}
 
 
 class _TrainSamples:
     """Shuffle this epoch's quota of samples, skip the raw samples a resumed run already read (before decoding),
-    decode."""
+    decode. In a rest epoch the quota is the worker's share of the rest, taken from its shards by key."""
 
     def __init__(self, seed: int, rank: int, batch_size: int, per_worker: int, shuffle_buffer: int, size: int,
-                 position: StreamPosition, ledger: SkipLedger):
+                 position: StreamPosition, ledger: SkipLedger, rest: _Rest):
         self.seed, self.rank, self.batch_size, self.per_worker = seed, rank, batch_size, per_worker
         self.shuffle_buffer, self.size, self.position, self.ledger = shuffle_buffer, size, position, ledger
+        self.rest = rest
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         wid, _ = _worker()
         epoch = self.position.epoch.value
         skip = self.position.starts[wid]  # raw samples: see TrainStream.epoch
-        if self.shuffle_buffer > 1:
-            # The shuffle drains exactly the epoch's quota rather than leaving a buffer of read samples
-            # behind; if skipped (corrupt) samples leave the epoch short, the next ones follow unshuffled.
-            quota = itertools.islice(src, self.per_worker * self.batch_size)
-            src = itertools.chain(_shuffle(quota, self.shuffle_buffer, min(self.shuffle_buffer, 100),
-                                           rng=random.Random(f"{self.seed}-{epoch}-{self.rank}-{wid}")), src)
+        quota = self.per_worker * self.batch_size
+        plan = self.rest.active(epoch)
+        if plan is not None:
+            wanted = plan.wanted(self.rank, wid)
+            src, quota = take(src, wanted, lambda s: (s.get("__url__"), s.get("__key__"))), sum(wanted.values())
+        # The shuffle drains exactly the epoch's quota rather than leaving a buffer of read samples behind; if
+        # skipped (corrupt) samples leave the epoch short, the next ones follow unshuffled.
+        src = shuffled(src, quota, self.shuffle_buffer, self.seed, epoch, self.rank, wid)
         yield from decoded(itertools.islice(src, skip, None), self.size, self.ledger, skip)
 
 
@@ -264,21 +275,65 @@ def _loader(pipeline, num_workers: int) -> torch.utils.data.DataLoader:
 class TrainStream:
     loader: torch.utils.data.DataLoader
     position: StreamPosition
-    batches_per_epoch: int  # per rank; identical on every rank
+    batches_per_epoch: int  # per rank in an ordinary epoch; identical on every rank
+    layout_: Layout  # this stream's layout (its `epoch` field unused: see `layout`)
+    urls: list = field(default_factory=list)
+    rank: int = 0
+    rest: _Rest = field(default_factory=_Rest)
 
-    workers: int = 1
-    batch_size: int = 1
     # Per worker: the raw samples it had read through the last whole round of batches taken from `epoch`; what
     # a checkpoint saves (every rank's, TrainState.data_offsets) and `resume` gives back.
     offsets: list = field(default_factory=list)
+    # Per worker: the raw samples it had read through the last batch taken (TrainState.data_reads): what a resume
+    # on another layout replays.
+    reads: list = field(default_factory=list)
     _resume: Optional[list] = None
 
-    def resume(self, offsets_by_rank: Optional[Sequence], rank: int) -> None:
-        """Make the next `epoch` call start its workers at this rank's saved `offsets`. Without them (a checkpoint
-        written before they were saved, or another world size or worker count) it starts them at whole rounds of
-        batches, which is exact only when no sample was skipped."""
-        row = offsets_by_rank[rank] if offsets_by_rank is not None and rank < len(offsets_by_rank) else None
-        self._resume = list(row) if row is not None and len(row) == self.workers else None
+    @property
+    def workers(self) -> int:
+        return self.layout_.workers
+
+    def layout(self, epoch: int) -> Layout:
+        """The layout epoch `epoch` is read with: the rest plan's, or this stream's."""
+        plan = self.rest.active(epoch)
+        return plan.layout if plan is not None else replace(self.layout_, epoch=epoch)
+
+    def resume(self, epoch: int, skip: int, offsets_by_rank: Optional[Sequence] = None,
+               reads_by_rank: Optional[Sequence] = None, saved_layout: Optional[dict] = None
+               ) -> tuple[int, int, Optional[str]]:
+        """Position the stream where a checkpoint left it, at (epoch, skip batches); returns where to start
+        (epoch, skip) and a line to log when the layout changed. On the saved layout, each worker starts at this
+        rank's saved raw offset (`offsets_by_rank`; without it, at whole rounds of batches, exact only when no
+        sample was skipped). On another (processes, workers, batch size), the unread rest of the epoch is dealt
+        to this layout's slots and read exactly once (vkd_dist/data/rest.py); the next epoch is this layout's."""
+        if saved_layout is None:  # a checkpoint written before layouts were saved: the old, same-layout resume
+            row = offsets_by_rank[self.rank] if offsets_by_rank is not None and self.rank < len(offsets_by_rank) \
+                else None
+            self._resume = list(row) if row is not None and len(row) == self.workers else None
+            if skip >= self.batches_per_epoch:
+                return epoch + 1, 0, None
+            return epoch, skip, None
+        saved = Layout.from_dict(saved_layout)
+        here = replace(self.layout_, epoch=saved.epoch)
+        if saved.same_slots(here):
+            if saved.rest_of is not None:  # interrupted again inside a rest epoch, resumed on its layout
+                self.rest.plan = plan_rest(Layout.from_dict(saved.rest_of["layout"]), saved.rest_of["reads"],
+                                           self.urls, saved)
+            row = offsets_by_rank[self.rank] if offsets_by_rank is not None else None
+            self._resume = list(row) if row is not None else None
+            return epoch, skip, None
+        if reads_by_rank is None:
+            raise ValueError("the checkpoint saved a data layout without the reads of its workers")
+        layout = replace(here, rest_of={"layout": saved.to_dict(), "reads": [list(r) for r in reads_by_rank]})
+        plan = plan_rest(saved, reads_by_rank, self.urls, layout)
+        was = f"{saved.world} process(es) x {saved.workers} worker(s), batch {saved.batch_size}"
+        now = f"{here.world} x {here.workers}, batch {here.batch_size}"
+        if plan.num_samples == 0:
+            return epoch + 1, 0, f"data: epoch {epoch} was read to its end on {was}; epoch {epoch + 1} on {now}"
+        self.rest.plan = plan
+        return epoch, 0, (f"data: the unread rest of epoch {epoch} ({plan.num_samples} samples, read so far by "
+                          f"{was}) is dealt to {now}: {plan.batches_per_rank} batches per process, each sample "
+                          "once; the next epoch is dealt afresh")
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         """One epoch's batches, after the first `skip_batches` (already consumed by a resumed run).
@@ -286,19 +341,21 @@ class TrainStream:
         DataLoader takes batches from the workers in turn, starting with worker 0, so workers skip the raw
         samples of whole rounds cheaply before decoding and the last partial round is decoded and dropped here."""
         whole = skip_batches // self.workers * self.workers
-        starts = self._resume or [whole // self.workers * self.batch_size] * self.workers
+        plan = self.rest.active(epoch)
+        sizes = [plan.sizes.get((self.rank, w), []) if plan is not None else [self.layout_.batch_size] * whole
+                 for w in range(self.workers)]
+        starts = self._resume or [sum(sizes[w][:whole // self.workers]) for w in range(self.workers)]
         self._resume = None
         self.position.set(epoch, whole, starts)
-        self.offsets = list(starts)
+        self.offsets, self.reads = list(starts), list(starts)
         return self._tracked(iter(self.loader), whole, skip_batches - whole)
 
     def _tracked(self, batches: Iterator[Batch], taken: int, drop: int) -> Iterator[Batch]:
-        latest = list(self.offsets)
         for batch in batches:
-            latest[batch.worker] = batch.read
+            self.reads[batch.worker] = batch.read
             taken += 1
             if taken % self.workers == 0:
-                self.offsets = list(latest)
+                self.offsets = list(self.reads)
             if drop > 0:
                 drop -= 1
                 continue
@@ -332,28 +389,41 @@ def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank
     workers = max(1, cfg.num_workers)
     samples = cfg.samples_per_epoch or info.num_samples(split)
     per_worker = max(1, math.ceil(samples / (cfg.batch_size * world * workers)))
-    position, ledger = StreamPosition(workers), SkipLedger(cfg.max_skip_frac)
+    layout = Layout(0, seed, world, workers, cfg.batch_size, cfg.shuffle_buffer, per_worker)
+    position, ledger, rest = StreamPosition(workers), SkipLedger(cfg.max_skip_frac), _Rest()
+    collate = Collate(tokenizer, cfg.max_text_len, training_policy(info, cfg), info.labels,
+                      _text_features(cfg, split), tokens, ledger)
     pipeline = wds.DataPipeline(
-        _TrainShards(urls, seed, rank, world, position),
+        _TrainShards(urls, seed, rank, world, position, rest),
         wds.tarfile_to_samples(handler=ledger.shard_failed),
-        _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position, ledger),
-        wds.batched(cfg.batch_size, collation_fn=Collate(tokenizer, cfg.max_text_len, training_policy(info, cfg),
-                                                         info.labels, _text_features(cfg, split), tokens, ledger),
-                    partial=False),
-        _EpochBatches(per_worker, position),
+        _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position, ledger,
+                      rest),
+        _EpochBatches(layout, rank, collate, position, rest),
     )
-    return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, workers, cfg.batch_size)
+    return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, layout, urls, rank, rest)
 
 
 class _EpochBatches:
-    """This worker's share of an epoch: `per_worker` batches, less the rounds a resumed run skipped."""
+    """This worker's share of an epoch, batched: `per_worker` batches of batch_size (a rest epoch: the plan's
+    sizes), less the rounds a resumed run skipped."""
 
-    def __init__(self, per_worker: int, position: StreamPosition):
-        self.per_worker, self.position = per_worker, position
+    def __init__(self, layout: Layout, rank: int, collate: Collate, position: StreamPosition, rest: _Rest):
+        self.layout, self.rank, self.collate, self.position, self.rest = layout, rank, collate, position, rest
 
-    def __call__(self, src: Iterator[Batch]) -> Iterator[Batch]:
-        _, nw = _worker()
-        yield from itertools.islice(src, self.per_worker - self.position.skip_batches.value // nw)
+    def __call__(self, src: Iterator[dict]) -> Iterator[Batch]:
+        wid, nw = _worker()
+        plan = self.rest.active(self.position.epoch.value)
+        sizes = plan.sizes.get((self.rank, wid), []) if plan is not None \
+            else [self.layout.batch_size] * self.layout.per_worker
+        for size in sizes[self.position.skip_batches.value // nw:]:
+            samples = list(itertools.islice(src, size))
+            if plan is None:
+                if len(samples) < size:
+                    return
+            elif not samples:  # corrupt samples left a rest slot short: its rank would take fewer steps
+                raise RuntimeError(f"rank {self.rank} worker {wid}: the rest of epoch {plan.layout.epoch} ran out of "
+                                   "readable samples (corrupt samples were skipped)")
+            yield self.collate(samples)
 
 
 class _EvalShards(IterableDataset):
