@@ -19,7 +19,7 @@
 #   scaling   only with more than one GPU: 1 vs 2 processes, DDP / ZeRO-2 / ZeRO-3               -> scaling.json
 #   summary   benchmarks/gpu_summary.py: one table, before (eager) / after (compiled), against the targets
 # The model: configs/recipes/mimic_vitb16_clinicalbert.yaml with a random ViT-B/16 and a random BERT-base-sized
-# tiny-bert (the README's GPU table), batch 32, bf16. Output under DIR (at most 8 files, for the device tool):
+# tiny-bert (the GPU table of docs/performance.md), batch 32, bf16. Output under DIR (at most 8 files, for the device tool):
 # gpu_check.log, summary.json, eager.json, eager.trace.json.gz, compiled.json, compiled.trace.json.gz,
 # scaling.json.
 set -uo pipefail

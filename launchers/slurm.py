@@ -4,7 +4,7 @@
     python launchers/slurm.py --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
         --strategy deepspeed_zero2 --config configs/recipes/X.yaml run_dir=runs/big --wait
 
-See `--help` and the README's SLURM section; the logic lives in vkd_dist/slurm.py.
+See `--help` and docs/scaling-and-slurm.md (Running on SLURM); the logic lives in vkd_dist/slurm.py.
 """
 
 import sys

@@ -14,5 +14,25 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=24" setuptools wheel
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+# A plain `accelerate launch` (the Quick start) opens with a six-line warning about the defaults it chose, unless
+# Accelerate has a default config. Write one once, when there is none (never over one), with Accelerate's own
+# writer (what `accelerate config default` runs: this machine's GPUs, no mixed precision), keeping use_cpu off
+# as a launch without a config has it: the device is then chosen at run time and the trainer sets the CPU threads
+# itself (train.cpu_threads), so the launch behaves exactly as it did, without the warning.
+"$VENV/bin/python" - <<'PY'
+import json
+from pathlib import Path
+
+from accelerate.commands.config import default_config_file
+from accelerate.utils import write_basic_config
+
+path = Path(default_config_file)
+if not path.exists():
+    write_basic_config(mixed_precision="no", save_location=str(path))
+    config = json.loads(path.read_text())
+    config["use_cpu"] = False
+    path.write_text(json.dumps(config, indent=2))
+    print(f"wrote Accelerate's default launch config to {path}; 'accelerate config' changes it")
+PY
 echo "$want" > "$stamp"
 echo "vkd_dist set up in $VENV"

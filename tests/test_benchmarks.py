@@ -1,7 +1,7 @@
 """The benchmarks package: a smoke test of benchmarks/throughput.py in --quick mode (every part runs and the JSON
 holds every figure), its profile helpers, and the tiny configuration it shares with the tests (configs/tiny.yaml).
 
-No timing asserts: this machine is shared and noisy; the figures themselves live in the README."""
+No timing asserts: this machine is shared and noisy; the figures themselves live in docs/performance.md."""
 
 import json
 import math

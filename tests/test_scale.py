@@ -179,9 +179,10 @@ def test_ddp_yaml_two_processes(tiny_data, tmp_path, single_run):
 def test_deepspeed_zero2_yaml_two_processes(tiny_data, tmp_path, single_run):
     run = tmp_path / "zero2"
     accelerate_launch("deepspeed_zero2.yaml", _overrides(tiny_data, run))
-    _check_final(run, 2)
+    state = _check_final(run, 2)
     _compare_loss(run, single_run)
     assert (run / "checkpoints" / f"step-{STEPS:08d}" / "pytorch_model").is_dir()  # a DeepSpeed checkpoint
+    _check_last_without_final(run, state, STEPS)
 
 
 def _save_resume_export(launch_file: str, run: Path, data: Path, single_run: Path, shard_files: str, **extra) -> None:
@@ -206,6 +207,24 @@ def _save_resume_export(launch_file: str, run: Path, data: Path, single_run: Pat
     losses = _losses(run)
     assert len(losses) == STEPS + 2, losses  # steps 1-4, then 5-6 after the resume (a fresh start would log 1-6)
     assert all(torch.isfinite(torch.tensor(losses)))
+    _check_last_without_final(run, resumed, STEPS + 2)
+
+
+def _check_last_without_final(run: Path, exported: dict, step: int) -> None:
+    """--checkpoint last of a run without final/ whose newest checkpoint holds DeepSpeed's or DCP's shards: they are
+    consolidated into one safetensors file holding the exported (deployable) tensors, equal (issue 20)."""
+    from vkd_dist import checkpoint
+
+    (run / "final").unlink()  # a symlink to the exported version
+    weights = checkpoint.find_weights(run, "last")
+    assert weights == run / "checkpoints" / f".consolidated-step-{step:08d}" / "model.safetensors"
+    last = load_file(weights)
+    assert set(exported) <= set(last), sorted(set(exported) - set(last))[:5]
+    assert all(torch.equal(last[k], exported[k]) for k in exported)
+    assert json.loads((weights.parent / "meta.json").read_text())["step"] == step
+    written = weights.stat().st_mtime_ns
+    assert checkpoint.find_weights(run, "last") == weights and weights.stat().st_mtime_ns == written  # reused
+    assert checkpoint.verify(run / "checkpoints" / f"step-{step:08d}") is None  # the cache is beside, not inside
 
 
 @pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""benchmarks/study.py: a tiny study through the real command and the real trainer (configs/tiny.yaml, 2 steps,
+"""benchmarks/study/: a tiny study through the real command and the real trainer (configs/tiny.yaml, 2 steps,
 one regime, 2 arms x 2 seeds), run in stages on one OUT: a cell that fails at run time (a checkpoint that does not
 verify, planted in its run directory) is recorded and the others still run; the same command then retries it and
 skips the rest; once more, it trains nothing; another grid in the same OUT is refused. And the grid's pieces,
@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -296,7 +297,7 @@ def test_the_evidence_preset():
     assert list(ev["arms"]) == ["image_only", "text_only", "kd", "vkd", "vkd_distil"]  # kd's teacher before it
     assert ev["seeds"] == [0, 1, 2, 3, 4] and len(study.cells_of(ev)) == 2 * 5 * 5
     assert ev["set"] == ["train.max_steps=300", "train.eval_every=100", "train.ckpt_every=300"]
-    assert study.parse_args(["--evidence"]).out == study.Path("runs/study-evidence")
+    assert study.parse_args(["--evidence"]).out == Path("runs/study-evidence")
     mine = _grid("--evidence", "--seeds", "2", "--arms", "vkd_sep,image_only", "--set", "train.max_steps=50")
     assert mine["seeds"] == [0, 1] and list(mine["arms"]) == ["vkd_sep", "image_only"]  # explicit flags win
     assert mine["set"][-1] == "train.max_steps=50" and list(mine["regimes"]) == ["labels0.1", "n2000"]
@@ -347,7 +348,7 @@ def test_a_cell_whose_source_run_failed_fails_without_training(tmp_path, monkeyp
         trained.append(arm)
         return {"status": "failed", "exit_code": 1, "seconds": 1.0, "error": "exit code 1"}
 
-    monkeypatch.setattr(study, "run_cell", fake_run_cell)
+    monkeypatch.setattr(study.cells, "run_cell", fake_run_cell)
     record = {"grid": grid, "cells": {}}
     assert study.run_cells(grid, tmp_path, record)
     assert trained == ["text_only"]
@@ -370,12 +371,12 @@ def test_the_label_fraction_plot_and_table_from_fake_cells(tmp_path, monkeypatch
                                                      "samples_per_cell": 9600},
             "arm_info": {a: {"objective": study.arm_objective(grid, grid["arms"][a]), "reads_report": a == "text_only"}
                          for a in grid["arms"]}}
-    monkeypatch.setattr(study, "comparisons", lambda *a, **k: [])
+    monkeypatch.setattr(study.results, "comparisons", lambda *a, **k: [])
     figures = {}
     save = matplotlib.figure.Figure.savefig
 
     def spy(fig, path, *a, **k):
-        figures[study.Path(path).name] = fig
+        figures[Path(path).name] = fig
         return save(fig, path, *a, **k)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)

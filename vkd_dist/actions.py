@@ -142,7 +142,8 @@ def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) ->
                                   {"step": step, "objective": cfg.objective.name, "param_digests": digests,
                                    "labels": list(run.info.labels)})
     if len(set(digests)) > 1:
-        raise RuntimeError(f"ranks ended training with different parameters (digests {digests}); see final/meta.json")
+        raise RuntimeError(f"ranks ended training with different parameters or buffers (digests {digests}); "
+                           "see final/meta.json")
     if not cfg.data.keep_token_table and run.accelerator.is_main_process:  # finished: no resume will need it
         remove_token_tables(run.run_dir / "tokens", run.log.info)
     if not cfg.train.test_at_end:

@@ -33,6 +33,7 @@ a versioned directory, replaced without a moment in which neither version exists
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -123,11 +124,11 @@ def _deal(sizes: dict[str, int], ranks: int) -> list[list[str]]:
     """Files -> one share per rank: largest first, each to the rank with the fewest bytes so far (ties: the lower
     rank, then the file name), so the shares balance and every rank deals the same shares from the same sizes."""
     shares: list[list[str]] = [[] for _ in range(ranks)]
-    loads = [0] * ranks
+    loads = [(0, rank) for rank in range(ranks)]  # a heap: the least loaded rank (then the lowest) first
     for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
-        rank = min(range(ranks), key=lambda i: (loads[i], i))
+        load, rank = heapq.heappop(loads)
         shares[rank].append(rel)
-        loads[rank] += sizes[rel]
+        heapq.heappush(loads, (load + sizes[rel], rank))
     return shares
 
 

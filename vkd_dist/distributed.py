@@ -241,6 +241,8 @@ def build_accelerator(cfg: Config) -> StrategyAccelerator:
     strategy = resolve(cfg)
     precision = resolve_precision(cfg.train.mixed_precision)
     cpu = not torch.cuda.is_available()
+    if cpu:  # DeepSpeed's own fallback without GPUs, chosen here so it is not announced as a warning mid-run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("gloo" if cpu else "nccl")
     if strategy.name != "ddp":
         _default_rendezvous()

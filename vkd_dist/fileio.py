@@ -13,6 +13,12 @@ import shutil
 import socket
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vkd_dist.config import ConfigError
+
+if TYPE_CHECKING:
+    from vkd_dist.config import Config
 
 
 def fsync_path(path: str | Path) -> None:
@@ -108,6 +114,15 @@ def group_id(name: str, key: str) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise ValueError(f"{key}={name!r}: no such group on {socket.gethostname()} (see getent group)") from None
+
+
+def check_config(cfg: Config) -> None:
+    """data.shared_group names a group of this machine: an unknown one fails here, before any work."""
+    if cfg.data.shared_group is not None:
+        try:
+            group_id(cfg.data.shared_group, "data.shared_group")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def restrict_access(root: str | Path | None, group: str | None = None, key: str = "data.shared_group") -> None:

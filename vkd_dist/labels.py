@@ -79,7 +79,7 @@ class LabelPolicy:
 EvalPolicy = LabelPolicy  # the name the evaluation side has always used
 
 
-# The literature's convention per source (README "Data"): MIMIC-CXR and the synthetic corpus (whose reports
+# The literature's convention per source (docs/data.md): MIMIC-CXR and the synthetic corpus (whose reports
 # determine labels as MIMIC's do) score blank as negative; the OpenI converter writes explicit negatives for
 # every label a MeSH-coded report does not name, so a blank there means an uncoded report and is left out.
 SOURCE_EVAL_POLICY = {"mimic-cxr": EvalPolicy(), "synthetic": EvalPolicy(), "manifest": EvalPolicy(),

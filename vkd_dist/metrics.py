@@ -13,14 +13,18 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
 from vkd_dist import stats
+from vkd_dist.config import not_allowed
 from vkd_dist.labels import CHEXPERT5
+
+if TYPE_CHECKING:
+    from vkd_dist.config import Config
 
 SPECIFICITY = 0.9
 
@@ -100,6 +104,12 @@ def _mean(values) -> Optional[float]:
 # The summary figures of `report` that can select best/, and which way is better.
 SELECTABLE: dict[str, str] = {"macro_auroc": "max", "macro_auprc": "max", "macro_sens_at_90_spec": "max",
                               "micro_auroc": "max", "macro_auroc_chexpert5": "max", "macro_ece": "min", "bce": "min"}
+
+
+def check_config(cfg: Config) -> None:
+    """train.select_metric is one of SELECTABLE."""
+    if cfg.train.select_metric not in SELECTABLE:
+        raise not_allowed("train.select_metric", cfg.train.select_metric, tuple(SELECTABLE))
 
 
 def is_better(metric: str, new: Optional[float], best: Optional[float]) -> bool:

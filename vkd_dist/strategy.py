@@ -82,6 +82,14 @@ def agree(*candidates: Optional[Strategy]) -> Optional[Strategy]:
     return named[0] if named else None
 
 
+def check_config(cfg: Config) -> None:
+    """dist.strategy is a strategy (or auto); dist.offload_optimizer only with deepspeed_zero3 (or auto)."""
+    strategy = configured(cfg)
+    if cfg.dist.offload_optimizer and strategy is not None and strategy.name != "deepspeed_zero3":
+        raise ConfigError(f"dist.offload_optimizer=true needs dist.strategy=deepspeed_zero3 (or auto), "
+                          f"not {strategy.name}")
+
+
 def configured(cfg: Config) -> Optional[Strategy]:
     """What the training config asks for; None for auto/null."""
     if cfg.dist.strategy in AUTO:

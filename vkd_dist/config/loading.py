@@ -1,17 +1,22 @@
-"""Reading the tree: dataclass defaults <- YAML files (with `include:`) <- `key=value` overrides; saving it."""
+"""Reading the tree: dataclass defaults <- YAML files (with `include:`) <- `key=value` overrides; saving it.
+
+`read_config` checks what the tree itself can tell (keys, types, ranges, constant choices, paths): the checks
+that need a component (a registry, timm, a group on this machine) are theirs, composed by
+`vkd_dist.configure.load_config`, which is what loads a config for work."""
 
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from vkd_dist.config.checks import validate
-from vkd_dist.config.schema import DEFAULT_CONFIG, Config, ConfigError, unknown_key
+from vkd_dist.config.checks import STRUCTURAL
+from vkd_dist.config.schema import DEFAULT_CONFIG, Config, ConfigError, config_keys_named, unknown_key
 
 
 # --------------------------------------------------------------------------- conversion
@@ -78,7 +83,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise unknown_key(f"{prefix}.{unknown[0]}" if prefix else unknown[0], prefix or "top level", names)
+        raise unknown_key(f"{prefix}.{unknown[0]}" if prefix else unknown[0], prefix or "top level", names,
+                          config_keys_named(unknown[0]))
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -170,7 +176,7 @@ def _apply_override(tree: dict, parts: list[str], value: Any, cls: type = Config
         key = ".".join(parts[: i + 1])
         fields = {f.name: f for f in dataclasses.fields(node_cls)} if node_cls else {}
         if node_cls and part not in fields:
-            raise unknown_key(key, ".".join(parts[:i]) or "top level", fields)
+            raise unknown_key(key, ".".join(parts[:i]) or "top level", fields, config_keys_named(part))
         ftype = _unwrap_optional(typing.get_type_hints(node_cls)[part])[0] if node_cls else None
         last = i == len(parts) - 1
         if last:
@@ -201,9 +207,11 @@ def _sets_build_synthetic(parts: list[str], value: Any) -> bool:
                                                      and "build_synthetic" in value)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+def read_config(path: Optional[str | Path] = None, overrides: Optional[Iterable[str]] = None,
+                checks: Sequence[Callable[[Config], None]] = STRUCTURAL) -> Config:
     """Dataclass defaults <- configs/default.yaml (unless FILE has an `include:` key) <- FILE <- key=value
-    overrides (one layer); then validated."""
+    overrides (one layer); then `checks`, in order (by default the structural ones of config/checks.py;
+    vkd_dist.configure.load_config passes them interleaved with the components' own)."""
     raw = to_dict(Config())
     file = Path(path).resolve() if path else None
     own = _yaml_mapping(file) if file else None
@@ -218,7 +226,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         sets_build = sets_build or _sets_build_synthetic(parts, value)
     _scope_synthetic(raw, old_path, sets_build)
     cfg = _build(Config, raw)
-    validate(cfg)
+    for check in checks:
+        check(cfg)
     return cfg
 
 
@@ -233,7 +242,7 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def overrides_from_yaml(path: str | Path) -> list[str]:
-    """A YAML overlay (e.g. configs/tiny.yaml) as `key=value` overrides for `load_config`, so that it applies on
+    """A YAML overlay (e.g. configs/tiny.yaml) as `key=value` overrides for `read_config`, so that it applies on
     top of any config file. Sections flatten to dotted keys; free-form mappings (model.text_config) stay one
     value, so they replace the configured mapping as they would in a config file rather than merge into it."""
     out: list[str] = []
@@ -242,7 +251,7 @@ def overrides_from_yaml(path: str | Path) -> list[str]:
     def walk(node: dict, cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for key, value in node.items():
-            ftype = _unwrap_optional(hints[key])[0] if key in hints else None  # unknown keys: load_config says so
+            ftype = _unwrap_optional(hints[key])[0] if key in hints else None  # unknown keys: read_config says so
             if isinstance(value, dict) and _is_dataclass_type(ftype):
                 walk(value, ftype, f"{prefix}{key}.")
             else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -211,10 +212,28 @@ def not_allowed(key: str, value: Any, allowed: Iterable[Optional[str]]) -> Confi
     return ConfigError(f"{key}={value!r} is not allowed (allowed: {', '.join(names)}{did_you_mean(value, names)})")
 
 
-def unknown_key(key: str, where: str, allowed: Iterable[str]) -> ConfigError:
-    allowed = sorted(allowed)
-    return ConfigError(f"unknown key {key} ({where} allows: {', '.join(allowed)}"
-                       f"{did_you_mean(key.rsplit('.', 1)[-1], allowed)})")
+def unknown_key(key: str, where: str, allowed: Iterable[str], elsewhere: Iterable[str] = ()) -> ConfigError:
+    """`elsewhere`: the dotted keys of the same name in other sections (`config_keys_named`); when there are any
+    the message points to them (`train.lr`: lr is a key of optim) rather than to a close name in `where`."""
+    allowed, name = sorted(allowed), key.rsplit(".", 1)[-1]
+    elsewhere = list(elsewhere)
+    if elsewhere:
+        homes = [f"{k.rsplit('.', 1)[0]} ({k})" if "." in k else f"the top level ({k})" for k in elsewhere]
+        hint = f"; {name} is a key of {' and '.join(homes)}"
+    else:
+        hint = did_you_mean(name, allowed)
+    return ConfigError(f"unknown key {key} ({where} allows: {', '.join(allowed)}{hint})")
+
+
+def config_keys_named(name: str, cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the tree whose last part is `name` (sections included), in declaration order."""
+    found: list[str] = []
+    for key, tp in typing.get_type_hints(cls).items():
+        if key == name:
+            found.append(prefix + key)
+        if is_dataclass(tp):  # a section
+            found += config_keys_named(name, tp, f"{prefix}{key}.")
+    return found
 
 
 def no_dataset(path: str | Path) -> ConfigError:

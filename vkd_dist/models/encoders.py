@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -10,10 +11,11 @@ import timm
 import torch
 from torch import nn
 
+from vkd_dist.config import ConfigError, did_you_mean, unknown_key
 from vkd_dist.models import pretrained as pretrained_weights
 
 if TYPE_CHECKING:
-    from vkd_dist.config import ModelConfig
+    from vkd_dist.config import Config, ModelConfig
 
 TINY_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                  max_position_embeddings=512)
@@ -177,3 +179,49 @@ def _encoder_layers(model: nn.Module) -> list[nn.Module]:
             return list(node)
     raise ValueError(f"cannot find the transformer layers of {type(model).__name__} to unfreeze the top ones")
 
+
+# --------------------------------------------------------------------------- config checks (before any work)
+def check_config(cfg: Config) -> None:
+    """model.image_encoder (with model.image_encoder_kwargs) and model.text_config, checked before any work."""
+    check_image_encoder(cfg)
+    check_text_config(cfg)
+
+
+def check_image_encoder(cfg: Config) -> None:
+    """The timm model exists and takes model.image_encoder_kwargs: checked by building it on the meta device
+    (no memory, no weights), and only when there are kwargs to check."""
+    name, kwargs = cfg.model.image_encoder, cfg.model.image_encoder_kwargs
+    if not timm.is_model(name):
+        raise ConfigError(f"model.image_encoder={name!r} is not a timm model (allowed: timm.list_models()"
+                          f"{did_you_mean(name, timm.list_models())})")
+    if not kwargs:
+        return
+
+    def build(extra: dict) -> Any:
+        with torch.device("meta"):
+            return ImageEncoder(name, cfg.data.image_size, cfg.model.in_chans, None, extra).backbone
+
+    cls = type(build({}))
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):  # one that passes **kwargs on: building says
+        unknown = sorted(set(kwargs) - set(params) - {"self"})
+        if unknown:
+            raise unknown_key(f"model.image_encoder_kwargs.{unknown[0]}", f"{name} ({cls.__name__})",
+                              set(params) - {"self"})
+    try:
+        build(kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"model.image_encoder_kwargs={kwargs}: {name} cannot be built with them ({reason})") from exc
+
+
+def check_text_config(cfg: Config) -> None:
+    """model.text_config keys are BertConfig fields: a misspelt one would otherwise be stored and ignored."""
+    if not cfg.model.text_config:
+        return
+    from transformers import BertConfig
+
+    fields = BertConfig().to_dict()
+    unknown = sorted(set(cfg.model.text_config) - set(fields))
+    if unknown:
+        raise unknown_key(f"model.text_config.{unknown[0]}", "model.text_config (BertConfig)", fields)

@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vkd_dist.config import ConfigError
+
 if TYPE_CHECKING:
     import torch
+
+    from vkd_dist.config import Config
 
 EXTRA_HINT = "pip install -e '.[pretrained]' (or scripts/setup.sh, which installs it)"
 
@@ -139,3 +143,26 @@ def rename_by_position(source: dict, target: dict, what: str) -> dict:
         out[tkey] = tensor
     return out
 
+
+def check_config(cfg: Config) -> None:
+    """Before any work: model.image_weights is a local file or a packaged short name that fits
+    model.image_encoder; model.text_encoder is 'tiny-bert', a packaged short name or a local directory."""
+    m = cfg.model
+    if m.image_weights and is_image_weights_name(m.image_weights):
+        try:
+            check_image_weights(m.image_weights, m.image_encoder)
+        except (ValueError, PretrainedNotInstalled) as exc:
+            raise ConfigError(str(exc)) from None
+    elif m.image_weights and not Path(m.image_weights).is_file():
+        names = ", ".join([*IMAGE_WEIGHTS, IMAGENET])
+        raise ConfigError(f"model.image_weights={m.image_weights}: no such file (or a packaged name: {names})")
+    if m.text_encoder in TEXT_ENCODERS:
+        try:
+            text_encoder_dir(m.text_encoder)
+        except PretrainedNotInstalled as exc:
+            raise ConfigError(str(exc)) from None
+    elif m.text_encoder != "tiny-bert" and not Path(m.text_encoder).is_dir():
+        raise ConfigError(
+            f"model.text_encoder={m.text_encoder!r}: expected 'tiny-bert', "
+            f"{', '.join(repr(n) for n in TEXT_ENCODERS)} (the `pretrained` extra) or a local Hugging "
+            "Face model directory (nothing is downloaded)")

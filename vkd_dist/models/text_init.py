@@ -66,6 +66,12 @@ def check_text_init(cfg: Config) -> Path:
     return run
 
 
+def check_config(cfg: Config) -> None:
+    """objective.text_init, when set (see check_text_init)."""
+    if cfg.objective.text_init:
+        check_text_init(cfg)
+
+
 def text_init_weights(cfg: Config, run: Path) -> Path:
     """The weights file: the checkpoint (verified) or export named, else best/ > final/ > the newest verified
     checkpoint of the run."""

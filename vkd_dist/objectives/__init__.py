@@ -11,20 +11,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from vkd_dist.config import ConfigError, not_allowed
+
 if TYPE_CHECKING:
     import torch
 
-    from vkd_dist.config import ObjectiveConfig
+    from vkd_dist.config import Config, ObjectiveConfig
 
 # Importing registers them, in the order choices are listed: the method, then its baselines.
 from vkd_dist.objectives import vkd, baselines, kd  # noqa: F401, I001
 from vkd_dist.objectives.base import BOTH, IMAGE, TEXT, Objective, get_objective, objective_names, register
 from vkd_dist.objectives.losses import beta_at, masked_bce
 
-__all__ = ["BOTH", "IMAGE", "TEXT", "Objective", "beta_at", "build_objective", "get_objective", "masked_bce",
-           "objective_names", "register"]
+__all__ = ["BOTH", "IMAGE", "TEXT", "Objective", "beta_at", "build_objective", "check_config", "check_teacher",
+           "get_objective", "masked_bce", "objective_names", "register"]
 
 
 def build_objective(cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optional[torch.nn.Module] = None) -> Objective:
     """The configured objective."""
     return get_objective(cfg.name)(cfg, num_samples, teacher)
+
+
+def check_config(cfg: Config) -> None:
+    """objective.name is a registered objective (asked at validation time: tests register their own)."""
+    if cfg.objective.name not in objective_names():
+        raise not_allowed("objective.name", cfg.objective.name, objective_names())
+
+
+def check_teacher(cfg: Config) -> None:
+    """An objective that distils from a teacher is given one (that the path exists: vkd_dist/config/checks.py)."""
+    if get_objective(cfg.objective.name).needs_teacher and not cfg.objective.kd_teacher:
+        raise ConfigError(f"objective.kd_teacher must name a text_only run directory or checkpoint when "
+                          f"objective={cfg.objective.name}")

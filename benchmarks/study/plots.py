@@ -1,4 +1,4 @@
-"""The study's figures (benchmarks/study.py): test macro AUROC against one corpus knob, a line and a 95 % band over
+"""The study's figures (benchmarks.study): test macro AUROC against one corpus knob, a line and a 95 % band over
 seeds per arm, from study.json's summaries."""
 
 from __future__ import annotations

@@ -1,0 +1,46 @@
+"""The study (`python -m benchmarks.study`): objectives ("arms") x seeds x data regimes, every cell a real training
+run. Its manual is cli.py's docstring (`python -m benchmarks.study --help`). The parts import downward, cli ->
+results -> cells -> grid, results -> plots:
+
+    grid.py     the regimes, arms and presets; the grid, its checks, each cell's overrides and budget
+    cells.py    the corpora, one training run per cell, study.json
+    results.py  summaries, paired comparisons, study.md
+    plots.py    the figures: test macro AUROC against one corpus knob
+    cli.py      the command: arguments, the lock, main
+
+The names below are the package's interface. Patch a function where it is looked up: run_cell in cells,
+comparisons in results."""
+
+from benchmarks.study.cells import Interrupted, build_corpora, load_study, read_metrics, run_cells, write_study
+from benchmarks.study.cli import main, parse_args, study_main
+from benchmarks.study.grid import (
+    ARMS,
+    BASELINE,
+    DEFAULT_ARMS,
+    EVIDENCE,
+    QUICK,
+    SEEDS,
+    StudyError,
+    arm_objective,
+    build_grid,
+    cell_key,
+    cell_overrides,
+    cells_of,
+    grid_difference,
+    parse_arm,
+    parse_corpus,
+    parse_regime,
+    regime_name,
+    resolve,
+    run_rel,
+)
+from benchmarks.study.plots import PLOTS, plot_knob
+from benchmarks.study.results import markdown, report, summarise, t_interval
+
+__all__ = [
+    "ARMS", "BASELINE", "DEFAULT_ARMS", "EVIDENCE", "PLOTS", "QUICK", "SEEDS", "Interrupted", "StudyError",
+    "arm_objective", "build_corpora", "build_grid", "cell_key", "cell_overrides", "cells_of", "grid_difference",
+    "load_study", "main", "markdown", "parse_arm", "parse_args", "parse_corpus", "parse_regime", "plot_knob",
+    "read_metrics", "regime_name", "report", "resolve", "run_cells", "run_rel", "study_main", "summarise",
+    "t_interval", "write_study",
+]

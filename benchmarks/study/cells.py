@@ -1,0 +1,178 @@
+"""Running the study's cells: building each regime's corpus, one training run per cell in a subprocess, reading
+what it wrote, and study.json (read, written after each cell, with the commit it ran at)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.bench import REPO
+from benchmarks.study.grid import StudyError, cell_key, cell_overrides, cells_of, run_rel, runs_of
+from vkd_dist.fileio import atomic_write_text
+
+TAIL_LINES = 20  # of a failed cell's log, kept as its error
+
+
+class Interrupted(Exception):
+    """SIGTERM to the study: the running cell is stopped with a checkpoint, to be resumed by the next run."""
+
+
+
+# ------------------------------------------------------------------------------------------ running cells
+def build_corpora(grid: dict, out: Path) -> None:
+    for name, knobs in grid["regimes"].items():
+        path = out / "data" / name
+        if (path / "dataset.json").is_file():
+            continue
+        from vkd_dist.data.synthetic import build_synthetic
+
+        t0 = time.time()
+        build_synthetic(path, knobs["num_train"], knobs["num_val"], knobs["num_test"], image_size=knobs["image_size"],
+                        seed=knobs["seed"], lesion_contrast=knobs["lesion_contrast"],
+                        label_noise=knobs["label_noise"], label_fraction=knobs["label_fraction"], progress=False)
+        print(f"[study] corpus {name}: built in {time.time() - t0:.0f} s ({path})", flush=True)
+
+
+def log_tail(log_path: Path, marker: str) -> str:
+    """The last TAIL_LINES lines of the latest attempt in a cell's log."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    lines = text[text.rfind(marker):].splitlines()[1:] if marker in text else text.splitlines()
+    return "\n".join(lines[-TAIL_LINES:])
+
+
+def read_metrics(run_dir: Path, since: float = 0.0) -> dict:
+    """Test macro AUROC (RUN/test_metrics.json, written after `since`) and best/'s validation macro AUROC."""
+    path = run_dir / "test_metrics.json"
+    if not path.is_file() or path.stat().st_mtime < since:
+        raise ValueError("no test_metrics.json from this run: it stopped before its test pass")
+    test = json.loads(path.read_text())
+    if not isinstance(test.get("macro_auroc"), float):
+        raise ValueError("test_metrics.json has no macro_auroc")
+    out = {"test_macro_auroc": test["macro_auroc"], "test_macro_auroc_ci": test.get("macro_auroc_ci"),
+           "test_checkpoint": test.get("checkpoint"), "best_val_macro_auroc": None, "best_step": None}
+    meta = run_dir / "best" / "meta.json"
+    if meta.is_file():
+        best = json.loads(meta.read_text())
+        out["best_val_macro_auroc"], out["best_step"] = best.get("val", {}).get("macro_auroc"), best.get("step")
+    return out
+
+
+def error_line(error: Optional[str]) -> str:
+    """A failed cell's error in one line: what failed, and the log's last line (the exception, usually)."""
+    lines = [line for line in (error or "").splitlines() if line.strip()]
+    return lines[0] + (f": {lines[-1].strip()}" if len(lines) > 1 else "") if lines else ""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_cell(grid: dict, out: Path, regime: str, arm: str, seed: int) -> dict:
+    """One training run in a subprocess; its record (status ok or failed)."""
+    run_dir = out / run_rel(regime, arm, seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "vkd_dist.train"]
+    if grid["config"]:
+        cmd += ["--config", str(Path(grid["config"]).resolve())]
+    cmd += cell_overrides(grid, out, regime, arm, seed)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    marker = f"=== study: attempt at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    started = time.time()
+    with open(run_dir / "train.log", "a") as log:  # appended: earlier attempts stay readable above
+        log.write(f"{marker}: {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: the trainer checkpoints at its next step and stops
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+    record: dict[str, Any] = {"exit_code": code, "seconds": round(time.time() - started, 1), "error": None}
+    try:
+        if code != 0:
+            raise ValueError(f"exit code {code}")
+        record.update(read_metrics(run_dir, since=started - 1), status="ok")
+    except (ValueError, OSError) as exc:
+        record.update(status="failed", error=f"{exc}\n{log_tail(run_dir / 'train.log', marker)}")
+    return record
+
+
+def load_study(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        study = json.loads(path.read_text())
+        for knobs in [study["grid"]["base"], *study["grid"]["regimes"].values()]:  # before label_fraction
+            knobs.setdefault("label_fraction", 1.0)
+        study["grid"].setdefault("policy_control", [])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StudyError(f"{path}: not a study file ({exc}); start another --out") from None
+    return study
+
+
+def write_study(out: Path, study: dict) -> None:
+    study["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_text(out / "study.json", json.dumps(study, indent=1))
+
+
+def provenance() -> dict:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def run_cells(grid: dict, out: Path, study: dict) -> bool:
+    """Every cell not done yet, in order; study.json rewritten after each. False when interrupted."""
+    todo = cells_of(grid)
+    for i, (regime, arm, seed) in enumerate(todo, 1):
+        key = cell_key(regime, arm, seed)
+        head = f"[study] {i}/{len(todo)} {key}"
+        old = study["cells"].get(key, {})
+        if old.get("status") == "ok":
+            print(f"{head}: skipped (done: test macro AUROC {old['test_macro_auroc']:.3f})", flush=True)
+            continue
+        cell = {"regime": regime, "arm": arm, "seed": seed, "run_dir": run_rel(regime, arm, seed),
+                "attempts": old.get("attempts", 0) + 1, "status": "running"}
+        waiting = [f"{cell_key(regime, a, seed)} ({k})" for k, a in runs_of(grid, grid["arms"][arm]).items()
+                   if study["cells"].get(cell_key(regime, a, seed), {}).get("status") != "ok"]
+        if waiting:
+            cell.update(status="failed", exit_code=None, seconds=0.0,
+                        error=f"the run it reads, {', '.join(waiting)}, has not finished")
+            study["cells"][key] = cell
+            write_study(out, study)
+            print(f"{head}: failed ({cell['error']})", flush=True)
+            continue
+        again = {"failed": " (retrying)", "running": " (resuming)", "interrupted": " (resuming)"}
+        print(f"{head}: training{again.get(old.get('status', ''), '')} ...", flush=True)
+        study["cells"][key] = cell
+        write_study(out, study)
+        try:
+            cell.update(run_cell(grid, out, regime, arm, seed))
+        except (KeyboardInterrupt, Interrupted):
+            cell["status"] = "interrupted"
+            write_study(out, study)
+            print(f"{head}: interrupted; the same command resumes it", flush=True)
+            return False
+        write_study(out, study)
+        if cell["status"] == "ok":
+            print(f"{head}: test macro AUROC {cell['test_macro_auroc']:.3f} ({cell['seconds']:.0f} s)", flush=True)
+        else:
+            print(f"{head}: failed, {error_line(cell['error'])} ({cell['seconds']:.0f} s); "
+                  f"log: {out / cell['run_dir'] / 'train.log'}", flush=True)
+    return True
+
