@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--in-memory", type=int, default=0, help="pre-load this many batches per rank")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
     from vkd_dist.data.schema import read_dataset
     from vkd_dist.prepare import resolve_tokenizer
 

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from vkd_dist.config import Config, load_config, overrides_from_yaml, save_config
+from vkd_dist.config import Config, overrides_from_yaml, save_config
+from vkd_dist.configure import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"  # --quick: the tests' tiny run (tests/conftest.py tiny_overrides)

@@ -74,21 +74,21 @@ def diagnose(run_dir: str | Path, split: str = "val", which: str = "latest") -> 
     from vkd_dist.data.pipeline import eval_loader
     from vkd_dist.data.schema import read_dataset
     from vkd_dist.data.tokens import load_tokenizer
-    from vkd_dist.evaluate import load_run_config
     from vkd_dist.metrics import Predictions, report
     from vkd_dist.models.build import build_model
     from vkd_dist.models.vkd import kl_per_dim
     from vkd_dist.objectives import BOTH, get_objective
-    from vkd_dist.prepare import run_labels, tokenizer_dir
+    from vkd_dist.prepare import tokenizer_dir
+    from vkd_dist.run_dir import RunDir
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     if get_objective(cfg.objective.name).model_mode != BOTH:
         raise ValueError(f"{run_dir}: objective {cfg.objective.name} trains one path; nothing to diagnose")
     ckpt = _checkpoint(run_dir, which)
     info = read_dataset(cfg.data.path)
     tokenizer = load_tokenizer(tokenizer_dir(cfg, run_dir))
-    model = build_model(cfg, len(tokenizer), num_labels=len(run_labels(run_dir)))
+    model = build_model(cfg, len(tokenizer), num_labels=len(RunDir(run_dir).labels()))
     model.load_state_dict(load_weights(ckpt / "model.safetensors"))
     model.eval()
     image_parts, report_parts, kl_dims, mu_p, mu_q, var_p, sd_q, img_feats = [], [], [], [], [], [], [], []
@@ -102,7 +102,7 @@ def diagnose(run_dir: str | Path, split: str = "val", which: str = "latest") -> 
         for parts, logits in ((image_parts, model.classify_image(p.mu, feats)), (report_parts, model.classify(q.mu))):
             parts.append(Predictions(torch.sigmoid(logits).numpy(), batch.targets.numpy(),
                                      batch.target_mask.numpy(), list(batch.keys), list(batch.patient_ids)))
-    labels, scorable = run_labels(run_dir), info.scorable_labels(split)
+    labels, scorable = RunDir(run_dir).labels(), info.scorable_labels(split)
 
     def macro(parts: list) -> Optional[float]:
         return report(Predictions.concat(parts, len(labels)), labels, scorable, n_boot=0)["macro_auroc"]

@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 
 from conftest import tiny_overrides
-from vkd_dist.config import DataConfig, load_config
+from vkd_dist.config import DataConfig
+from vkd_dist.configure import load_config
 from vkd_dist.data.augment import BatchAugment, apply
 from vkd_dist.data.pipeline import Batch
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from vkd_dist.config import ConfigError, load_config, save_config
+from vkd_dist.config import ConfigError, save_config
+from vkd_dist.configure import load_config
 from vkd_dist.deploy import main as export_main
 from vkd_dist.evaluate import main as eval_main
 from vkd_dist.predict import main as predict_main

@@ -147,7 +147,7 @@ OLD_TINY = {
 @pytest.mark.parametrize("extra", [{}, {"objective": "image_only", "data.image_size": 48, "train.max_steps": 3,
                                         "model.text_config.hidden_size": 32}])
 def test_tiny_overrides_give_the_config_of_the_old_literal(tmp_path, extra):
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
 
     (tmp_path / "dataset.json").write_text("{}")  # what validation looks for at data.path
     old = {"run_dir": str(tmp_path / "run"), "data.path": str(tmp_path), **OLD_TINY}
@@ -161,7 +161,8 @@ def test_tiny_overrides_give_the_config_of_the_old_literal(tmp_path, extra):
 def test_an_overlay_as_overrides_is_the_overlay_as_a_config_file(tmp_path):
     """overrides_from_yaml on top of the default config = the same YAML as a config file including the default:
     scalars keep their type (a quoted "yes", 1.0e-5, null), free-form mappings replace rather than merge."""
-    from vkd_dist.config import DEFAULT_CONFIG, load_config, overrides_from_yaml
+    from vkd_dist.config import DEFAULT_CONFIG, overrides_from_yaml
+    from vkd_dist.configure import load_config
 
     overlay = ("optim: {lr: 1.0e-5, betas: [0.8, 0.9]}\n"
                "model: {tokenizer: null, text_config: {hidden_size: 32}, image_encoder_kwargs: {drop_rate: 0.1}}\n"

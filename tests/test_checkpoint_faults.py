@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from vkd_dist import checkpoint, fileio
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.fileio import free_port
 from vkd_dist.train import train
 

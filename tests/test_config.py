@@ -9,11 +9,11 @@ from vkd_dist.config import (
     Config,
     ConfigError,
     close_match,
-    load_config,
     overrides_from_yaml,
     save_config,
     to_dict,
 )
+from vkd_dist.configure import load_config
 
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
 # Recipes name directories that exist only on a cluster: stand-ins that validate here.
@@ -73,6 +73,71 @@ def test_bad_config_is_one_line_naming_the_key_and_what_is_allowed(override, mes
         load_config(overrides=override)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=0.01", "unknown key train.lr (train allows: bootstrap_resamples, "),
+    ("train.lr=0.01", "; lr is a key of optim (optim.lr))"),
+    ("lr=0.01", "unknown key lr (top level allows: data, dist, logging, model, objective, optim, resume, run_dir, "
+                "train; lr is a key of optim (optim.lr))"),
+    ("data.seed=1", "; seed is a key of data.synthetic (data.synthetic.seed) and train (train.seed))"),
+    ("train.run_dir=x", "; run_dir is a key of the top level (run_dir))"),
+    ("model.synthetic.num_train=8", "; synthetic is a key of data (data.synthetic))"),
+])
+def test_a_key_of_another_section_says_where_it_belongs(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_key_of_another_section_in_a_file_says_where_it_belongs(tmp_path):
+    (tmp_path / "c.yaml").write_text("train: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key train\.lr \(train allows: .*; lr is a key of optim "
+                                          r"\(optim\.lr\)\)$"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_the_config_package_imports_nothing_above_it():
+    """vkd_dist/config is the bottom floor: reading a config imports no other module of the package, nor torch,
+    timm or transformers; the checks that need them are the components' (vkd_dist/configure.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vkd_dist.config import read_config; read_config(); "
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'transformers') "
+            "or (m.startswith('vkd_dist.') and not m.startswith('vkd_dist.config'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == []
+
+
+def test_load_config_runs_the_structural_and_the_component_checks_in_one_order():
+    from vkd_dist.config import STRUCTURAL
+    from vkd_dist.configure import CHECKS
+
+    assert [c for c in CHECKS if c in STRUCTURAL] == list(STRUCTURAL)  # the structural ones keep their order
+    assert len(CHECKS) == len(set(CHECKS))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=vkdd", "optim.lr=-1"], "objective.name='vkdd' is not allowed"),  # a component's, then a range
+    (["optim.lr=-1", "dist.strategy=zero9"], "optim.lr=-1.0 must be positive"),  # a range, then a component's
+    (["objective=kd", "model.image_encoder=resnet5O"], "model.image_encoder='resnet5O' is not a timm model"),
+])
+def test_with_two_errors_the_first_reported_is_the_one_reported_before(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert message in str(err.value)
+
+
+def test_validate_checks_a_config_built_otherwise():
+    from vkd_dist.configure import validate
+
+    cfg = load_config()
+    validate(cfg)
+    cfg.model.image_encoder = "resnet5O"
+    with pytest.raises(ConfigError, match="model.image_encoder='resnet5O' is not a timm model"):
+        validate(cfg)
 
 
 def test_close_match_takes_typos_and_prefixes():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.data.cli import main as data_main
 from vkd_dist.train import train
 

@@ -12,7 +12,8 @@ from conftest import tiny_overrides
 from test_pipeline import corrupt_copy
 from test_train import StopAfter
 from vkd_dist import checkpoint
-from vkd_dist.config import ConfigError, load_config
+from vkd_dist.config import ConfigError
+from vkd_dist.configure import load_config
 from vkd_dist.data.faults import WINDOW, SkipLedger, SkipRateError
 from vkd_dist.train import train
 

@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import tiny_overrides
 from test_dicom import _dataset, _jpeg_bytes, _jpeg_dataset, _save, _values_12bit
 from vkd_dist.compare import main as compare_main
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.manifest import convert_manifest
 from vkd_dist.deploy import ModelDirError, VKDImageClassifier
@@ -291,9 +291,9 @@ def test_a_separate_image_head_exports_and_predicts_as_its_run(tiny_data, tmp_pa
 
     from vkd_dist.checkpoint import load_weights
     from vkd_dist.data.tokens import load_tokenizer
-    from vkd_dist.evaluate import load_run_config
     from vkd_dist.models.build import build_model
     from vkd_dist.prepare import tokenizer_dir
+    from vkd_dist.run_dir import RunDir
 
     run = tmp_path / "run"
     train(load_config(overrides=tiny_overrides(tiny_data, run, **{
@@ -309,7 +309,7 @@ def test_a_separate_image_head_exports_and_predicts_as_its_run(tiny_data, tmp_pa
     assert predict_main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "pred.csv"), *paths]) == 0
     predicted = np.array([[float(r[n]) for n in config["labels"]] for r in _read(tmp_path / "pred.csv")])
 
-    cfg = load_run_config(run)
+    cfg = RunDir(run).config()
     full = build_model(cfg, len(load_tokenizer(tokenizer_dir(cfg, run))), num_labels=len(config["labels"]))
     full.load_state_dict(load_weights(run / "checkpoints" / "step-00000002" / "model.safetensors"))
     assert full.image_classifier is not None and full.text_encoder is not None

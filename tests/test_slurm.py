@@ -202,7 +202,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
     from vkd_dist.data.schema import read_dataset
     from vkd_dist.data.synthetic import build_synthetic
     from vkd_dist.prepare import resolve_tokenizer

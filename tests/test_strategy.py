@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_overrides
-from vkd_dist.config import ConfigError, load_config
+from vkd_dist.config import ConfigError
+from vkd_dist.configure import load_config
 from vkd_dist.strategy import DEEPSPEED_DIR, STRATEGIES, Strategy, accelerate_env, agree, fsdp2_env, launched, resolve
 
 ACCEL = REPO / "configs" / "accelerate"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.data.cli import main as data_main
 from vkd_dist.data.pipeline import eval_loader, train_loader
 from vkd_dist.data.schema import read_dataset
@@ -93,7 +93,7 @@ def test_embed_text_cli_then_train_with_the_sidecar(tiny_data, tmp_path, capsys)
 def test_kd_from_a_teacher_trained_on_text_features_takes_them_by_itself(tiny_data, tmp_path, capsys):
     """The student names no data.text_features: it adopts its teacher's (a teacher without a text encoder
     needs them in every batch) and says so, instead of failing at step 0."""
-    from vkd_dist.evaluate import load_run_config
+    from vkd_dist.run_dir import RunDir
     from vkd_dist.train import train
 
     over = tiny_overrides(tiny_data, tmp_path / "teacher", **{"model.freeze_text": True})
@@ -106,5 +106,5 @@ def test_kd_from_a_teacher_trained_on_text_features_takes_them_by_itself(tiny_da
                                                                  "train.max_steps": 2, "train.test_at_end": False})
     result = train(load_config(overrides=student))
     assert result.step == 2
-    assert load_run_config(tmp_path / "student").data.text_features == path  # recorded in its config.yaml
+    assert RunDir(tmp_path / "student").config().data.text_features == path  # recorded in its config.yaml
     assert f"data.text_features={path}: the kd teacher's precomputed report features" in capsys.readouterr().out

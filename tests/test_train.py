@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from vkd_dist import checkpoint
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.data.schema import read_dataset
 from vkd_dist.evaluate import main as eval_main
 from vkd_dist.labels import LABELS

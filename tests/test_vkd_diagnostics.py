@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_overrides
-from vkd_dist.config import load_config
+from vkd_dist.configure import load_config
 from vkd_dist.train import train
 
 if str(REPO) not in sys.path:

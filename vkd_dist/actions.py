@@ -92,7 +92,7 @@ class Validate(Periodic):
         run.log.info(f"step {tick.step:>6} val {self.metric} {shown} over {len(report['macro_labels'])} labels")
         if report["macro_labels"] == self.labels and is_better(self.metric, value, state.best_value):
             state.best_value = value
-            checkpoint.export_image_model(run.accelerator, run.model, run.run_dir / "best",
+            checkpoint.export_image_model(run.accelerator, run.model, run.dir.export_dir("best"),
                                           {"step": tick.step, "val": report, "objective": cfg.objective.name,
                                            "select_metric": self.metric, "labels": list(run.info.labels)})
 
@@ -138,14 +138,14 @@ def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) ->
     stopping = (lambda: stop.agreed(run.accelerator)) if stop is not None else None
     sync_buffers(run.accelerator, run.model)
     digests = param_digests(run.accelerator, run.model)  # every rank must end with the same model
-    checkpoint.export_image_model(run.accelerator, run.model, run.run_dir / "final",
+    checkpoint.export_image_model(run.accelerator, run.model, run.dir.export_dir("final"),
                                   {"step": step, "objective": cfg.objective.name, "param_digests": digests,
                                    "labels": list(run.info.labels)})
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks ended training with different parameters or buffers (digests {digests}); "
                            "see final/meta.json")
     if not cfg.data.keep_token_table and run.accelerator.is_main_process:  # finished: no resume will need it
-        remove_token_tables(run.run_dir / "tokens", run.log.info)
+        remove_token_tables(run.dir.tokens_dir, run.log.info)
     if not cfg.train.test_at_end:
         return
     preds: list = []
@@ -168,5 +168,5 @@ def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) ->
                      "latent_dim": cfg.model.latent_dim, "seed": cfg.train.seed, "max_steps": cfg.train.max_steps},
                     summary)
     if run.accelerator.is_main_process:
-        (run.run_dir / "test_metrics.json").write_text(json.dumps(result.test, indent=2))
+        run.dir.test_metrics_file.write_text(json.dumps(result.test, indent=2))
         run.log.info(f"test split ({cfg.data.test_split}), image-only inference:\n" + format_table(result.test))

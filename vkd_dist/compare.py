@@ -24,9 +24,9 @@ from vkd_dist.metrics import Predictions, macro_label_set
 
 def _predictions(run: str, info, split: str, which: str, batch_size: Optional[int]) -> Predictions:
     from vkd_dist.evaluate import load_exported, predict_split
-    from vkd_dist.prepare import check_same_labels, run_labels
+    from vkd_dist.run_dir import RunDir
 
-    check_same_labels(run_labels(run), info.labels, run, info.root)
+    RunDir(run).check_labels(info.labels, info.root)
     model, cfg, tokenizer = load_exported(run, which)
     if batch_size:
         cfg.data.eval_batch_size = batch_size
@@ -102,9 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", help="write the comparison JSON here")
     args = parser.parse_args(argv)
     try:
-        from vkd_dist.evaluate import load_run_config
+        from vkd_dist.run_dir import RunDir
 
-        data = args.data or load_run_config(args.a[0]).data.path
+        data = args.data or RunDir(args.a[0]).config().data.path
         result = compare(args.a, args.b, data, args.split, args.checkpoint, args.bootstrap, args.seed,
                          args.batch_size)
     except (FileNotFoundError, KeyError, ValueError) as exc:

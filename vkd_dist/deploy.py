@@ -165,15 +165,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
                metrics_path: Optional[str | Path] = None) -> Path:
     """Write RUN's image model (checkpoint `which`) as a self-contained directory; returns it."""
     from vkd_dist import checkpoint
-    from vkd_dist.evaluate import load_run_config
     from vkd_dist.objectives import TEXT, get_objective
-    from vkd_dist.prepare import run_labels
+    from vkd_dist.run_dir import RunDir
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.config()
     if get_objective(cfg.objective.name).inference == TEXT:
         raise ValueError(f"{run_dir} is a {cfg.objective.name} run: it reads reports and has no image model to deploy")
-    labels = run_labels(run_dir)
+    labels = run.labels()
     weights_path = checkpoint.find_weights(run_dir, which)
     dataset_json = Path(cfg.data.path) / "dataset.json"
     dataset_meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else None
@@ -201,7 +201,9 @@ def _metrics_for(run_dir: Path, which: str, metrics_path) -> Optional[dict]:
         if "per_label" not in metrics:
             raise ValueError(f"--metrics {metrics_path}: not a vkd-eval metrics JSON (no 'per_label')")
         return metrics
-    path = run_dir / "test_metrics.json"
+    from vkd_dist.run_dir import RunDir
+
+    path = RunDir(run_dir).test_metrics_file
     if path.is_file():
         metrics = json.loads(path.read_text())
         # Files from before metrics named their checkpoint (and had CIs) are not used for the card.

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from vkd_dist import RawDefaultsHelpFormatter, checkpoint
-from vkd_dist.config import Config, config_from_dict, did_you_mean
+from vkd_dist.config import Config, did_you_mean
 from vkd_dist.data.pipeline import eval_loader
 from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.metrics import Predictions, format_table, report
 from vkd_dist.objectives import TEXT, get_objective, objective_names
-from vkd_dist.prepare import check_same_labels, check_split_name, run_labels, teacher_run_dir, tokenizer_dir
+from vkd_dist.prepare import check_split_name, teacher_run_dir, tokenizer_dir
+from vkd_dist.run_dir import RunDir
 
 CHECKPOINTS = ("best", "last", "final")
 
@@ -104,23 +104,16 @@ def evaluate(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accel
     return rep
 
 
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a vkd_dist run directory?")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
 def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[str] = None, device="cpu"):
     """(model, cfg, tokenizer) from a run's exported weights; image-only unless the run was text_only."""
     from vkd_dist.data.tokens import load_tokenizer
     from vkd_dist.models.build import build_model
 
-    cfg = load_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     objective = objective or cfg.objective.name
     tokenizer = load_tokenizer(tokenizer_dir(cfg, run_dir))
     model = build_model(cfg, len(tokenizer), objective=objective, with_text=get_objective(objective).inference == TEXT,
-                        num_labels=len(run_labels(run_dir)))
+                        num_labels=len(RunDir(run_dir).labels()))
     state = checkpoint.load_weights(checkpoint.find_weights(run_dir, which))
     wanted = model.deploy_state_dict()
     missing = [k for k in wanted if k not in state]
@@ -132,13 +125,14 @@ def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[
 
 def load_teacher(cfg: Config, device):
     """The frozen teacher of an objective that needs one (kd): a run whose inference reads the report."""
-    run_dir = teacher_run_dir(cfg)
-    teacher_objective = load_run_config(run_dir).objective.name
+    teacher = teacher_run_dir(cfg)
+    teacher_objective = teacher.config().objective.name
     if get_objective(teacher_objective).inference != TEXT:
         readers = [n for n in objective_names() if get_objective(n).inference == TEXT]
         raise ValueError(f"objective.kd_teacher={cfg.objective.kd_teacher}: a run that reads reports "
                          f"({', '.join(readers)}) is needed, got objective {teacher_objective}")
-    model, _, _ = load_exported(run_dir, "best" if (run_dir / "best").is_dir() else "final", device=device)
+    model, _, _ = load_exported(teacher.path, "best" if teacher.export_dir("best").is_dir() else "final",
+                                device=device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -149,8 +143,8 @@ def check_run_dir(run: str, given: str) -> Path:
     path = Path(run)
     if not path.is_dir():
         raise FileNotFoundError(f"{given} {run}: no such directory")
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"{given} {run}: not a training run directory (no config.yaml)")
+    if not RunDir(path).is_run():
+        raise FileNotFoundError(f"{given} {run}: not a training run directory (no {RunDir.CONFIG})")
     return path
 
 
@@ -205,9 +199,9 @@ def _run(args) -> int:
 
     run = check_run_dir(args.run, "--run")  # each argument is checked before any model is built
     check_checkpoint(run, args.checkpoint)
-    run_cfg = load_run_config(run)
+    run_cfg = RunDir(run).config()
     info = read_dataset(args.data or run_cfg.data.path)
-    check_same_labels(run_labels(run), info.labels, run, info.root)
+    RunDir(run).check_labels(info.labels, info.root)
     check_split_name(f"--split {args.split!r}", args.split, info)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, cfg, tokenizer = load_exported(args.run, args.checkpoint, device=accelerator.device)

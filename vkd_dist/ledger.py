@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 from vkd_dist.fileio import atomic_write_text
+from vkd_dist.run_dir import RunDir
 
-LEDGER_DIR = "ledger"
 HEADER = ["epoch", "step", "key"]
 
 
 def ledger_files(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / LEDGER_DIR).glob("rank-*.csv"))
+    return sorted(RunDir(run_dir).ledger_dir.glob("rank-*.csv"))
 
 
 def read_ledger(path: str | Path) -> list[tuple[int, int, str]]:
@@ -45,7 +45,7 @@ class SampleLedger:
     """Appends this rank's consumed samples; `flush` (at each checkpoint) makes them durable."""
 
     def __init__(self, run_dir: str | Path, rank: int):
-        path = Path(run_dir) / LEDGER_DIR / f"rank-{rank}.csv"
+        path = RunDir(run_dir).ledger_file(rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists() or path.stat().st_size == 0
         self.fh: Optional[io.TextIOWrapper] = open(path, "a", newline="")

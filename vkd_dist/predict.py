@@ -24,6 +24,7 @@ from tqdm import tqdm
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.data.images import ImageError, is_image_file
 from vkd_dist.deploy import CONFIG_FILE, ModelDirError, VKDImageClassifier
+from vkd_dist.run_dir import RunDir
 
 
 def expand_inputs(specs: Sequence[str]) -> list[str]:
@@ -102,7 +103,7 @@ def check_model_dir(model: str) -> Path:
     path = Path(model)
     if not path.is_dir():
         raise ModelDirError(f"--model {model}: no such directory")
-    if (path / "config.yaml").is_file() and not (path / CONFIG_FILE).is_file():
+    if RunDir(path).is_run() and not (path / CONFIG_FILE).is_file():
         raise ModelDirError(f"--model {model}: a training run directory, not a model; export it first with "
                             f"vkd-export {model} --out DIR")
     return path

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -16,8 +15,8 @@ from vkd_dist.config import Config, ConfigError, did_you_mean, no_dataset, to_di
 from vkd_dist.data.schema import DatasetInfo, read_dataset
 from vkd_dist.data.tokens import TokenTable, build_token_table, build_wordpiece_tokenizer, load_tokenizer, report_texts
 from vkd_dist.fileio import atomic_write_text
-from vkd_dist.labels import LABELS
 from vkd_dist.objectives import get_objective
+from vkd_dist.run_dir import RunDir
 
 
 def _main_process_first(accelerator) -> contextlib.AbstractContextManager:
@@ -68,24 +67,22 @@ def check_splits(cfg: Config, info: DatasetInfo) -> None:
             raise ConfigError(f"data.{key}={split!r}: split {split!r} of {info.root} has 0 samples")
 
 
-def teacher_run_dir(cfg: Config) -> Path:
+def teacher_run_dir(cfg: Config) -> RunDir:
     """objective.kd_teacher names a text_only run directory or a checkpoint inside one."""
     if not cfg.objective.kd_teacher:
         raise ConfigError(f"objective {cfg.objective.name} needs objective.kd_teacher (a text_only run directory)")
     path = Path(cfg.objective.kd_teacher)
-    return path if (path / "config.yaml").is_file() else path.parent
+    return RunDir.containing(path, levels=1) or RunDir(path.parent)
 
 
 def adopt_teacher_text_features(cfg: Config) -> Optional[str]:
     """A teacher trained on precomputed text features (vkd-data embed-text) has no text encoder: the student's
     batches must carry the same features. Sets data.text_features from the teacher's config when the student
     names none, and returns a line saying so (None when nothing changed)."""
-    from vkd_dist.evaluate import load_run_config  # evaluate imports this module
-
     if not get_objective(cfg.objective.name).needs_teacher or cfg.data.text_features:
         return None
     teacher = teacher_run_dir(cfg)
-    features = load_run_config(teacher).data.text_features
+    features = teacher.config().data.text_features
     if not features:
         return None
     if not Path(features).exists():
@@ -93,7 +90,7 @@ def adopt_teacher_text_features(cfg: Config) -> Optional[str]:
                           f"data.text_features={features}, which is gone; make it again with vkd-data embed-text "
                           "or pass data.text_features=PATH")
     cfg.data.text_features = features
-    return f"data.text_features={features}: the kd teacher's precomputed report features (from {teacher}/config.yaml)"
+    return f"data.text_features={features}: the kd teacher's precomputed report features (from {teacher.config_file})"
 
 
 def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
@@ -101,28 +98,27 @@ def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
     run's (its text encoder was trained on those token ids) > model.tokenizer > the text encoder's own directory
     (for a short name, its package's) > RUN/tokenizer (built from the training reports by `resolve_tokenizer`)."""
     if get_objective(cfg.objective.name).needs_teacher:
-        teacher = teacher_run_dir(cfg) / "tokenizer"
+        teacher = teacher_run_dir(cfg).tokenizer_dir
         if (teacher / "tokenizer.json").is_file():
             return teacher
     if cfg.objective.text_init:
-        from vkd_dist.evaluate import load_run_config  # evaluate imports this module
         from vkd_dist.models.text_init import text_init_run
 
         init_run = text_init_run(cfg)
-        return tokenizer_dir(load_run_config(init_run), init_run)
+        return tokenizer_dir(RunDir(init_run).config(), init_run)
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
     if cfg.model.text_encoder != "tiny-bert":  # a local directory, or a short name's package dir (minilm)
         from vkd_dist.models.pretrained import text_encoder_dir
 
         return Path(text_encoder_dir(cfg.model.text_encoder))
-    return Path(run_dir) / "tokenizer"
+    return RunDir(run_dir).tokenizer_dir
 
 
 def resolve_tokenizer(cfg: Config, info: DatasetInfo, accelerator=None):
     """The run's tokenizer (see `tokenizer_dir`), building RUN/tokenizer on rank 0 the first time."""
     path = tokenizer_dir(cfg, cfg.run_dir)
-    if path == Path(cfg.run_dir) / "tokenizer":
+    if path == RunDir(cfg.run_dir).tokenizer_dir:
         with _main_process_first(accelerator):
             if not (path / "tokenizer.json").is_file():
                 build_wordpiece_tokenizer(report_texts(info.shards(cfg.data.train_split)), cfg.model.vocab_size, path)
@@ -136,32 +132,17 @@ def token_table(cfg: Config, info: DatasetInfo, tokenizer, accelerator=None) -> 
         return None
     split = cfg.data.train_split
     with _main_process_first(accelerator):  # the others find rank 0's table by its fingerprint
-        return build_token_table(Path(cfg.run_dir) / "tokens", split, info.shards(split), tokenizer,
+        return build_token_table(RunDir(cfg.run_dir).tokens_dir, split, info.shards(split), tokenizer,
                                  cfg.data.max_text_len)
-
-
-LABELS_FILE = "labels.json"
-
-
-def run_labels(run_dir: str | Path) -> tuple[str, ...]:
-    """The label names a run was trained on (RUN/labels.json); the 14 CheXpert labels for runs made before
-    runs recorded them."""
-    path = Path(run_dir) / LABELS_FILE
-    return tuple(json.loads(path.read_text())["labels"]) if path.is_file() else LABELS
-
-
-def check_same_labels(run: Sequence[str], data: Sequence[str], run_dir: str | Path, data_dir: str | Path) -> None:
-    if tuple(run) != tuple(data):
-        raise ConfigError(f"run {run_dir} was trained on labels [{', '.join(run)}] but {data_dir} has labels "
-                         f"[{', '.join(data)}]")
 
 
 def record_run_labels(cfg: Config, info: DatasetInfo, accelerator=None) -> None:
     """Write RUN/labels.json (the label list and evaluation policy) on a new run; on a resumed run, refuse
     data with other labels. Checks objective.pos_weight against the label count."""
-    path = Path(cfg.run_dir) / LABELS_FILE
+    run = RunDir(cfg.run_dir)
+    path = run.labels_file
     if path.is_file():
-        check_same_labels(run_labels(cfg.run_dir), info.labels, cfg.run_dir, info.root)
+        run.check_labels(info.labels, info.root)
     elif accelerator is None or accelerator.is_main_process:
         # Renamed into place: another rank may be reading it already.
         atomic_write_text(path, json.dumps({"labels": list(info.labels), "eval_policy": info.eval_policy.to_dict(),
@@ -187,8 +168,6 @@ def check_resume_config(cfg: Config) -> None:
     """With `resume` (and a checkpoint to resume from), refuse a config that changes the model's shape against
     the config.yaml of the run being resumed, naming each key with its old and new value. Before anything is
     loaded or written; labels are compared by `record_run_labels` once the data set is read."""
-    from vkd_dist.evaluate import load_run_config  # evaluate imports this module
-
     if cfg.resume in (None, ""):
         return
     # Which run's config to compare with, not yet which checkpoint: verifying one (hashing it) is
@@ -198,15 +177,14 @@ def check_resume_config(cfg: Config) -> None:
         return
     if not (ckpt / checkpoint.STATE_FILE).is_file():
         raise ConfigError(f"resume={cfg.resume}: {ckpt}: not a checkpoint (no {checkpoint.STATE_FILE})")
-    run = ckpt.parent.parent  # RUN/checkpoints/step-N: the run whose weights are loaded
-    if not (run / "config.yaml").is_file():
-        run = Path(cfg.run_dir)
-        if not (run / "config.yaml").is_file():
-            return
-    old, new = _model_shape(load_run_config(run)), _model_shape(cfg)
+    # RUN/checkpoints/step-N: the run whose weights are loaded (else this run's own config, if it has one)
+    run = RunDir.containing(ckpt) or RunDir(cfg.run_dir)
+    if not run.is_run():
+        return
+    old, new = _model_shape(run.config()), _model_shape(cfg)
     changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old[k] != new[k]]
     if changed:
-        raise ConfigError(f"resume={cfg.resume}: the config changes the model's shape against {run / 'config.yaml'}: "
+        raise ConfigError(f"resume={cfg.resume}: the config changes the model's shape against {run.config_file}: "
                           f"{', '.join(changed)} (set them back, or start a new run_dir)")
 
 

@@ -39,6 +39,7 @@ from vkd_dist.prepare import (
     token_table,
     warn_unscorable,
 )
+from vkd_dist.run_dir import RunDir
 from vkd_dist.tracking import RunLogger, Throughput
 from vkd_dist.world_size import check_loadable, keep_global_batch
 
@@ -116,6 +117,10 @@ class Run:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(self.cfg.run_dir)
+
     def check_finite(self) -> None:
         """Raise if any rank's loss since the last check was non-finite (called before anything is logged or
         saved). Collective: every rank raises the same error at the same step, none walks on into a collective
@@ -180,7 +185,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     info = ensure_dataset(cfg, accelerator)
     record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
     if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        save_config(cfg, RunDir(cfg.run_dir).config_file)
     tokenizer = resolve_tokenizer(cfg, info, accelerator)
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     init_text_path(model, cfg, info.labels)  # objective.text_init: the report path from a text_only run

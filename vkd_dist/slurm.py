@@ -182,7 +182,7 @@ def launch_strategy(requested: Optional[str], cfg: Config) -> Strategy:
 
 def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
     """Validate the training config and the strategy here (fail before queueing); pin paths to absolute ones."""
-    from vkd_dist.config import load_config
+    from vkd_dist.configure import load_config
 
     if args.nodes < 1:
         raise SystemExit("slurm launcher: --nodes must be >= 1")
@@ -290,7 +290,7 @@ class TrainJob:
         restarts = restart_count(os.environ)
 
         from vkd_dist import checkpoint
-        from vkd_dist.config import load_config
+        from vkd_dist.configure import load_config
         from vkd_dist.train import train
 
         cfg = load_config(self.config, self.overrides)
@@ -362,7 +362,7 @@ class TrainJob:
 
     def _record_outside_training(self, restarts: int, status: str) -> None:
         """Keep the attempt history complete; a record that cannot be written must not cost the requeue."""
-        from vkd_dist.config import ConfigError, load_config
+        from vkd_dist.configure import ConfigError, load_config
 
         try:
             run_dir = Path(load_config(self.config, self.overrides).run_dir)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from tqdm import tqdm
+
+from vkd_dist.run_dir import RunDir
 
 if TYPE_CHECKING:
     from vkd_dist.config import Config
@@ -25,7 +26,7 @@ class RunLogger:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(cfg.run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(RunDir(cfg.run_dir).tensorboard_dir))
         if cfg.logging.progress:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)

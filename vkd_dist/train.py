@@ -13,7 +13,8 @@ from typing import Optional
 
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.actions import Tick, finish, periodic_actions, run_deferred
-from vkd_dist.config import Config, ConfigError, load_config
+from vkd_dist.config import Config, ConfigError
+from vkd_dist.configure import load_config
 from vkd_dist.run import BatchStream, Run, TrainResult, build_run
 from vkd_dist.step import train_step
 from vkd_dist.stop import StopRequest

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from benchmarks.bench import REPO
 from benchmarks.study.grid import StudyError, cell_key, cell_overrides, cells_of, run_rel, runs_of
 from vkd_dist.fileio import atomic_write_text
+from vkd_dist.run_dir import RunDir
 
 TAIL_LINES = 20  # of a failed cell's log, kept as its error
 
@@ -52,7 +53,7 @@ def log_tail(log_path: Path, marker: str) -> str:
 
 def read_metrics(run_dir: Path, since: float = 0.0) -> dict:
     """Test macro AUROC (RUN/test_metrics.json, written after `since`) and best/'s validation macro AUROC."""
-    path = run_dir / "test_metrics.json"
+    path = RunDir(run_dir).test_metrics_file
     if not path.is_file() or path.stat().st_mtime < since:
         raise ValueError("no test_metrics.json from this run: it stopped before its test pass")
     test = json.loads(path.read_text())
@@ -60,7 +61,7 @@ def read_metrics(run_dir: Path, since: float = 0.0) -> dict:
         raise ValueError("test_metrics.json has no macro_auroc")
     out = {"test_macro_auroc": test["macro_auroc"], "test_macro_auroc_ci": test.get("macro_auroc_ci"),
            "test_checkpoint": test.get("checkpoint"), "best_val_macro_auroc": None, "best_step": None}
-    meta = run_dir / "best" / "meta.json"
+    meta = RunDir(run_dir).export_meta("best")
     if meta.is_file():
         best = json.loads(meta.read_text())
         out["best_val_macro_auroc"], out["best_step"] = best.get("val", {}).get("macro_auroc"), best.get("step")
@@ -88,7 +89,7 @@ def run_cell(grid: dict, out: Path, regime: str, arm: str, seed: int) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     marker = f"=== study: attempt at {time.strftime('%Y-%m-%d %H:%M:%S')}"
     started = time.time()
-    with open(run_dir / "train.log", "a") as log:  # appended: earlier attempts stay readable above
+    with open(RunDir(run_dir).train_log, "a") as log:  # appended: earlier attempts stay readable above
         log.write(f"{marker}: {shlex.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -104,7 +105,7 @@ def run_cell(grid: dict, out: Path, regime: str, arm: str, seed: int) -> dict:
             raise ValueError(f"exit code {code}")
         record.update(read_metrics(run_dir, since=started - 1), status="ok")
     except (ValueError, OSError) as exc:
-        record.update(status="failed", error=f"{exc}\n{log_tail(run_dir / 'train.log', marker)}")
+        record.update(status="failed", error=f"{exc}\n{log_tail(RunDir(run_dir).train_log, marker)}")
     return record
 
 
@@ -173,6 +174,6 @@ def run_cells(grid: dict, out: Path, study: dict) -> bool:
             print(f"{head}: test macro AUROC {cell['test_macro_auroc']:.3f} ({cell['seconds']:.0f} s)", flush=True)
         else:
             print(f"{head}: failed, {error_line(cell['error'])} ({cell['seconds']:.0f} s); "
-                  f"log: {out / cell['run_dir'] / 'train.log'}", flush=True)
+                  f"log: {RunDir(out / cell['run_dir']).train_log}", flush=True)
     return True
 

@@ -343,7 +343,7 @@ def cell_overrides(grid: dict, out: Path, regime: str, arm: str, seed: int) -> l
 def resolve(grid: dict, out: Path) -> dict:
     """What the cells' configs say, once per study: the per-cell budget (from the base config and --set: arms may
     not change it) and each arm's objective, and whether it reads the report at inference."""
-    from vkd_dist.config import ConfigError, load_config
+    from vkd_dist.configure import ConfigError, load_config
     from vkd_dist.objectives import TEXT, get_objective
 
     first = next(iter(grid["regimes"]))

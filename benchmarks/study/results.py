@@ -23,6 +23,7 @@ from benchmarks.study.grid import (
 )
 from benchmarks.study.plots import PLOTS, plot_knob
 from vkd_dist.fileio import atomic_write_text
+from vkd_dist.run_dir import EXPORT_FILE, RunDir
 
 CHECKPOINT = "final"  # the model test_metrics.json describes; the comparisons use the same one
 
@@ -70,7 +71,7 @@ def _fingerprint(out: Path, cells: list[dict]) -> list:
     """Which exported models a comparison read: a rerun reuses it while they are unchanged."""
     fp = []
     for c in cells:
-        weights = (out / c["run_dir"] / CHECKPOINT).resolve() / "model.safetensors"  # final/ -> .final.vN/
+        weights = RunDir(out / c["run_dir"]).export_dir(CHECKPOINT).resolve() / EXPORT_FILE  # final/ -> .final.vN/
         fp.append([os.path.relpath(weights, out.resolve()), weights.stat().st_mtime_ns if weights.is_file() else None])
     return fp
 

@@ -231,7 +231,7 @@ def config_keys_named(name: str, cls: type = Config, prefix: str = "") -> list[s
     for key, tp in typing.get_type_hints(cls).items():
         if key == name:
             found.append(prefix + key)
-        if is_dataclass(tp):  # a section
+        if isinstance(tp, type) and is_dataclass(tp):  # a section
             found += config_keys_named(name, tp, f"{prefix}{key}.")
     return found
 

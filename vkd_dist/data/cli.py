@@ -77,7 +77,7 @@ def _run_embed_text(args) -> int:
     # text_features.py itself only writes and reads sidecars.
     import torch
 
-    from vkd_dist.config import ConfigError, load_config
+    from vkd_dist.configure import ConfigError, load_config
     from vkd_dist.data.text_features import sidecar_summary, write_sidecar
     from vkd_dist.models.encoders import build_text_encoder
     from vkd_dist.prepare import ensure_dataset, resolve_tokenizer

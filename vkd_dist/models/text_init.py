@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vkd_dist.config import ConfigError
+from vkd_dist.run_dir import RunDir
 
 if TYPE_CHECKING:
     import torch
@@ -31,17 +32,15 @@ def _refused(cfg: Config, expected: str) -> ConfigError:
 def text_init_run(cfg: Config) -> Path:
     """The run directory objective.text_init names: itself, or the run of a checkpoint or export inside it
     (RUN/best, RUN/final, RUN/checkpoints/step-N)."""
-    path = Path(str(cfg.objective.text_init))
-    run = next((p for p in (path, path.parent, path.parent.parent) if (p / "config.yaml").is_file()), None)
+    run = RunDir.containing(str(cfg.objective.text_init))
     if run is None:
-        raise _refused(cfg, "expected a text_only run directory or a checkpoint in one (no config.yaml there)")
-    return run
+        raise _refused(cfg, f"expected a text_only run directory or a checkpoint in one (no {RunDir.CONFIG} there)")
+    return run.path
 
 
 def check_text_init(cfg: Config) -> Path:
     """Before any work: the text_only run objective.text_init names, its report path shaped as this config's.
     Returns its run directory."""
-    from vkd_dist.evaluate import load_run_config  # evaluate imports the config package
     from vkd_dist.objectives import get_objective
 
     if not Path(str(cfg.objective.text_init)).exists():
@@ -53,7 +52,7 @@ def check_text_init(cfg: Config) -> Path:
         raise _refused(cfg, f"a text_only run's posterior reads the report only; expected model.posterior=text, "
                             f"not {cfg.model.posterior}")
     run = text_init_run(cfg)
-    init = load_run_config(run)
+    init = RunDir(run).config()
     if init.objective.name != "text_only":
         raise _refused(cfg, f"expected a text_only run, got a {init.objective.name} run")
     differ = [f"model.{k} {getattr(init.model, k)!r} there, {getattr(cfg.model, k)!r} here" for k in SAME_KEYS
@@ -83,8 +82,8 @@ def text_init_weights(cfg: Config, run: Path) -> Path:
             raise _refused(cfg, f"not a complete checkpoint: {problem}")
         return checkpoint.find_weights(run, str(given))
     for which in ("best", "final"):  # as kd's teacher
-        if (run / which / checkpoint.EXPORT_FILE).is_file():
-            return run / which / checkpoint.EXPORT_FILE
+        if RunDir(run).export_weights(which).is_file():
+            return RunDir(run).export_weights(which)
     ckpt = checkpoint.resolve(run, "latest")
     if ckpt is None or not (ckpt / checkpoint.EXPORT_FILE).is_file():
         raise _refused(cfg, f"expected weights in best/, final/ or a checkpoint with {checkpoint.EXPORT_FILE}")
@@ -96,10 +95,8 @@ def init_text_path(model: torch.nn.Module, cfg: Config, labels: Sequence[str]) -
     if not cfg.objective.text_init:
         return
     from vkd_dist.checkpoint import load_weights
-    from vkd_dist.prepare import check_same_labels, run_labels
-
     run = check_text_init(cfg)
-    check_same_labels(run_labels(run), labels, run, cfg.data.path)
+    RunDir(run).check_labels(labels, cfg.data.path)
     weights = text_init_weights(cfg, run)
     state = load_weights(weights)
     own = {k: v for k, v in model.state_dict().items() if k.startswith(REPORT_PATH)}
