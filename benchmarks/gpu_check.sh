@@ -146,10 +146,10 @@ EOF
 
 corpus() {
   if [ "$MODE" = dry ]; then
-    "$PY" -m vkd_dist.data.cli synthetic --out "$WORK/corpus" --num-train 96 --num-val 8 --num-test 8 \
+    "$PY" -m vkd_dist.data_cli synthetic --out "$WORK/corpus" --num-train 96 --num-val 8 --num-test 8 \
       --image-size 64 --samples-per-shard 32 --workers 1
   else
-    "$PY" -m vkd_dist.data.cli synthetic --out "$WORK/corpus" --num-train 2000 --num-val 64 --num-test 64 \
+    "$PY" -m vkd_dist.data_cli synthetic --out "$WORK/corpus" --num-train 2000 --num-val 64 --num-test 64 \
       --image-size 224 --samples-per-shard 250 --workers "$(nproc)"
   fi
 }

@@ -24,9 +24,9 @@ def model_and_step(b: Bench, cfg: Config | None = None, vocab: int | None = None
     """(model, objective, step(batch, i)) for the configured model: a bare loop, no Accelerate, no trainer."""
     import torch
 
+    from vkd_dist.build import build_model
     from vkd_dist.data.augment import BatchAugment
     from vkd_dist.distributed import mark_text_length_dynamic
-    from vkd_dist.models.build import build_model
     from vkd_dist.objectives import build_objective
     from vkd_dist.optim import build_optimizer
 

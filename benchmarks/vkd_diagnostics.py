@@ -70,16 +70,16 @@ def _checkpoint(run_dir: Path, which: str) -> Path:
 
 @torch.no_grad()
 def diagnose(run_dir: str | Path, split: str = "val", which: str = "latest") -> dict:
-    from vkd_dist.checkpoint import load_weights
+    from vkd_dist.build import build_model
     from vkd_dist.data.pipeline import eval_loader
     from vkd_dist.data.schema import read_dataset
     from vkd_dist.data.tokens import load_tokenizer
     from vkd_dist.metrics import Predictions, report
-    from vkd_dist.models.build import build_model
     from vkd_dist.models.vkd import kl_per_dim
     from vkd_dist.objectives import BOTH, get_objective
     from vkd_dist.prepare import tokenizer_dir
     from vkd_dist.run_dir import RunDir
+    from vkd_dist.weights import load_weights
 
     run_dir = Path(run_dir)
     cfg = RunDir(run_dir).config()

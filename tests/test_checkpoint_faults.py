@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from vkd_dist import checkpoint, fileio
+from vkd_dist import checkpoint, fileio, weights
 from vkd_dist.configure import load_config
 from vkd_dist.fileio import free_port
 from vkd_dist.train import train
@@ -159,7 +159,7 @@ def test_best_is_replaced_without_a_moment_in_which_it_is_missing(tmp_path):
     best = tmp_path / "best"
     best.mkdir()  # as written before exports were versioned: a plain directory, converted on the first export
     (best / "model.safetensors").write_bytes(b"")
-    checkpoint.export_image_model(accelerator, model, best, {"version": 0})
+    weights.export_image_model(accelerator, model, best, {"version": 0})
     stop, reads, errors = threading.Event(), [0], []
 
     def reader():
@@ -178,14 +178,14 @@ def test_best_is_replaced_without_a_moment_in_which_it_is_missing(tmp_path):
         for version in range(1, 60):
             with torch.no_grad():
                 model.weight.fill_(version)
-            checkpoint.export_image_model(accelerator, model, best, {"version": version})
+            weights.export_image_model(accelerator, model, best, {"version": version})
     finally:
         stop.set()
         thread.join()
     assert not errors, errors[:3]
     assert reads[0] > 10
     assert best.is_symlink() and json.loads((best / "meta.json").read_text()) == {"version": 59}
-    assert torch.equal(load_file(checkpoint.find_weights(tmp_path, "best"))["weight"], torch.full((128, 128), 59.))
+    assert torch.equal(load_file(weights.find_weights(tmp_path, "best"))["weight"], torch.full((128, 128), 59.))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".best.v59", ".best.v60", "best"]  # current + previous
     shutil.copytree(tmp_path, tmp_path.parent / "copied", symlinks=True)  # the link is relative: copies work
     assert json.loads((tmp_path.parent / "copied" / "best" / "meta.json").read_text()) == {"version": 59}

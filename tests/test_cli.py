@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vkd_dist import DefaultsHelpFormatter
-from vkd_dist.data.cli import build_parser as data_parser
-from vkd_dist.data.cli import main as vkd_data
+from vkd_dist.data_cli import build_parser as data_parser
+from vkd_dist.data_cli import main as vkd_data
 
 REPO = Path(__file__).resolve().parent.parent
 SYNTHETIC_OPTIONS = ("--out", "--num-train", "--num-val", "--num-test", "--image-size", "--seed", "--lesion-contrast",

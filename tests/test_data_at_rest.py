@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_overrides
 from vkd_dist.configure import load_config
-from vkd_dist.data.cli import main as data_main
+from vkd_dist.data_cli import main as data_main
 from vkd_dist.train import train
 
 PRIMARY_GROUP = grp.getgrgid(os.getgid()).gr_name

@@ -13,10 +13,10 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_overrides
+from vkd_dist.build import build_model
 from vkd_dist.configure import load_config
 from vkd_dist.data.pipeline import Batch
 from vkd_dist.fileio import free_port
-from vkd_dist.models.build import build_model
 from vkd_dist.objectives import build_objective
 
 pytestmark = pytest.mark.distributed

@@ -289,11 +289,11 @@ def test_a_separate_image_head_exports_and_predicts_as_its_run(tiny_data, tmp_pa
     the probabilities of the run's full model (its last checkpoint, report path and all)."""
     import torch
 
-    from vkd_dist.checkpoint import load_weights
+    from vkd_dist.build import build_model
     from vkd_dist.data.tokens import load_tokenizer
-    from vkd_dist.models.build import build_model
     from vkd_dist.prepare import tokenizer_dir
     from vkd_dist.run_dir import RunDir
+    from vkd_dist.weights import load_weights
 
     run = tmp_path / "run"
     train(load_config(overrides=tiny_overrides(tiny_data, run, **{

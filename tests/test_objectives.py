@@ -146,10 +146,10 @@ def text_only_run(tiny_data, tmp_path_factory):
 def test_text_init_copies_the_text_only_runs_report_path(tiny_data, text_only_run, tmp_path, where):
     import torch
 
-    from vkd_dist.checkpoint import load_weights
-    from vkd_dist.models.text_init import REPORT_PATH
     from vkd_dist.prepare import tokenizer_dir
     from vkd_dist.run import build_run
+    from vkd_dist.text_init import REPORT_PATH
+    from vkd_dist.weights import load_weights
 
     ckpt = text_only_run / "checkpoints" / "step-00000002"
     given = text_only_run if where == "run" else ckpt

@@ -214,17 +214,17 @@ def _save_resume_export(launch_file: str, run: Path, data: Path, single_run: Pat
 def _check_last_without_final(run: Path, exported: dict, step: int) -> None:
     """--checkpoint last of a run without final/ whose newest checkpoint holds DeepSpeed's or DCP's shards: they are
     consolidated into one safetensors file holding the exported (deployable) tensors, equal (issue 20)."""
-    from vkd_dist import checkpoint
+    from vkd_dist import checkpoint, weights
 
     (run / "final").unlink()  # a symlink to the exported version
-    weights = checkpoint.find_weights(run, "last")
-    assert weights == run / "checkpoints" / f".consolidated-step-{step:08d}" / "model.safetensors"
-    last = load_file(weights)
+    path = weights.find_weights(run, "last")
+    assert path == run / "checkpoints" / f".consolidated-step-{step:08d}" / "model.safetensors"
+    last = load_file(path)
     assert set(exported) <= set(last), sorted(set(exported) - set(last))[:5]
     assert all(torch.equal(last[k], exported[k]) for k in exported)
-    assert json.loads((weights.parent / "meta.json").read_text())["step"] == step
-    written = weights.stat().st_mtime_ns
-    assert checkpoint.find_weights(run, "last") == weights and weights.stat().st_mtime_ns == written  # reused
+    assert json.loads((path.parent / "meta.json").read_text())["step"] == step
+    written = path.stat().st_mtime_ns
+    assert weights.find_weights(run, "last") == path and path.stat().st_mtime_ns == written  # reused
     assert checkpoint.verify(run / "checkpoints" / f"step-{step:08d}") is None  # the cache is beside, not inside
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vkd_dist.data.cli import main as vkd_data
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.manifest import convert_manifest, parse_label_cols
+from vkd_dist.data_cli import main as vkd_data
 
 
 @pytest.fixture(scope="module")

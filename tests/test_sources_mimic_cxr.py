@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import read_shards
-from vkd_dist.data.cli import main as vkd_data
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.mimic_cxr import convert_mimic
+from vkd_dist.data_cli import main as vkd_data
 from vkd_dist.labels import LABELS
 
 META_COLS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",

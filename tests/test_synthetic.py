@@ -139,7 +139,7 @@ def test_label_fraction_drops_labels_of_training_studies_only_nested_and_seeded(
 def test_label_fraction_is_checked(tmp_path, capsys):
     import pytest
 
-    from vkd_dist.data.cli import main as vkd_data
+    from vkd_dist.data_cli import main as vkd_data
 
     with pytest.raises(ValueError, match=r"label fraction 0.0 must be in \(0, 1\]"):
         build_synthetic(tmp_path, 10, 2, 2, label_fraction=0.0, progress=False)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
+from vkd_dist.build import build_model
 from vkd_dist.configure import load_config
-from vkd_dist.data.cli import main as data_main
 from vkd_dist.data.pipeline import eval_loader, train_loader
 from vkd_dist.data.schema import read_dataset
 from vkd_dist.data.text_features import TextFeatureLookup, feature_dim, write_sidecar
-from vkd_dist.models.build import build_model
+from vkd_dist.data_cli import main as data_main
 from vkd_dist.prepare import resolve_tokenizer
 
 

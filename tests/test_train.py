@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from vkd_dist import checkpoint
+from vkd_dist import checkpoint, weights
 from vkd_dist.configure import load_config
 from vkd_dist.data.schema import read_dataset
 from vkd_dist.evaluate import main as eval_main
@@ -200,17 +200,17 @@ def test_a_compiled_run_checkpoints_and_exports_as_an_eager_one(tiny_data, tmp_p
 def test_an_export_that_would_drop_deployable_weights_fails(tiny_data, tmp_path):
     from accelerate import Accelerator
 
-    from vkd_dist.models.build import build_model
+    from vkd_dist.build import build_model
 
     cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path / "run"))
     model = build_model(cfg, 400)
     accelerator = Accelerator(cpu=True)
-    checkpoint.export_image_model(accelerator, model, tmp_path / "ok", {})
+    weights.export_image_model(accelerator, model, tmp_path / "ok", {})
     assert set(load_file(tmp_path / "ok" / "model.safetensors")) == set(model.deploy_state_dict())
     wrapped = torch.nn.ModuleDict({"inner": model})  # state keys "inner.*": none match the deployable names
     wrapped.deploy_state_dict = model.deploy_state_dict
     with pytest.raises(RuntimeError, match=r"deployable tensors are not in the model's state dict"):
-        checkpoint.export_image_model(accelerator, wrapped, tmp_path / "bad", {})
+        weights.export_image_model(accelerator, wrapped, tmp_path / "bad", {})
     assert not (tmp_path / "bad").exists()
 
 

@@ -158,8 +158,8 @@ def test_a_frozen_text_encoder_stays_deterministic_in_training_mode():
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients():
     """model.gradient_checkpointing: the ViT blocks and BERT layers run again in backward (memory traded for
     compute), and the loss and every gradient are those of the plain model."""
+    from vkd_dist.build import build_model
     from vkd_dist.configure import load_config
-    from vkd_dist.models.build import build_model
 
     def run(checkpointing: bool):
         cfg = load_config(overrides=[
@@ -337,8 +337,8 @@ def test_a_separate_image_head_reads_mu_p_and_the_image_features():
 def test_a_separate_image_head_leaves_no_trainable_parameter_without_gradient(objective):
     from dataclasses import replace
 
+    from vkd_dist.build import build_model
     from vkd_dist.configure import load_config
-    from vkd_dist.models.build import build_model
 
     cfg = load_config(overrides=[
         "data.image_size=32", "model.image_encoder=vit_small_patch16_224", "model.image_head=separate",

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from accelerate.utils import gather_object
 
-from vkd_dist import checkpoint
+from vkd_dist import checkpoint, weights
 from vkd_dist.data.tokens import remove_token_tables
 from vkd_dist.distributed import param_digests, sync_buffers
 from vkd_dist.evaluate import Interrupted, evaluate
@@ -92,7 +92,7 @@ class Validate(Periodic):
         run.log.info(f"step {tick.step:>6} val {self.metric} {shown} over {len(report['macro_labels'])} labels")
         if report["macro_labels"] == self.labels and is_better(self.metric, value, state.best_value):
             state.best_value = value
-            checkpoint.export_image_model(run.accelerator, run.model, run.dir.export_dir("best"),
+            weights.export_image_model(run.accelerator, run.model, run.dir.export_dir("best"),
                                           {"step": tick.step, "val": report, "objective": cfg.objective.name,
                                            "select_metric": self.metric, "labels": list(run.info.labels)})
 
@@ -138,7 +138,7 @@ def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) ->
     stopping = (lambda: stop.agreed(run.accelerator)) if stop is not None else None
     sync_buffers(run.accelerator, run.model)
     digests = param_digests(run.accelerator, run.model)  # every rank must end with the same model
-    checkpoint.export_image_model(run.accelerator, run.model, run.dir.export_dir("final"),
+    weights.export_image_model(run.accelerator, run.model, run.dir.export_dir("final"),
                                   {"step": step, "objective": cfg.objective.name, "param_digests": digests,
                                    "labels": list(run.info.labels)})
     if len(set(digests)) > 1:

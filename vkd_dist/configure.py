@@ -8,7 +8,7 @@ ranges, choices that are plain constants, paths). A component that owns a regist
 its own part of the tree with a `check_config(cfg)` in its own module: objective names and teachers
 (vkd_dist.objectives), strategies (vkd_dist.strategy), timm encoders and their kwargs and BertConfig fields
 (vkd_dist.models.encoders), pretrained short names (vkd_dist.models.pretrained), objective.text_init
-(vkd_dist.models.text_init), selectable metrics (vkd_dist.metrics), the shared group (vkd_dist.fileio). This
+(vkd_dist.text_init), selectable metrics (vkd_dist.metrics), the shared group (vkd_dist.fileio). This
 module, above all of them, composes the two. Every arrow points down.
 
 Why this layout and not the second (each component owning its config dataclass, composed by the config package):
@@ -29,11 +29,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
-from vkd_dist import fileio, metrics, objectives, strategy
+from vkd_dist import fileio, metrics, objectives, strategy, text_init
 from vkd_dist.config import Config, ConfigError, read_config
 from vkd_dist.config import checks as structural
 from vkd_dist.config.checks import Check
-from vkd_dist.models import encoders, pretrained, text_init
+from vkd_dist.models import encoders, pretrained
 
 __all__ = ["CHECKS", "ConfigError", "load_config", "validate"]
 

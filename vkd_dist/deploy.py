@@ -164,7 +164,7 @@ def classifier_config(cfg: Config, labels: Sequence[str], dataset_meta: Optional
 def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
                metrics_path: Optional[str | Path] = None) -> Path:
     """Write RUN's image model (checkpoint `which`) as a self-contained directory; returns it."""
-    from vkd_dist import checkpoint
+    from vkd_dist import weights
     from vkd_dist.objectives import TEXT, get_objective
     from vkd_dist.run_dir import RunDir
 
@@ -174,7 +174,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
     if get_objective(cfg.objective.name).inference == TEXT:
         raise ValueError(f"{run_dir} is a {cfg.objective.name} run: it reads reports and has no image model to deploy")
     labels = run.labels()
-    weights_path = checkpoint.find_weights(run_dir, which)
+    weights_path = weights.find_weights(run_dir, which)
     dataset_json = Path(cfg.data.path) / "dataset.json"
     dataset_meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else None
     export_meta_path = weights_path.parent / "meta.json"
@@ -186,7 +186,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
                   "test_metrics": _metrics_summary(metrics)}
     config = classifier_config(cfg, labels, dataset_meta, provenance)
     model = VKDImageClassifier(config)
-    state = checkpoint.load_weights(weights_path)
+    state = weights.load_weights(weights_path)
     deploy = {k: v for k, v in state.items() if k in model.state_dict()}
     _load_exactly(model, deploy, weights_path)
     card = model_card(config, dataset_meta, metrics)

@@ -196,6 +196,7 @@ class StrategyAccelerator(Accelerator):
     def __init__(self, strategy: Strategy, **kwargs):
         super().__init__(**kwargs)
         self.strategy = strategy
+        self.threads = ""  # the CPU thread setting, as the run header states it (CPU runs only)
 
     def prepare(self, *args, device_placement=None):
         if self.is_fsdp2:
@@ -238,6 +239,18 @@ def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
 
 
 def build_accelerator(cfg: Config) -> StrategyAccelerator:
+    """The run's Accelerator, with its CPU threads set (train.cpu_threads) and, for train.compile, the machine's
+    toolchain checked before any heavy work."""
+    accelerator = _accelerator(cfg)
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
+        accelerator.threads = set_cpu_threads(cfg.train.cpu_threads, local_processes)
+    if cfg.train.compile:
+        check_compile_toolchain(accelerator.device)
+    return accelerator
+
+
+def _accelerator(cfg: Config) -> StrategyAccelerator:
     strategy = resolve(cfg)
     precision = resolve_precision(cfg.train.mixed_precision)
     cpu = not torch.cuda.is_available()

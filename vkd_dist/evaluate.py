@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from vkd_dist import RawDefaultsHelpFormatter, checkpoint
+from vkd_dist import RawDefaultsHelpFormatter, weights
 from vkd_dist.config import Config, did_you_mean
 from vkd_dist.data.pipeline import eval_loader
 from vkd_dist.data.schema import DatasetInfo
@@ -106,15 +106,15 @@ def evaluate(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accel
 
 def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[str] = None, device="cpu"):
     """(model, cfg, tokenizer) from a run's exported weights; image-only unless the run was text_only."""
+    from vkd_dist.build import build_model
     from vkd_dist.data.tokens import load_tokenizer
-    from vkd_dist.models.build import build_model
 
     cfg = RunDir(run_dir).config()
     objective = objective or cfg.objective.name
     tokenizer = load_tokenizer(tokenizer_dir(cfg, run_dir))
     model = build_model(cfg, len(tokenizer), objective=objective, with_text=get_objective(objective).inference == TEXT,
                         num_labels=len(RunDir(run_dir).labels()))
-    state = checkpoint.load_weights(checkpoint.find_weights(run_dir, which))
+    state = weights.load_weights(weights.find_weights(run_dir, which))
     wanted = model.deploy_state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
@@ -155,7 +155,7 @@ def check_checkpoint(run_dir: Path, which: str) -> Path:
         raise ValueError(f"--checkpoint {which!r} is not allowed (allowed: {', '.join(CHECKPOINTS)} or an existing "
                          f"path{did_you_mean(which, CHECKPOINTS)})")
     try:
-        return checkpoint.find_weights(run_dir, which)
+        return weights.find_weights(run_dir, which)
     except FileNotFoundError as exc:
         has = [name for name in CHECKPOINTS if _has_weights(run_dir, name)]
         raise FileNotFoundError(f"--checkpoint {which}: {exc}; the run has: {', '.join(has) or 'none'}") from None
@@ -163,7 +163,7 @@ def check_checkpoint(run_dir: Path, which: str) -> Path:
 
 def _has_weights(run_dir: Path, which: str) -> bool:
     try:
-        checkpoint.find_weights(run_dir, which)
+        weights.find_weights(run_dir, which)
     except FileNotFoundError:
         return False
     return True

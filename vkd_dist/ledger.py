@@ -41,6 +41,15 @@ def truncate_after(run_dir: str | Path, step: int) -> None:
         atomic_write_text(path, out.getvalue())
 
 
+def open_ledger(run_dir: str | Path, accelerator, step: int) -> SampleLedger:
+    """Collective: this rank's sample ledger, after the main process dropped every rank's rows past `step` (the
+    step the run resumes at)."""
+    if accelerator.is_main_process:
+        truncate_after(run_dir, step)
+    accelerator.wait_for_everyone()
+    return SampleLedger(run_dir, accelerator.process_index)
+
+
 class SampleLedger:
     """Appends this rank's consumed samples; `flush` (at each checkpoint) makes them durable."""
 

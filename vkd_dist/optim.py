@@ -62,6 +62,13 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device | 
     return optimizer
 
 
+def build_optimization(model: torch.nn.Module, cfg: Config, device: torch.device | str | None = None):
+    """The training run's optimizer (`build_optimizer`) and its learning-rate schedule (a function of the step:
+    the multiplier of optim.lr)."""
+    schedule = lr_lambda(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    return build_optimizer(model, cfg, device), schedule
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warm-up then cosine decay to min_ratio of the peak."""
 

@@ -7,16 +7,46 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from vkd_dist import checkpoint
-from vkd_dist.config import Config, ConfigError, did_you_mean, no_dataset, to_dict
+from vkd_dist.config import Config, ConfigError, did_you_mean, no_dataset, save_config, to_dict
 from vkd_dist.data.schema import DatasetInfo, read_dataset
 from vkd_dist.data.tokens import TokenTable, build_token_table, build_wordpiece_tokenizer, load_tokenizer, report_texts
 from vkd_dist.fileio import atomic_write_text
 from vkd_dist.objectives import get_objective
 from vkd_dist.run_dir import RunDir
+
+
+@dataclass
+class Prepared:
+    """What `prepare_run` made ready: the data set, the tokenizer, the training split's token table (None when
+    not asked for or off) and lines for the run's log (said after its header)."""
+
+    info: DatasetInfo
+    tokenizer: Any
+    tokens: Optional[TokenTable] = None
+    notes: list = field(default_factory=list)
+
+
+def prepare_run(cfg: Config, accelerator=None, tokens: bool = True) -> Prepared:
+    """Everything a run needs from its data and its run directory before a model is built, in the order the
+    checks guard the work: a resume onto another model shape is refused before anything is read or written; the
+    kd teacher's text features are adopted before config.yaml records them; the data set (built if asked),
+    labels.json (a resume onto other labels refused), config.yaml, the tokenizer and, with `tokens`, the training
+    split's token table."""
+    check_resume_config(cfg)
+    notes = [adopted] if (adopted := adopt_teacher_text_features(cfg)) else []
+    info = ensure_dataset(cfg, accelerator)
+    record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
+    if accelerator is None or accelerator.is_main_process:
+        save_config(cfg, RunDir(cfg.run_dir).config_file)
+    tokenizer = resolve_tokenizer(cfg, info, accelerator)
+    table = token_table(cfg, info, tokenizer, accelerator) if tokens else None
+    warn_unscorable(info, cfg.data.val_split, notes.append)
+    return Prepared(info, tokenizer, table, notes)
 
 
 def _main_process_first(accelerator) -> contextlib.AbstractContextManager:
@@ -102,7 +132,7 @@ def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
         if (teacher / "tokenizer.json").is_file():
             return teacher
     if cfg.objective.text_init:
-        from vkd_dist.models.text_init import text_init_run
+        from vkd_dist.text_init import text_init_run
 
         init_run = text_init_run(cfg)
         return tokenizer_dir(RunDir(init_run).config(), init_run)

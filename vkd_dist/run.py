@@ -7,8 +7,7 @@ for a benchmark."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -18,30 +17,22 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vkd_dist import checkpoint
-from vkd_dist.config import Config, save_config
+from vkd_dist.build import build_model
+from vkd_dist.config import Config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import Batch, TrainStream, train_loader, training_policy
 from vkd_dist.data.schema import DatasetInfo
-from vkd_dist.distributed import StrategyAccelerator, build_accelerator, check_compile_toolchain, set_cpu_threads
+from vkd_dist.distributed import StrategyAccelerator, build_accelerator
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
-from vkd_dist.ledger import SampleLedger, truncate_after
-from vkd_dist.models.build import build_model
-from vkd_dist.models.text_init import init_text_path
+from vkd_dist.ledger import SampleLedger, open_ledger
 from vkd_dist.objectives import Objective, build_objective, get_objective
-from vkd_dist.optim import build_optimizer, lr_lambda
-from vkd_dist.prepare import (
-    adopt_teacher_text_features,
-    check_resume_config,
-    ensure_dataset,
-    record_run_labels,
-    resolve_tokenizer,
-    token_table,
-    warn_unscorable,
-)
+from vkd_dist.optim import build_optimization
+from vkd_dist.prepare import prepare_run
 from vkd_dist.run_dir import RunDir
+from vkd_dist.text_init import init_text_path
 from vkd_dist.tracking import RunLogger, Throughput
-from vkd_dist.world_size import check_loadable, keep_global_batch
+from vkd_dist.world_size import keep_global_batch
 
 
 class BatchStream(Protocol):
@@ -97,6 +88,7 @@ class Run:
     model: torch.nn.Module
     objective: Objective
     optimizer: torch.optim.Optimizer
+    schedule: Callable[[int], float]  # the learning rate's multiplier of optim.lr, by step
     stream: BatchStream
     augment: BatchAugment
     log: RunLogger
@@ -107,7 +99,6 @@ class Run:
     ledger: Optional[SampleLedger] = None  # logging.sample_ledger
 
     def __post_init__(self) -> None:
-        self.schedule = lr_lambda(self.cfg.optim.warmup_steps, self.cfg.train.max_steps, self.cfg.optim.min_lr_ratio)
         self.batches = epochs(self.stream, self.state.epoch, self.state.batch_in_epoch)
         # Any non-finite loss since the last check, kept on the device: reading it makes the host wait.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
@@ -173,25 +164,14 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     restrict_access(cfg.run_dir, cfg.data.shared_group)  # before anything is written: owner-only (or the group's)
     rescaled = keep_global_batch(cfg)  # a resume on another number of processes: before the accelerator reads it
     accelerator = build_accelerator(cfg)
-    threads = ""
-    if accelerator.device.type == "cpu":
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or accelerator.num_processes)
-        threads = " | " + set_cpu_threads(cfg.train.cpu_threads, local_processes)
-    if cfg.train.compile:
-        check_compile_toolchain(accelerator.device)
     set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
-    check_resume_config(cfg)  # a resume onto another model shape: refused before data, model or config.yaml
-    adopted = adopt_teacher_text_features(cfg)  # before config.yaml, which then records it
-    info = ensure_dataset(cfg, accelerator)
-    record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
-    if accelerator.is_main_process:
-        save_config(cfg, RunDir(cfg.run_dir).config_file)
-    tokenizer = resolve_tokenizer(cfg, info, accelerator)
+    prepared = prepare_run(cfg, accelerator, tokens=stream is None)  # data set, labels, config.yaml, tokenizer
+    info, tokenizer = prepared.info, prepared.tokenizer
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     init_text_path(model, cfg, info.labels)  # objective.text_init: the report path from a text_only run
     teacher = load_teacher(cfg, accelerator.device) if get_objective(cfg.objective.name).needs_teacher else None
     objective = build_objective(cfg.objective, cfg.model.num_samples, teacher)
-    optimizer = build_optimizer(model, cfg, accelerator.device)  # the model is still on the CPU here
+    optimizer, schedule = build_optimization(model, cfg, accelerator.device)  # the model is still on the CPU
     if cfg.train.compile:
         # In place: the module and its state-dict keys stay as they are, so checkpoints and the image-only
         # export are the same with and without compile (torch.compile's wrapper would prefix "_orig_mod.").
@@ -200,43 +180,31 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     seed_per_rank(cfg, accelerator)  # a resumed run then restores each rank's own RNG state
     if stream is None:
         stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
-                              accelerator.num_processes, cfg.train.seed, token_table(cfg, info, tokenizer, accelerator))
+                              accelerator.num_processes, cfg.train.seed, prepared.tokens)
     state = TrainState(best_metric=cfg.train.select_metric)
-    ckpt = checkpoint.resolve(cfg.run_dir, cfg.resume, accelerator)  # rank 0 verifies: every rank loads its choice
-    rolled_back = checkpoint.set_aside_newer(cfg.run_dir, ckpt, accelerator)  # newer checkpoints: kept aside
+    ckpt, saved, notes = checkpoint.restore(accelerator, cfg.run_dir, cfg.resume)
     moved = None
-    if ckpt is not None:
-        check_loadable(ckpt, accelerator.strategy, accelerator.num_processes)
-        state = TrainState.from_saved(checkpoint.load(accelerator, ckpt), cfg.train.select_metric)
+    if saved is not None:
+        state = TrainState.from_saved(saved, cfg.train.select_metric)
         if isinstance(stream, TrainStream):  # exact even when samples were skipped: each worker's raw position
             state.epoch, state.batch_in_epoch, moved = stream.resume(
                 state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout)
     state.world_size, state.grad_accum = accelerator.num_processes, cfg.optim.grad_accum
-    ledger = open_ledger(cfg, accelerator, state.step) if cfg.logging.sample_ledger else None
+    ledger = open_ledger(cfg.run_dir, accelerator, state.step) if cfg.logging.sample_ledger else None
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-        if rolled_back:
-            log.info(rolled_back)
-    for line in (rescaled, moved):
+    for line in (*notes, rescaled, moved):
         if line:
             log.info(line)
     log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.strategy.name} over "
-             f"{accelerator.num_processes} process(es) on {accelerator.device}{threads} | "
+             f"{accelerator.num_processes} process(es) on {accelerator.device}"
+             f"{' | ' + accelerator.threads if accelerator.threads else ''} | "
              f"{stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
     log.info(label_header(cfg, info))
-    if adopted:
-        log.info(adopted)
-    warn_unscorable(info, cfg.data.val_split, log.info)
+    for note in prepared.notes:
+        log.info(note)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
-    return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, stream, augment, log, state,
-               ledger=ledger)
-
-
-def open_ledger(cfg: Config, accelerator: Accelerator, step: int) -> SampleLedger:
-    """This rank's sample ledger, after the main process dropped every rank's rows past the resumed step."""
-    if accelerator.is_main_process:
-        truncate_after(cfg.run_dir, step)
-    accelerator.wait_for_everyone()
-    return SampleLedger(cfg.run_dir, accelerator.process_index)
+    return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, schedule, stream, augment, log,
+               state, ledger=ledger)

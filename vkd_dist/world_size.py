@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from vkd_dist import checkpoint
 from vkd_dist.config import ConfigError
+from vkd_dist.strategy import resolve
 
 if TYPE_CHECKING:
     from vkd_dist.config import Config
@@ -27,27 +28,36 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _saved_state(cfg: Config) -> Optional[dict]:
-    """train_state.json of the checkpoint a resume would most likely load (unverified: `resolve` checks it)."""
+def _saved_state(cfg: Config) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint a resume would most likely load and its train_state.json (unverified: `checkpoint.resolve`
+    checks it, and names what is wrong)."""
     if cfg.resume in (None, ""):
-        return None
+        return None, None
     ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume == "latest" else Path(cfg.resume)
     try:
-        return json.loads((Path(ckpt) / checkpoint.STATE_FILE).read_text()) if ckpt is not None else None
+        return ckpt, json.loads((Path(ckpt) / checkpoint.STATE_FILE).read_text()) if ckpt is not None else None
     except (OSError, ValueError):
-        return None  # resolve() names what is wrong with it
+        return ckpt, None
 
 
 def keep_global_batch(cfg: Config, world: Optional[int] = None) -> Optional[str]:
-    """Before the accelerator is built: on a resume at another number of processes, set optim.grad_accum so the
-    global batch stays the same; returns the line to log (None when nothing changed)."""
-    saved = _saved_state(cfg)
+    """Before the accelerator is built: on a resume at another number of processes, refuse what the strategy
+    cannot load there, and set optim.grad_accum so the global batch stays the same; returns the line to log (None
+    when nothing changed)."""
+    ckpt, saved = _saved_state(cfg)
     if not saved or not saved.get("world_size"):
         return None
     world = world or launched_world()
     old_world, old_accum = int(saved["world_size"]), int(saved.get("grad_accum") or 1)
     if old_world == world:
         return None
+    strategy = resolve(cfg)
+    if strategy.deepspeed:
+        raise ConfigError(
+            f"resume={ckpt}: written by {old_world} process(es) under {strategy.name}, whose ZeRO optimizer shards "
+            f"load only on {old_world}; resume on {old_world} process(es) (DeepSpeed's universal checkpoint, "
+            "python -m deepspeed.checkpoint.ds_to_universal, converts them, but this trainer does not load that "
+            "format yet)")
     per_step = old_world * old_accum  # micro-batches per optimizer step, all ranks together
     batch = cfg.data.batch_size
     if cfg.optim.grad_accum == old_accum and per_step % world == 0:
@@ -59,15 +69,3 @@ def keep_global_batch(cfg: Config, world: Optional[int] = None) -> Optional[str]
             f"{per_step * batch} to {new} samples per step (optim.grad_accum={cfg.optim.grad_accum}"
             f"{'' if per_step % world else f'; {per_step} micro-batches do not divide over {world}'}); the lr "
             "schedule is by step and optim.lr is not rescaled")
-
-
-def check_loadable(ckpt: Path, strategy, world: int) -> None:
-    """Refuse, in one line, a checkpoint the strategy cannot load on `world` processes (before any of it is read)."""
-    saved = json.loads((ckpt / checkpoint.STATE_FILE).read_text())
-    old = saved.get("world_size")
-    if old and int(old) != world and strategy.deepspeed:
-        raise ConfigError(
-            f"resume={ckpt}: written by {old} process(es) under {strategy.name}, whose ZeRO optimizer shards load "
-            f"only on {old}; resume on {old} process(es) (DeepSpeed's universal checkpoint, "
-            "python -m deepspeed.checkpoint.ds_to_universal, converts them, but this trainer does not load that "
-            "format yet)")

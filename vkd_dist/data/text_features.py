@@ -1,6 +1,6 @@
 """Frozen-text fast path: the frozen text encoder's outputs, computed once per sample into a sidecar of the shards.
 
-`vkd-data embed-text --config CFG [key=value ...]` (vkd_dist/data/cli.py) runs the (frozen) text encoder of that
+`vkd-data embed-text --config CFG [key=value ...]` (vkd_dist/data_cli.py) runs the (frozen) text encoder of that
 config over every report of the splits and writes
 
     DATA/text_features/<fingerprint>/meta.json             encoder, pooling, max_text_len, dim, splits

@@ -151,7 +151,7 @@ def options_params(opts: ConvertOptions) -> dict:
 
 
 def register_subcommands(sub) -> None:
-    """Called by vkd_dist/data/cli.py: adds `mimic-cxr`, `openi` and `manifest`."""
+    """Called by vkd_dist/data_cli.py: adds `mimic-cxr`, `openi` and `manifest`."""
     from vkd_dist.data.sources import manifest, mimic_cxr, openi
 
     for module in (mimic_cxr, openi, manifest):

@@ -74,27 +74,28 @@ def check_config(cfg: Config) -> None:
 def text_init_weights(cfg: Config, run: Path) -> Path:
     """The weights file: the checkpoint (verified) or export named, else best/ > final/ > the newest verified
     checkpoint of the run."""
-    from vkd_dist import checkpoint
+    from vkd_dist import checkpoint, weights
 
     given = Path(str(cfg.objective.text_init))
     if given != run:  # a checkpoint or an export inside the run
         if (given / checkpoint.STATE_FILE).is_file() and (problem := checkpoint.verify(given)) is not None:
             raise _refused(cfg, f"not a complete checkpoint: {problem}")
-        return checkpoint.find_weights(run, str(given))
+        return weights.find_weights(run, str(given))
     for which in ("best", "final"):  # as kd's teacher
         if RunDir(run).export_weights(which).is_file():
             return RunDir(run).export_weights(which)
     ckpt = checkpoint.resolve(run, "latest")
-    if ckpt is None or not (ckpt / checkpoint.EXPORT_FILE).is_file():
-        raise _refused(cfg, f"expected weights in best/, final/ or a checkpoint with {checkpoint.EXPORT_FILE}")
-    return ckpt / checkpoint.EXPORT_FILE
+    if ckpt is None or not (ckpt / weights.EXPORT_FILE).is_file():
+        raise _refused(cfg, f"expected weights in best/, final/ or a checkpoint with {weights.EXPORT_FILE}")
+    return ckpt / weights.EXPORT_FILE
 
 
 def init_text_path(model: torch.nn.Module, cfg: Config, labels: Sequence[str]) -> None:
     """Copy the text_only run's report path into `model` (a no-op without objective.text_init)."""
     if not cfg.objective.text_init:
         return
-    from vkd_dist.checkpoint import load_weights
+    from vkd_dist.weights import load_weights
+
     run = check_text_init(cfg)
     RunDir(run).check_labels(labels, cfg.data.path)
     weights = text_init_weights(cfg, run)
