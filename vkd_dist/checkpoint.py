@@ -42,8 +42,9 @@ from typing import Any, Optional, TypeVar
 from accelerate.utils import broadcast_object_list, gather_object
 
 from vkd_dist.fileio import atomic_write_text, fsync_path, fsync_tree, share_like_parent
+from vkd_dist.run_dir import RunDir
 
-CKPT_DIR = "checkpoints"
+CKPT_DIR = RunDir.CHECKPOINTS
 STATE_FILE = "train_state.json"
 MANIFEST_FILE = "manifest.json"
 OLD = ".old-"  # + step-X: the previous version of a step being re-saved

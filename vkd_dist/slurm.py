@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from vkd_dist import DefaultsHelpFormatter
 from vkd_dist.fileio import atomic_write_text
+from vkd_dist.run_dir import RunDir
 from vkd_dist.slurm_env import (
     DIST_KEYS,
     attempt_resume,
@@ -52,8 +53,6 @@ from vkd_dist.strategy import STRATEGIES, Strategy, accelerate_env, agree, clear
 if TYPE_CHECKING:
     from vkd_dist.config import Config
 
-JOB_FILE = "slurm_job.json"
-SUBMITIT_DIR = "submitit"
 SLURM_CHECK_PERIOD_S = 30  # slurmctld's PERIODIC_TIMEOUT: it sends --signal up to this much early
 
 
@@ -169,7 +168,7 @@ class LaunchSpec:
 
     @property
     def folder(self) -> Path:
-        return Path(self.run_dir) / SUBMITIT_DIR
+        return RunDir(self.run_dir).submitit_dir
 
 
 def launch_strategy(requested: Optional[str], cfg: Config) -> Strategy:
@@ -261,7 +260,7 @@ def _resume_from(run_dir: Path, resume: Optional[str]) -> str:
 
 
 def _update_job_file(run_dir: Path, **entry: Any) -> None:
-    path = run_dir / JOB_FILE
+    path = RunDir(run_dir).slurm_job_file
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
@@ -370,7 +369,7 @@ class TrainJob:
             _update_job_file(run_dir, job_id=os.environ.get("SLURM_JOB_ID", ""), restarts=restarts, status=status,
                              step=None, outside_training=True)
         except (OSError, ConfigError) as exc:
-            print(f"[vkd-slurm] could not record the {status} attempt in {JOB_FILE}: {exc}", file=sys.stderr,
+            print(f"[vkd-slurm] could not record the {status} attempt in {RunDir.SLURM_JOB}: {exc}", file=sys.stderr,
                   flush=True)
 
     def __repr__(self) -> str:
@@ -457,7 +456,7 @@ def describe(spec: LaunchSpec, job_id: str) -> str:
         f"  checkpoints   : {run}/checkpoints/step-*",
         f"  tensorboard   : {run}/tensorboard   (tensorboard --logdir {run}/tensorboard)",
         f"  metrics       : {run}/test_metrics.json, exports in {run}/best and {run}/final",
-        f"  job state     : {run}/{JOB_FILE}" + (f"; squeue -j {job_id}; scontrol show job {job_id}"
+        f"  job state     : {RunDir(run).slurm_job_file}" + (f"; squeue -j {job_id}; scontrol show job {job_id}"
                                                   if spec.cluster == "slurm" else ""),
     ])
 
