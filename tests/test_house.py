@@ -25,6 +25,8 @@ def test_no_import_circles_in_the_package():
     circles = house.import_circles(REPO / "vkd_dist")
     assert not circles, ("import circles in vkd_dist (function-level imports count; `python -m benchmarks.house` "
                          "draws the house):\n" + "\n".join(circles))
+    between = house.measure(REPO / "vkd_dist")["subpackage_circles"]
+    assert not between, f"circles between subpackages (each one node): {between}"
 
 
 def test_a_function_level_import_closes_a_circle_and_a_type_checking_one_does_not(tmp_path):
