@@ -17,7 +17,7 @@ from accelerate.utils import gather_object
 
 from vkd_dist import checkpoint, weights
 from vkd_dist.data.tokens import remove_token_tables
-from vkd_dist.distributed import param_digests, sync_buffers
+from vkd_dist.distributed import param_digests
 from vkd_dist.evaluate import Interrupted, evaluate
 from vkd_dist.metrics import format_table, is_better
 from vkd_dist.run import Run, TrainResult
@@ -81,7 +81,7 @@ class Validate(Periodic):
     def __call__(self, tick: Tick) -> None:
         run, cfg = self.run, self.run.cfg
         preds: list = []
-        sync_buffers(run.accelerator, run.model)  # one model on every rank: what is scored is what is exported
+        run.sync_buffers()  # one model on every rank: what is scored is what is exported
         report = evaluate(run.model, cfg, run.info, cfg.data.val_split, run.tokenizer, run.accelerator,
                           cfg.train.eval_max_batches, checkpoint_name=f"step-{tick.step:08d}", predictions=preds)
         run.model.train()
@@ -107,7 +107,7 @@ class Save(Periodic):
 
     def __call__(self, tick: Tick) -> None:
         run = self.run
-        sync_buffers(run.accelerator, run.model)
+        run.sync_buffers()
         run.state.data_offsets = gather_object([getattr(run.stream, "offsets", None)])  # collective: every rank's
         run.state.data_reads = gather_object([getattr(run.stream, "reads", None)])
         layout = getattr(run.stream, "layout", None)
@@ -136,7 +136,7 @@ def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) ->
     resumes at the last step and finishes."""
     cfg, step = run.cfg, run.state.step
     stopping = (lambda: stop.agreed(run.accelerator)) if stop is not None else None
-    sync_buffers(run.accelerator, run.model)
+    run.sync_buffers()
     digests = param_digests(run.accelerator, run.model)  # every rank must end with the same model
     weights.export_image_model(run.accelerator, run.model, run.dir.export_dir("final"),
                                   {"step": step, "objective": cfg.objective.name, "param_digests": digests,

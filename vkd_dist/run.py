@@ -22,7 +22,7 @@ from vkd_dist.config import Config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.pipeline import Batch, TrainStream, train_loader, training_policy
 from vkd_dist.data.schema import DatasetInfo
-from vkd_dist.distributed import StrategyAccelerator, build_accelerator
+from vkd_dist.distributed import StrategyAccelerator, build_accelerator, sync_buffers
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
 from vkd_dist.ledger import SampleLedger, open_ledger
@@ -103,6 +103,8 @@ class Run:
         # Any non-finite loss since the last check, kept on the device: reading it makes the host wait.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
         self.checked_step = self.state.step
+        # Buffers are equal on every rank at step 0 (the same initial weights) and in a checkpoint (saved synced).
+        self.synced_step = self.state.step
 
     @property
     def run_dir(self) -> Path:
@@ -111,6 +113,13 @@ class Run:
     @property
     def dir(self) -> RunDir:
         return RunDir(self.cfg.run_dir)
+
+    def sync_buffers(self) -> None:
+        """Collective: every rank's buffers made one (`distributed.sync_buffers`), at most once a step: they change
+        only in a training step, so a validation, a save and the export at the same step share one sync."""
+        if self.synced_step != self.state.step:
+            sync_buffers(self.accelerator, self.model)
+            self.synced_step = self.state.step
 
     def check_finite(self) -> None:
         """Raise if any rank's loss since the last check was non-finite (called before anything is logged or

@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vkd_dist.data.faults import CORRUPT, SkipLedger
-from vkd_dist.data.rest import Layout, RestPlan, plan_rest, shard_order, shuffled, take
+from vkd_dist.data.rest import Layout, RestPlan, plan_rest, rest_plan, shard_order, shuffled, take
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import TokenTable, fast_backend
 from vkd_dist.labels import LABELS, LabelPolicy, encode_labels
@@ -219,13 +219,19 @@ class _Rest:
     def active(self, epoch: int) -> Optional[RestPlan]:
         return self.plan if self.plan is not None and self.plan.layout.epoch == epoch else None
 
+    def batch_sizes(self, epoch: int, layout: Layout, rank: int, wid: int) -> list[int]:
+        """The batches worker `wid` of `rank` makes in `epoch`: the rest plan's sizes, else per_worker of
+        batch_size."""
+        plan = self.active(epoch)
+        return plan.sizes.get((rank, wid), []) if plan is not None else [layout.batch_size] * layout.per_worker
+
 
 class _TrainShards(IterableDataset):
     """Pipeline source: this worker's shard URLs for the current epoch, cycled without end (an ordinary epoch),
     or the shards holding its share of the rest of an interrupted epoch, once each."""
 
-    def __init__(self, urls: list[str], seed: int, rank: int, world: int, position: StreamPosition, rest: _Rest):
-        self.urls, self.seed, self.rank, self.world, self.position, self.rest = urls, seed, rank, world, position, rest
+    def __init__(self, urls: list[str], layout: Layout, rank: int, position: StreamPosition, rest: _Rest):
+        self.urls, self.layout, self.rank, self.position, self.rest = urls, layout, rank, position, rest
 
     def __iter__(self) -> Iterator[dict]:
         wid, nw = _worker()
@@ -234,7 +240,7 @@ class _TrainShards(IterableDataset):
         if plan is not None:
             yield from ({"url": url} for url in plan.urls(self.rank, wid))
             return
-        for i in shard_order(len(self.urls), self.seed, epoch, self.rank, wid, self.world, nw):
+        for i in shard_order(len(self.urls), self.layout.seed, epoch, self.rank, wid, self.layout.world, nw):
             yield {"url": self.urls[i]}
 
 
@@ -242,24 +248,23 @@ class _TrainSamples:
     """Shuffle this epoch's quota of samples, skip the raw samples a resumed run already read (before decoding),
     decode. In a rest epoch the quota is the worker's share of the rest, taken from its shards by key."""
 
-    def __init__(self, seed: int, rank: int, batch_size: int, per_worker: int, shuffle_buffer: int, size: int,
-                 position: StreamPosition, ledger: SkipLedger, rest: _Rest):
-        self.seed, self.rank, self.batch_size, self.per_worker = seed, rank, batch_size, per_worker
-        self.shuffle_buffer, self.size, self.position, self.ledger = shuffle_buffer, size, position, ledger
-        self.rest = rest
+    def __init__(self, layout: Layout, rank: int, size: int, position: StreamPosition, ledger: SkipLedger,
+                 rest: _Rest):
+        self.layout, self.rank, self.size, self.position, self.ledger, self.rest = layout, rank, size, position, \
+            ledger, rest
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         wid, _ = _worker()
         epoch = self.position.epoch.value
         skip = self.position.starts[wid]  # raw samples: see TrainStream.epoch
-        quota = self.per_worker * self.batch_size
+        quota = self.layout.per_worker * self.layout.batch_size
         plan = self.rest.active(epoch)
         if plan is not None:
             wanted = plan.wanted(self.rank, wid)
             src, quota = take(src, wanted, lambda s: (s.get("__url__"), s.get("__key__"))), sum(wanted.values())
         # The shuffle drains exactly the epoch's quota rather than leaving a buffer of read samples behind; if
         # skipped (corrupt) samples leave the epoch short, the next ones follow unshuffled.
-        src = shuffled(src, quota, self.shuffle_buffer, self.seed, epoch, self.rank, wid)
+        src = shuffled(src, quota, self.layout.shuffle_buffer, self.layout.seed, epoch, self.rank, wid)
         yield from decoded(itertools.islice(src, skip, None), self.size, self.ledger, skip)
 
 
@@ -306,9 +311,8 @@ class TrainStream:
         rank's saved raw offset (`offsets_by_rank`; without it, at whole rounds of batches, exact only when no
         sample was skipped). On another (processes, workers, batch size), the unread rest of the epoch is dealt
         to this layout's slots and read exactly once (vkd_dist/data/rest.py); the next epoch is this layout's."""
+        row = offsets_by_rank[self.rank] if offsets_by_rank is not None and self.rank < len(offsets_by_rank) else None
         if saved_layout is None:  # a checkpoint written before layouts were saved: the old, same-layout resume
-            row = offsets_by_rank[self.rank] if offsets_by_rank is not None and self.rank < len(offsets_by_rank) \
-                else None
             self._resume = list(row) if row is not None and len(row) == self.workers else None
             if skip >= self.batches_per_epoch:
                 return epoch + 1, 0, None
@@ -317,9 +321,7 @@ class TrainStream:
         here = replace(self.layout_, epoch=saved.epoch)
         if saved.same_slots(here):
             if saved.rest_of is not None:  # interrupted again inside a rest epoch, resumed on its layout
-                self.rest.plan = plan_rest(Layout.from_dict(saved.rest_of["layout"]), saved.rest_of["reads"],
-                                           self.urls, saved)
-            row = offsets_by_rank[self.rank] if offsets_by_rank is not None else None
+                self.rest.plan = rest_plan(saved, self.urls)
             self._resume = list(row) if row is not None else None
             return epoch, skip, None
         if reads_by_rank is None:
@@ -341,10 +343,8 @@ class TrainStream:
         DataLoader takes batches from the workers in turn, starting with worker 0, so workers skip the raw
         samples of whole rounds cheaply before decoding and the last partial round is decoded and dropped here."""
         whole = skip_batches // self.workers * self.workers
-        plan = self.rest.active(epoch)
-        sizes = [plan.sizes.get((self.rank, w), []) if plan is not None else [self.layout_.batch_size] * whole
-                 for w in range(self.workers)]
-        starts = self._resume or [sum(sizes[w][:whole // self.workers]) for w in range(self.workers)]
+        starts = self._resume or [sum(self.rest.batch_sizes(epoch, self.layout_, self.rank, w)[:whole // self.workers])
+                                  for w in range(self.workers)]
         self._resume = None
         self.position.set(epoch, whole, starts)
         self.offsets, self.reads = list(starts), list(starts)
@@ -394,10 +394,9 @@ def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank
     collate = Collate(tokenizer, cfg.max_text_len, training_policy(info, cfg), info.labels,
                       _text_features(cfg, split), tokens, ledger)
     pipeline = wds.DataPipeline(
-        _TrainShards(urls, seed, rank, world, position, rest),
+        _TrainShards(urls, layout, rank, position, rest),
         wds.tarfile_to_samples(handler=ledger.shard_failed),
-        _TrainSamples(seed, rank, cfg.batch_size, per_worker, cfg.shuffle_buffer, cfg.image_size, position, ledger,
-                      rest),
+        _TrainSamples(layout, rank, cfg.image_size, position, ledger, rest),
         _EpochBatches(layout, rank, collate, position, rest),
     )
     return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, layout, urls, rank, rest)
@@ -412,16 +411,15 @@ class _EpochBatches:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[Batch]:
         wid, nw = _worker()
-        plan = self.rest.active(self.position.epoch.value)
-        sizes = plan.sizes.get((self.rank, wid), []) if plan is not None \
-            else [self.layout.batch_size] * self.layout.per_worker
-        for size in sizes[self.position.skip_batches.value // nw:]:
+        epoch = self.position.epoch.value
+        rest = self.rest.active(epoch) is not None
+        for size in self.rest.batch_sizes(epoch, self.layout, self.rank, wid)[self.position.skip_batches.value // nw:]:
             samples = list(itertools.islice(src, size))
-            if plan is None:
+            if not rest:
                 if len(samples) < size:
                     return
             elif not samples:  # corrupt samples left a rest slot short: its rank would take fewer steps
-                raise RuntimeError(f"rank {self.rank} worker {wid}: the rest of epoch {plan.layout.epoch} ran out of "
+                raise RuntimeError(f"rank {self.rank} worker {wid}: the rest of epoch {epoch} ran out of "
                                    "readable samples (corrupt samples were skipped)")
             yield self.collate(samples)
 

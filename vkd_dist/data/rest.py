@@ -155,15 +155,17 @@ def deal(items: Sequence[tuple[str, str]], layout: Layout) -> RestPlan:
     return plan
 
 
-def slot_order(layout: Layout, urls: Sequence[str], rank: int, wid: int) -> list[tuple[str, str]]:
-    """The (url, key) pairs slot (rank, wid) of `layout` reads in its epoch, in order (its quota only)."""
+def slot_order(layout: Layout, urls: Sequence[str], rank: int, wid: int,
+               plan: Optional[RestPlan] = None) -> list[tuple[str, str]]:
+    """The (url, key) pairs slot (rank, wid) of `layout` reads in its epoch, in order (its quota only). For a rest
+    epoch, `plan` is its plan (`rest_plan(layout)`), computed here when not given."""
     if layout.rest_of is None:
         def raw() -> Iterator[tuple[str, str]]:
             for i in shard_order(len(urls), layout.seed, layout.epoch, rank, wid, layout.world, layout.workers):
                 yield from ((urls[i], key) for key in shard_keys(urls[i]))
         quota = layout.per_worker * layout.batch_size
     else:
-        plan = plan_rest(Layout.from_dict(layout.rest_of["layout"]), layout.rest_of["reads"], urls, layout)
+        plan = plan or rest_plan(layout, urls)
 
         def raw() -> Iterator[tuple[str, str]]:
             every = ((url, key) for url in plan.urls(rank, wid) for key in shard_keys(url))
@@ -175,11 +177,18 @@ def slot_order(layout: Layout, urls: Sequence[str], rank: int, wid: int) -> list
 
 def unread(layout: Layout, reads: Sequence[Sequence[int]], urls: Sequence[str]) -> list[tuple[str, str]]:
     """What the slots of `layout` had still to read in its epoch, having consumed `reads[rank][wid]` raw samples."""
+    plan = rest_plan(layout, urls) if layout.rest_of is not None else None  # once for every slot
     rest: list[tuple[str, str]] = []
     for rank in range(layout.world):
         for wid in range(layout.workers):
-            rest.extend(slot_order(layout, urls, rank, wid)[int(reads[rank][wid]):])
+            rest.extend(slot_order(layout, urls, rank, wid, plan)[int(reads[rank][wid]):])
     return rest
+
+
+def rest_plan(layout: Layout, urls: Sequence[str]) -> RestPlan:
+    """The plan of a rest epoch's layout: the rest of the epoch it was made from, dealt to its slots."""
+    assert layout.rest_of is not None
+    return plan_rest(Layout.from_dict(layout.rest_of["layout"]), layout.rest_of["reads"], urls, layout)
 
 
 def plan_rest(old: Layout, reads: Sequence[Sequence[int]], urls: Sequence[str], new: Layout) -> RestPlan:
