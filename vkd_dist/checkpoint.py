@@ -93,6 +93,14 @@ def latest(run_dir: str | Path) -> Optional[Path]:
     return dirs[-1] if dirs else None
 
 
+def candidate(run_dir: str | Path, which: Optional[str]) -> Optional[Path]:
+    """The checkpoint `resume=which` most likely loads, unverified: what the checks before any work read (which
+    run's config, which world size). Verifying it (hashing) is `resolve`'s job, once, when the run loads it."""
+    if which in (None, ""):
+        return None
+    return latest(run_dir) if which == "latest" else Path(which)
+
+
 # --------------------------------------------------------------------------- the manifest
 def _files(ckpt: Path) -> dict[str, Path]:
     return {p.relative_to(ckpt).as_posix(): p for p in sorted(ckpt.rglob("*"))

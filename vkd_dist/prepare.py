@@ -198,11 +198,7 @@ def check_resume_config(cfg: Config) -> None:
     """With `resume` (and a checkpoint to resume from), refuse a config that changes the model's shape against
     the config.yaml of the run being resumed, naming each key with its old and new value. Before anything is
     loaded or written; labels are compared by `record_run_labels` once the data set is read."""
-    if cfg.resume in (None, ""):
-        return
-    # Which run's config to compare with, not yet which checkpoint: verifying one (hashing it) is
-    # checkpoint.resolve's job, once, on rank 0, when build_run loads it.
-    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume == "latest" else Path(cfg.resume)
+    ckpt = checkpoint.candidate(cfg.run_dir, cfg.resume)  # which run's config to compare with
     if ckpt is None:
         return
     if not (ckpt / checkpoint.STATE_FILE).is_file():

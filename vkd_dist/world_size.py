@@ -31,11 +31,9 @@ def launched_world() -> int:
 def _saved_state(cfg: Config) -> tuple[Optional[Path], Optional[dict]]:
     """The checkpoint a resume would most likely load and its train_state.json (unverified: `checkpoint.resolve`
     checks it, and names what is wrong)."""
-    if cfg.resume in (None, ""):
-        return None, None
-    ckpt = checkpoint.latest(cfg.run_dir) if cfg.resume == "latest" else Path(cfg.resume)
+    ckpt = checkpoint.candidate(cfg.run_dir, cfg.resume)
     try:
-        return ckpt, json.loads((Path(ckpt) / checkpoint.STATE_FILE).read_text()) if ckpt is not None else None
+        return ckpt, json.loads((ckpt / checkpoint.STATE_FILE).read_text()) if ckpt is not None else None
     except (OSError, ValueError):
         return ckpt, None
 
