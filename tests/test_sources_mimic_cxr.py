@@ -167,3 +167,45 @@ def test_cli_and_clear_errors(mimic, tmp_path, capsys):
     _write_gz(bad, ["dicom_id", "subject_id"], [])
     with pytest.raises(ValueError, match=r"bad.csv.gz: missing column\(s\) 'study_id'"):
         convert_mimic(jpg, zpath, tmp_path / "x", metadata=bad)
+
+
+def test_allow_unlabelled_keeps_training_studies_without_labels(mimic, tmp_path, capsys):
+    jpg, tree, zpath = mimic
+    # A label table with labels for the val and test studies, an all-blank row for a training study (50000001),
+    # and none at all for another (50000007, d8, as in the shipped fixture).
+    studies = sorted({(s, st) for _, s, st, _, _ in DICOMS if st != "50000007"})
+    rows = []
+    for s, st in studies:
+        row = {"subject_id": s, "study_id": st, **_labels(st)}
+        if st == "50000001":
+            row.update({n: "" for n in LABELS})
+        if st in ("50000004", "50000005"):
+            row["Edema"] = "1.0"
+        rows.append(row)
+    labels = tmp_path / "labels.csv.gz"
+    _write_gz(labels, ["subject_id", "study_id", *LABELS], rows)
+    common = dict(opts=ConvertOptions(image_size=32), labels_csv=labels, workers=1, progress=False)
+
+    strict = convert_mimic(jpg, zpath, tmp_path / "strict", **common)
+    assert strict["rejects_by_reason"]["no_labels"] == 1  # d8; d1's blanks read as negatives (MIMIC's convention)
+    assert read_shards(tmp_path / "strict", "train")["d1"]["meta"].get("labelled", True) is True
+
+    meta = convert_mimic(jpg, zpath, tmp_path / "o", allow_unlabelled=True, **common)
+    assert "no_labels" not in meta["rejects_by_reason"]
+    train = read_shards(tmp_path / "o", "train")
+    assert {k: v["meta"].get("labelled", True) for k, v in train.items()} == {"d1": False, "d3": True, "d8": False}
+    assert meta["splits"]["train"]["num_unlabelled"] == 2
+    assert meta["params"]["counts"]["unlabelled"] == 3  # planned: d7's study is all blank too (no report: rejected)
+
+    assert vkd_data(["mimic-cxr", "--jpg-root", str(jpg), "--reports", str(zpath), "--out", str(tmp_path / "c"),
+                     "--labels-csv", str(labels), "--allow-unlabelled", "--image-size", "32", "--workers", "1",
+                     "--no-progress"]) == 0
+    assert "train: 3 samples in 1 shards (2 without labels)" in capsys.readouterr().out
+
+
+def test_unlabelled_test_studies_leave_an_empty_split_which_is_refused(mimic, tmp_path):
+    jpg, tree, zpath = mimic  # the fixture's two test studies have every label blank
+    with pytest.raises(ValueError, match=r"the test split would be empty .*no image of the kept views has split "
+                                         r"'test' in mimic-cxr-2.0.0-split.csv.gz.*2 of its item\(s\) were rejected"):
+        convert_mimic(jpg, zpath, tmp_path / "o", opts=ConvertOptions(image_size=32), allow_unlabelled=True,
+                      workers=1, progress=False)

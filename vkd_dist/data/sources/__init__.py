@@ -81,6 +81,39 @@ def check_fractions(val_frac: float, test_frac: float) -> None:
                          "sum below 1")
 
 
+def hash_split_fix(split: str, frac: float, patients: int, seed: int) -> Optional[str]:
+    """The fix for an empty `split` of a patient hash split, or None when --SPLIT-frac 0 asked for none."""
+    if frac == 0:
+        return None
+    return (f"the patient hash split put none of the {patients} patient(s) in it (--{split}-frac {frac:g}, --seed "
+            f"{seed}): raise --{split}-frac, or try another --seed; --{split}-frac 0 converts without a {split} "
+            "split on purpose")
+
+
+def require_eval_splits(items_by_split: dict, rejects: Sequence, fix: Callable[[str], Optional[str]]) -> None:
+    """Refuse a conversion whose validation or test split came out empty (training validates and tests on them),
+    saying how to fix it: `fix(split)` names the flag, or returns None when the user asked for no such split."""
+    total = sum(len(v) for v in items_by_split.values())
+    for split in ("val", "test"):
+        if items_by_split.get(split):
+            continue
+        how = fix(split)
+        if how is None:
+            continue
+        lost = sum(r.split == split for r in rejects)
+        why = f"; {lost} of its item(s) were rejected (rejects.csv says why)" if lost else ""
+        raise ValueError(f"the {split} split would be empty ({total} sample(s) planned, none in {split}; "
+                         f"vkd-train validates and tests on it): {how}{why}")
+
+
+def blank_labels(meta: dict) -> list[str]:
+    """The labels that are blank on every labelled sample of every split: no data, yet a policy that reads blank
+    as negative trains and scores them as negatives."""
+    counts = meta.get("label_counts", {})
+    return [name for name in meta.get("labels", [])
+            if all(sum(c.get(name, {}).get(k, 0) for k in ("1", "0", "-1")) == 0 for c in counts.values())]
+
+
 def plan_fingerprint(params: dict, items: Sequence) -> str:
     """Identifies a split's parameters and its planned items (so a changed input never reuses shards)."""
     h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode("utf-8"))
@@ -158,7 +191,11 @@ def register_subcommands(sub) -> None:
         module.add_subcommand(sub)
 
 
-def run_and_report(build: Callable[[], dict]) -> int:
+def run_and_report(build: Callable[[], dict], blank_hint: str = "") -> int:
+    """Convert, print the summary and the rejects by reason, and warn about labels without data (`blank_hint`:
+    how this converter leaves them out)."""
+    import sys
+
     from vkd_dist.data.shards import Timer, summary_line
 
     with Timer() as t:
@@ -167,6 +204,13 @@ def run_and_report(build: Callable[[], dict]) -> int:
     if meta["rejects"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(meta["rejects_by_reason"].items()))
         print(f"rejects by reason: {reasons} (see rejects.csv)")
+    blank = blank_labels(meta)
+    if blank:
+        policy = meta.get("eval_policy", {}).get("missing", "")
+        read = "trained and scored as negatives" if policy == "negative" else "left out of training and scoring"
+        print(f"warning: {len(blank)} of {len(meta['labels'])} labels have no data (blank on every sample): "
+              f"{', '.join(blank)}; the data set's policy (blank = {policy or 'its own'}) has them {read}"
+              + (f"; {blank_hint}" if blank_hint else ""), file=sys.stderr)
     return 0
 
 

@@ -6,11 +6,12 @@ One row = one sample: an image path (relative paths are resolved against --image
 CSV's folder), the report text, labels, and a patient id.
 Labels, one of:
   --label-cols A,B,...  columns holding 1 / 0 / -1 / blank (1.0 / 0.0 / -1.0 accepted).
-                        With --label-set chexpert (default) each is a CheXpert name, or `column=CheXpert
-                        Name` to map a differently named column; CheXpert labels not given are null.
-                        With --label-set columns the data set's labels are exactly these columns, in this
-                        order (`column=Name` renames), for findings outside CheXpert (COVID-19, a nodule
-                        type, a device); the model, metrics and vkd-predict are then sized and named by them.
+                        With --label-set columns (the default with --label-cols) the data set's labels are
+                        exactly these columns, in this order (`column=Name` renames), CheXpert names or not
+                        (COVID-19, a nodule type, a device); the model, metrics and vkd-predict are then sized
+                        and named by them. With --label-set chexpert each is a CheXpert name, or
+                        `column=CheXpert Name` to map a differently named column, and the data set has all 14
+                        CheXpert labels: the ones not given are blank on every row (a warning names them).
   --label-col C         one categorical column whose value is a CheXpert name (case-insensitive; several
                         joined by "|" allowed): those labels are 1, the other 13 are 0; a blank cell
                         leaves all 14 null.
@@ -47,11 +48,13 @@ from vkd_dist.data.sources import (
     common_kwargs,
     convert,
     hash_split,
+    hash_split_fix,
     open_table,
     options_from_args,
     options_params,
     parse_label,
     require_columns,
+    require_eval_splits,
     run_and_report,
 )
 from vkd_dist.labels import LABELS, MISSING_POLICIES, UNCERTAIN_POLICIES, EvalPolicy
@@ -63,6 +66,14 @@ _BY_LOWER = {n.lower(): n for n in LABELS}
 
 
 LABEL_SETS = ("chexpert", "columns")
+
+
+def resolve_label_set(label_set: Optional[str], label_cols: Optional[str]) -> str:
+    """--label-set as given, else what the labels given mean: --label-cols name the data set's labels (columns),
+    --label-col picks among the CheXpert ones (chexpert)."""
+    if label_set is not None:
+        return label_set
+    return "columns" if label_cols else "chexpert"
 
 
 def parse_label_cols(spec: str, label_set: str = "chexpert") -> list[tuple[str, str]]:
@@ -110,14 +121,15 @@ def make_record(item: tuple, opts: ConvertOptions):
 def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = "image", text_col: str = "text",
          label_cols: Optional[str] = None, label_col: Optional[str] = None, patient_col: str = "patient_id",
          study_col: Optional[str] = None, split_col: Optional[str] = None, val_frac: float = 0.1,
-         test_frac: float = 0.1, seed: int = 0, label_set: str = "chexpert", allow_unlabelled: bool = False):
-    """(items by split, rejects, counts, label names in order)."""
+         test_frac: float = 0.1, seed: int = 0, label_set: Optional[str] = None, allow_unlabelled: bool = False):
+    """(items by split, rejects, counts, label names in order). `label_set` None: resolve_label_set."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"--csv {csv_path}: not found")
     if bool(label_cols) == bool(label_col):
         raise ValueError("give exactly one of --label-cols A,B,... (one column per label) or --label-col C "
                          "(one categorical column)")
+    label_set = resolve_label_set(label_set, label_cols)
     if label_set not in LABEL_SETS:
         raise ValueError(f"--label-set: got {label_set!r}, expected one of {', '.join(LABEL_SETS)}")
     if label_set == "columns" and not label_cols:
@@ -179,18 +191,31 @@ def plan(csv_path: Path, *, image_root: Optional[Path] = None, image_col: str = 
                                  study or key, labelled))
     planned = sum(len(v) for v in items.values())
     unlabelled = sum(not item[-1] for v in items.values() for item in v)
+    patients = len({item[5] for v in items.values() for item in v})
+    require_eval_splits(items, rejects, partial(_split_fix, split_col=split_col, csv_name=csv_path.name,
+                                                fracs={"val": val_frac, "test": test_frac}, patients=patients,
+                                                seed=seed))
     return items, rejects, {"rows": rows, "planned": planned, "unlabelled": unlabelled}, names
+
+
+def _split_fix(split: str, *, split_col: Optional[str], csv_name: str, fracs: dict, patients: int,
+               seed: int) -> Optional[str]:
+    if split_col:
+        return (f"no usable row of {csv_name} has {split!r} in --split-col {split_col!r}: give some rows that "
+                "split, or leave out --split-col for a patient hash split")
+    return hash_split_fix(split, fracs[split], patients, seed)
 
 
 def convert_manifest(csv_path, out, *, opts: ConvertOptions = ConvertOptions(), image_root=None,
                      image_col: str = "image", text_col: str = "text", label_cols: Optional[str] = None,
                      label_col: Optional[str] = None, patient_col: str = "patient_id", study_col: Optional[str] = None,
                      split_col: Optional[str] = None, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
-                     label_set: str = "chexpert", eval_policy: EvalPolicy = EvalPolicy(),
+                     label_set: Optional[str] = None, eval_policy: EvalPolicy = EvalPolicy(),
                      allow_unlabelled: bool = False, samples_per_shard: int = 1000, workers: int = 0,
                      progress: bool = True) -> dict:
     """Convert a CSV manifest into `out`; returns the dataset.json contents."""
     opts.check()
+    label_set = resolve_label_set(label_set, label_cols)
     items, rejects, counts, names = plan(
         csv_path, image_root=image_root, image_col=image_col, text_col=text_col, label_cols=label_cols,
         label_col=label_col, patient_col=patient_col, study_col=study_col, split_col=split_col, val_frac=val_frac,
@@ -214,8 +239,10 @@ def add_subcommand(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--label-cols", help="comma-separated label columns (CheXpert names, or column=Label)")
     g.add_argument("--label-col", help="one categorical column holding a CheXpert label name per row")
-    p.add_argument("--label-set", choices=LABEL_SETS, default="chexpert",
-                   help="chexpert: the 14 CheXpert labels; columns: exactly the --label-cols, in order")
+    p.add_argument("--label-set", choices=LABEL_SETS,
+                   help="columns: the data set's labels are exactly the --label-cols, in order; chexpert: the 14 "
+                        "CheXpert labels, the ones not in --label-cols blank on every row (default: columns with "
+                        "--label-cols, chexpert with --label-col)")
     p.add_argument("--eval-missing", choices=MISSING_POLICIES, default="negative",
                    help="how evaluation scores a blank label cell (negative: as MIMIC-CXR; mask: left out)")
     p.add_argument("--eval-uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
@@ -234,9 +261,16 @@ def add_subcommand(sub) -> None:
 
 def _run(args) -> int:
     opts = options_from_args(args)
+    label_set = resolve_label_set(args.label_set, args.label_cols)
+    if args.label_cols and args.label_set is None:
+        names = ", ".join(n for _, n in parse_label_cols(args.label_cols, label_set))
+        print(f"labels: {names} (the --label-cols, in order; --label-set chexpert gives all 14 CheXpert labels "
+              "instead, with the others blank)")
+    hint = ("give only the labels you have: --label-cols with --label-set columns" if label_set == "chexpert"
+            else "drop those columns from --label-cols, or fill them in")
     return run_and_report(lambda: convert_manifest(
         args.csv, args.out, opts=opts, image_root=args.image_root, image_col=args.image_col, text_col=args.text_col,
         label_cols=args.label_cols, label_col=args.label_col, patient_col=args.patient_col, study_col=args.study_col,
         split_col=args.split_col, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed,
-        label_set=args.label_set, eval_policy=EvalPolicy(args.eval_uncertain, args.eval_missing),
-        allow_unlabelled=args.allow_unlabelled, **common_kwargs(args)))
+        label_set=label_set, eval_policy=EvalPolicy(args.eval_uncertain, args.eval_missing),
+        allow_unlabelled=args.allow_unlabelled, **common_kwargs(args)), blank_hint=hint)

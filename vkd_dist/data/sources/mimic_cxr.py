@@ -11,6 +11,10 @@ One sample per DICOM image (key = dicom_id), text = the chosen sections of its s
 Splits: the official split with validate -> val (default), or --split patient (hash of subject id).
 Rejects: no_split, no_labels, bad_label, missing_report, unreadable_report, empty_report and the image
 kinds of vkd_dist/data/images.py. Images of other views are filtered (counted in params.counts).
+Studies without labels: a study missing from the label table is rejected (no_labels), and a row whose every
+label is blank is kept and, by MIMIC-CXR's convention, read as 14 negatives. --allow-unlabelled reads both as a
+study with a report and no labels instead: kept in train (used by objectives that learn from reports, never as
+negatives), rejected in val and test (they are scored, so they need labels).
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from vkd_dist.data.sources import (
     common_kwargs,
     convert,
     hash_split,
+    hash_split_fix,
     open_table,
     options_from_args,
     options_params,
     parse_label,
     require_columns,
+    require_eval_splits,
     run_and_report,
 )
 from vkd_dist.labels import LABELS
@@ -101,7 +107,7 @@ def read_report(locator: str) -> str:
 
 
 def make_record(item: tuple, opts: ConvertOptions, sections: tuple, fallback: bool):
-    split, dicom, subject, study, view, image_path, locator, labels = item
+    split, dicom, subject, study, view, image_path, locator, labels, labelled = item
     if locator is None:
         return Reject(split, dicom, f"missing_report: no s{study}.txt for subject {subject} in --reports",
                       image_path)
@@ -114,7 +120,7 @@ def make_record(item: tuple, opts: ConvertOptions, sections: tuple, fallback: bo
     text, used = report_text(raw, sections, fallback=fallback, deid=opts.deid, token=opts.deid_token)
     return build_record(opts, split=split, key=dicom, image_path=image_path, text=text, labels=dict(labels),
                         patient_id=subject, study_id=study, view=view, source=SOURCE,
-                        extra={"sections": used})
+                        extra={"sections": used}, labelled=labelled)
 
 
 def _read_labels(path: Path) -> tuple[dict, list]:
@@ -133,7 +139,8 @@ def _read_labels(path: Path) -> tuple[dict, list]:
 
 def plan(jpg_root: Path, reports: Path, *, metadata: Optional[Path] = None, split_csv: Optional[Path] = None,
          labels_csv: Optional[Path] = None, label_source: str = "chexpert", views: Sequence[str] = DEFAULT_VIEWS,
-         split: str = "official", val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0):
+         split: str = "official", val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
+         allow_unlabelled: bool = False):
     """-> (items_by_split, rejects, counts). Items are sorted by (subject, study, dicom) in each split."""
     jpg_root = Path(jpg_root)
     if not (jpg_root / "files").is_dir():
@@ -194,31 +201,48 @@ def plan(jpg_root: Path, reports: Path, *, metadata: Optional[Path] = None, spli
         if key in bad_label:
             rejects.append(Reject(name, dicom, f"bad_label: {bad_label[key]}", image))
             continue
-        if key not in labels:
-            rejects.append(Reject(name, dicom, f"no_labels: study {study} of subject {subject} not in "
-                                  f"{labels_csv.name}", image))
+        row = labels.get(key)
+        labelled = row is not None and (not allow_unlabelled or any(v is not None for _, v in row))
+        if not labelled and not (allow_unlabelled and name == "train"):
+            why = (f"not in {labels_csv.name}" if row is None else f"every label in {labels_csv.name} is blank")
+            fix = ("a validation or test study is scored, so it needs labels" if allow_unlabelled else
+                   "--allow-unlabelled keeps such training studies as reports without labels")
+            rejects.append(Reject(name, dicom, f"no_labels: study {study} of subject {subject}: {why} ({fix})", image))
             continue
-        items[name].append((name, dicom, subject, study, view, image, rep.locate(subject, study), labels[key]))
+        row = row if labelled else tuple((n, None) for n in LABELS)
+        items[name].append((name, dicom, subject, study, view, image, rep.locate(subject, study), row, labelled))
     counts["planned"] = sum(len(v) for v in items.values())
+    counts["unlabelled"] = sum(not item[-1] for v in items.values() for item in v)
     counts["filtered_by_view"] = dict(sorted(counts["filtered_by_view"].items()))
+    fracs = {"val": val_frac, "test": test_frac}
+    patients = len({item[2] for v in items.values() for item in v})
+    require_eval_splits(items, rejects, lambda s: _split_fix(s, split, split_csv.name, fracs, patients, seed))
     return items, rejects, counts
+
+
+def _split_fix(name: str, split: str, split_csv: str, fracs: dict, patients: int, seed: int) -> Optional[str]:
+    if split == "official":
+        official = "validate" if name == "val" else name
+        return (f"no image of the kept views has split {official!r} in {split_csv}: check --split-csv and --views, "
+                "or use --split patient")
+    return hash_split_fix(name, fracs[name], patients, seed)
 
 
 def convert_mimic(jpg_root, reports, out, *, opts: ConvertOptions = ConvertOptions(), label_source="chexpert",
                   views: Sequence[str] = DEFAULT_VIEWS, sections: Sequence[str] = DEFAULT_SECTIONS,
                   fallback: bool = True, split: str = "official", val_frac: float = 0.1, test_frac: float = 0.1,
-                  seed: int = 0, metadata=None, split_csv=None, labels_csv=None, samples_per_shard: int = 1000,
-                  workers: int = 0, progress: bool = True) -> dict:
+                  seed: int = 0, metadata=None, split_csv=None, labels_csv=None, allow_unlabelled: bool = False,
+                  samples_per_shard: int = 1000, workers: int = 0, progress: bool = True) -> dict:
     """Convert MIMIC-CXR-JPG into `out`; returns the dataset.json contents."""
     opts.check()
     sections = parse_sections_arg(sections)
     items, rejects, counts = plan(jpg_root, reports, metadata=metadata, split_csv=split_csv, labels_csv=labels_csv,
                                   label_source=label_source, views=views, split=split, val_frac=val_frac,
-                                  test_frac=test_frac, seed=seed)
+                                  test_frac=test_frac, seed=seed, allow_unlabelled=allow_unlabelled)
     params = {**options_params(opts), "label_source": label_source, "views": list(views),
               "sections": list(sections), "section_fallback": fallback, "split": split,
               **({"val_frac": val_frac, "test_frac": test_frac, "seed": seed} if split == "patient" else {}),
-              "counts": counts}
+              "allow_unlabelled": allow_unlabelled, "counts": counts}
     fn = partial(make_record, opts=opts, sections=tuple(sections), fallback=fallback)
     return convert(out, items, fn, params, SOURCE, rejects, samples_per_shard=samples_per_shard, workers=workers,
                    fmt=opts.fmt, progress=progress)
@@ -242,6 +266,10 @@ def add_subcommand(sub) -> None:
     p.add_argument("--metadata", help=f"default JPG_ROOT/{METADATA}")
     p.add_argument("--split-csv", help=f"default JPG_ROOT/{SPLIT_CSV}")
     p.add_argument("--labels-csv", help="default JPG_ROOT/mimic-cxr-2.0.0-<labels>.csv.gz")
+    p.add_argument("--allow-unlabelled", action="store_true",
+                   help="keep training studies missing from the label table, or with every label blank, as studies "
+                        "with a report but no labels (default: reject the first as no_labels; read the second's "
+                        "blanks as negatives, MIMIC-CXR's convention)")
     add_common_args(p)
     p.set_defaults(func=_run)
 
@@ -253,4 +281,4 @@ def _run(args) -> int:
         views=[v for v in args.views.split(",") if v.strip()], sections=args.sections,
         fallback=not args.no_fallback, split=args.split, val_frac=args.val_frac, test_frac=args.test_frac,
         seed=args.seed, metadata=args.metadata, split_csv=args.split_csv, labels_csv=args.labels_csv,
-        **common_kwargs(args)))
+        allow_unlabelled=args.allow_unlabelled, **common_kwargs(args)))

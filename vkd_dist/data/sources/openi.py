@@ -42,8 +42,10 @@ from vkd_dist.data.sources import (
     common_kwargs,
     convert,
     hash_split,
+    hash_split_fix,
     options_from_args,
     options_params,
+    require_eval_splits,
     run_and_report,
 )
 from vkd_dist.labels import LABELS
@@ -217,6 +219,9 @@ def plan(reports: Path, images: Path, *, views: str = "first", sections: Sequenc
     for split in items:
         items[split].sort(key=lambda it: it[1])
     counts["unmapped_mesh_terms"] = dict(sorted(counts["unmapped_mesh_terms"].items()))
+    fracs = {"val": val_frac, "test": test_frac}
+    reports_kept = len({item[2] for v in items.values() for item in v})  # each report is its own patient
+    require_eval_splits(items, rejects, lambda s: hash_split_fix(s, fracs[s], reports_kept, seed))
     return items, rejects, counts
 
 
