@@ -17,7 +17,8 @@ from vkd_dist.configure import load_config
 
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))
 # Recipes name directories that exist only on a cluster: stand-ins that validate here.
-LOCAL = ["model.text_encoder=tiny-bert", "model.image_weights=null", "model.tokenizer=null"]
+# objective.text_init names the run a recipe starts from (vkd_distil.yaml: its teacher's), made by an earlier run.
+LOCAL = ["model.text_encoder=tiny-bert", "model.image_weights=null", "model.tokenizer=null", "objective.text_init=null"]
 
 
 def test_default_config_loads_and_overrides_apply(tmp_path):
@@ -46,6 +47,9 @@ def test_default_config_loads_and_overrides_apply(tmp_path):
     (["data=3"], "data is a section; set one of its keys"),
     (["bogus"], "override 'bogus' is not of the form key=value"),
     (["objective=kd"], "objective.kd_teacher must name a text_only run directory"),
+    (["objective=vkd_distil"], "objective.name='vkd_distil' is not an objective but a setting of vkd: select it with "
+                               "--config configs/recipes/vkd_distil.yaml, after the text_only run of "
+                               "configs/recipes/vkd_distil_teacher.yaml"),
     (["model.text_encoder=/nonexistent/bert"], "model.text_encoder='/nonexistent/bert': expected 'tiny-bert'"),
     # issue 13: accepted without a word before
     (["optim.min_lr_ratio=5"], "optim.min_lr_ratio=5.0 must be in [0, 1]"),

@@ -32,10 +32,19 @@ def build_objective(cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optiona
     return get_objective(cfg.name)(cfg, num_samples, teacher)
 
 
+# Settings known by a name of their own that are not objectives (the study's arms): the recipe that selects each.
+RECIPES = {"vkd_distil": "configs/recipes/vkd_distil.yaml, after the text_only run of "
+                         "configs/recipes/vkd_distil_teacher.yaml (docs/partial-labels.md)"}
+
+
 def check_config(cfg: Config) -> None:
     """objective.name is a registered objective (asked at validation time: tests register their own)."""
-    if cfg.objective.name not in objective_names():
-        raise not_allowed("objective.name", cfg.objective.name, objective_names())
+    name = cfg.objective.name
+    if name in RECIPES and name not in objective_names():
+        raise ConfigError(f"objective.name={name!r} is not an objective but a setting of vkd: select it with "
+                          f"--config {RECIPES[name]}")
+    if name not in objective_names():
+        raise not_allowed("objective.name", name, objective_names())
 
 
 def check_teacher(cfg: Config) -> None:
