@@ -67,7 +67,7 @@ def _comparison(study: dict, regime: str, arm: str, baseline: str = "image_only"
 
 def _delta(c: dict) -> str:
     p = c.get("p_value")
-    return f"{c['delta']:+.3f} {_ci(*c['ci'], signed=True)}" + (f", p = {p:.3f}" if p is not None else "")
+    return f"{c['delta']:+.3f} {_ci(c['ci'][0], c['ci'][1], signed=True)}" + (f", p = {p:.3f}" if p is not None else "")
 
 
 def read_evidence(out: Path) -> dict:

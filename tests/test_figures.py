@@ -36,7 +36,8 @@ def _results(tmp_path: Path) -> dict[str, Path]:
     gpu.write_text(json.dumps({"machine": {"gpu": "NVIDIA H200", "cpu": "Xeon", "cpus": 16},
                                "end_to_end_samples_s": 401.0, "end_to_end_data_wait_frac": 0.0025}))
     log = tmp_path / "suite.log"
-    log.write_text("....\n= 3 failed in 2.0s =\n....\n==== 525 passed, 5 skipped, 3 warnings in 979.61s (0:16:19) ====\n")
+    log.write_text("....\n= 3 failed in 2.0s =\n....\n"
+                   "==== 525 passed, 5 skipped, 3 warnings in 979.61s (0:16:19) ====\n")
     return {"default_run": run, "evidence": study, "throughput_cpu": bench, "throughput_gpu": gpu, "suite": log}
 
 
