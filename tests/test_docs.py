@@ -178,3 +178,35 @@ def test_checker_names_file_and_link(tmp_path: Path) -> None:
     assert "README.md:8: link 'docs/b.md#not-a-heading': no heading with anchor #not-a-heading in b.md" in problems[1]
     assert problems[2].startswith("README.md:8: link 'docs/nope.png': no file")
     assert problems[3].startswith("README.md:9: link 'docs/also-missing.md': no file")
+
+
+# The docs speak to users about the product as it is: no issue numbers, no "this VM" (a figure names its machine).
+ISSUE_NUMBER = re.compile(r"\bissues?\s+#?\d+|(?<![\w/&])#\d+\b", re.IGNORECASE)
+THIS_MACHINE = re.compile(r"\bthis\s+(?:[\w-]+\s+)?(?:VM|virtual machine)\b", re.IGNORECASE)
+
+
+def notebook_phrases(text: str) -> list[str]:
+    """'line N: phrase' for every issue number and 'this VM' in a Markdown text, code included."""
+    return [f"line {number}: {match.group(0)!r}" for number, line in enumerate(text.splitlines(), start=1)
+            for pattern in (ISSUE_NUMBER, THIS_MACHINE) for match in pattern.finditer(line)]
+
+
+def test_notebook_phrases_are_found():
+    text = "as reported in issue 19\nsee #12 and issues 3\non this 2-core VM\nthis VM\n[x](#top) &#39; `a#1`"
+    assert notebook_phrases(text) == ["line 1: 'issue 19'", "line 2: '#12'", "line 2: 'issues 3'",
+                                      "line 3: 'this 2-core VM'", "line 4: 'this VM'"]
+    assert notebook_phrases("a 2-core AMD EPYC VM; H200 #GPU; step 19 of the issue") == []
+
+
+# docs/evidence.md is being rewritten in parallel to drop them: once it is clean this xfail turns into a failure
+# (strict), and its marker goes.
+_EVIDENCE = REPO / "docs" / "evidence.md"
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(p == _EVIDENCE, reason="evidence.md still names issues and this VM",
+                                            strict=True))
+    for p in markdown_files()], ids=lambda p: str(p.relative_to(REPO)))
+def test_no_issue_numbers_or_this_vm(path: Path) -> None:
+    found = notebook_phrases(path.read_text(encoding="utf-8"))
+    assert not found, f"{path.relative_to(REPO)}: " + "; ".join(found)
