@@ -285,7 +285,7 @@ def _hand_macro(p, targets, labels, w=None):
 def test_seed_and_patient_headline_by_hand_with_sklearn():
     """The headline, spelled out: per-seed macros from roc_auc_score, the patient bootstrap's variance of the
     seed-averaged delta from bootstrap_weights and roc_auc_score's sample weights, then
-    delta +- t(df) sqrt(var(per-seed deltas) / S + patient variance) with Welch-Satterthwaite df."""
+    delta +- t(S - 1) sqrt(var(per-seed deltas) / S + patient variance)."""
     from scipy.stats import t
 
     a, b, y, mask = _arms([1.2, 0.7, 1.0], [0.9, 0.8, 0.6], n=120, seed=3)
@@ -298,7 +298,7 @@ def test_seed_and_patient_headline_by_hand_with_sklearn():
     d = np.array([np.mean([_hand_macro(p, y, [0, 1], w) for p in a]) - np.mean([_hand_macro(p, y, [0, 1], w)
                                                                                  for p in b]) for w in rows])
     seed_var, patient_var = per_seed.var(ddof=1) / 3, d.var(ddof=1)
-    df = (seed_var + patient_var) ** 2 / (seed_var ** 2 / 2)
+    df = 2  # the seeds' df: S - 1
     half = t.ppf(0.975, df) * np.sqrt(seed_var + patient_var)
     assert got["delta"] == pytest.approx(per_seed.mean(), abs=1e-12)
     assert got["ci"] == pytest.approx((per_seed.mean() - half, per_seed.mean() + half), abs=1e-10)
@@ -318,7 +318,7 @@ def test_seed_and_patient_headline_by_hand_with_sklearn():
     va, vb = ma.var(ddof=1) / 3, mb.var(ddof=1) / 2
     pv = un["test_noise_only"]["se"] ** 2
     assert un["per_seed_delta"] is None and un["seed_t_interval"] is None and not un["seeds_paired"]
-    assert un["df"] == pytest.approx((va + vb + pv) ** 2 / (va ** 2 / 2 + vb ** 2 / 1))
+    assert un["df"] == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1))  # Welch's
     assert un["ci"][1] - un["ci"][0] == pytest.approx(2 * t.ppf(0.975, un["df"]) * np.sqrt(va + vb + pv))
 
 
@@ -390,13 +390,16 @@ def test_t_interval_and_its_limits():
     flat = seed_and_patient_interval(0.02, [(0.0, 4)], 0.01 ** 2)
     assert flat["df"] == float("inf") and flat["ci"] == pytest.approx((0.02 - 0.0196, 0.02 + 0.0196), abs=1e-5)
     assert flat["p_value"] == pytest.approx(2 * t.sf(2.0, np.inf))
-    # both: the variances add; the patient part, estimated on far more than 4 df, raises the df (Satterthwaite)
+    # both: the variances add, on the seeds' df, so never narrower than the seeds-only interval
     v = np.var(deltas, ddof=1) / 5
     mixed = seed_and_patient_interval(np.mean(deltas), [(v, 4)], 0.004 ** 2)
-    assert mixed["se"] == pytest.approx(np.sqrt(v + 0.004 ** 2)) and mixed["se"] > seeds_only["se"]
-    assert mixed["df"] == pytest.approx(4 * (v + 0.004 ** 2) ** 2 / v ** 2) and 4 < mixed["df"] < 8
+    assert mixed["se"] == pytest.approx(np.sqrt(v + 0.004 ** 2)) and mixed["df"] == 4
     lo, hi = mixed["ci"]
-    assert hi - lo == pytest.approx(2 * t.ppf(0.975, mixed["df"]) * mixed["se"]) and lo < 0 < hi
+    assert hi - lo == pytest.approx(2 * t.ppf(0.975, 4) * mixed["se"]) and lo < 0 < hi
+    assert hi - lo > seeds_only["ci"][1] - seeds_only["ci"][0] and mixed["p_value"] > seeds_only["p_value"]
+    # unpaired: Welch's df over the two arms' terms
+    welch = seed_and_patient_interval(0.05, [(1e-4, 4), (4e-4, 2)], 1e-4)
+    assert welch["df"] == pytest.approx(5e-4 ** 2 / (1e-4 ** 2 / 4 + 4e-4 ** 2 / 2))
 
 
 # ------------------------------------------------------------------------------------------- calibration

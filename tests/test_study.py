@@ -454,3 +454,21 @@ def test_the_table_shows_the_seed_aware_delta_and_the_test_noise_only_one(tmp_pa
     monkeypatch.setattr(compare_module, "_seeds", lambda runs: [arm_seed(r)[1] for r in runs])
     study.report(fake, tmp_path, 200, force=False)
     assert fake["comparisons"][0]["interval"] == "seeds and test patients"
+
+
+def test_seed_stats_rederives_the_published_comparisons():
+    """benchmarks/study/seed_stats.py, the seed-level figures of docs/evidence.md: vkd_distil - kd from its
+    published per-seed deltas is the paired t over seeds computed by hand ([-0.011, +0.044], p 0.17), and every
+    headline holds its seeds-only interval and is wider than the test-set-noise-only one it started from."""
+    from benchmarks.study import seed_stats
+
+    rows = {(c.regime, c.a, c.b): seed_stats.derive(c) for c in seed_stats.PUBLISHED}
+    distil_kd = rows[("labels0.1", "vkd_distil", "kd")]
+    assert distil_kd["seeds_only"]["ci"] == pytest.approx((-0.0111, 0.0439), abs=5e-4)
+    assert distil_kd["seeds_only"]["p_value"] == pytest.approx(0.17, abs=0.01)
+    assert distil_kd["headline"]["ci"][0] < 0 < distil_kd["headline"]["ci"][1]
+    for c in seed_stats.PUBLISHED:
+        head, seeds = rows[(c.regime, c.a, c.b)]["headline"]["ci"], rows[(c.regime, c.a, c.b)]["seeds_only"]["ci"]
+        assert head[0] <= seeds[0] and seeds[1] <= head[1]
+        assert head[1] - head[0] > c.noise_ci[1] - c.noise_ci[0]
+    assert seed_stats.table().count("\n") == len(seed_stats.PUBLISHED) + 1

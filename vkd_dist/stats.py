@@ -12,11 +12,11 @@ sparse product against the per-patient draw counts plus a cumulative sum (see _R
 
 Why seeds too: a comparison of two training recipes is a question about the recipes, not about one trained
 model each. With several seeds per arm, paired_delta's headline interval adds the spread between seeds to the
-patient bootstrap's (seed_and_patient_interval): a t-interval with Welch-Satterthwaite degrees of freedom. It
-stands in for a two-level bootstrap (resample seeds, then patients), which with 5 seeds estimates the seed
-variance low by (S - 1) / S and uses normal rather than t_4 tails: its nominal 95 % interval covers about 85 %
-of the time under a normal model. The sum counts the seed x patient interaction twice (in the per-seed deltas
-and in the bootstrap of their mean), so it errs wide rather than narrow; tests/test_stats.py checks its coverage.
+patient bootstrap's (seed_and_patient_interval): a t-interval on the seeds' degrees of freedom. It stands in
+for a two-level bootstrap (resample seeds, then patients), which with 5 seeds estimates the seed variance low
+by (S - 1) / S and uses normal rather than t_4 tails: its nominal 95 % interval covers about 85 % of the time
+under a normal model. The sum counts the seed x patient interaction twice (in the per-seed deltas and in the
+bootstrap of their mean), so it errs wide rather than narrow; tests/test_stats.py checks its coverage.
 
 Point estimates use scikit-learn directly; only the bootstrap is written by hand.
 """
@@ -410,18 +410,18 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict:
 def seed_and_patient_interval(delta: float, seed_terms: Sequence[tuple[float, float]], patient_var: float,
                               level: float = 0.95) -> dict:
     """A t-interval for delta whose variance adds training randomness and test-set noise:
-        V = sum_i v_i + patient_var,  df = V^2 / sum_i (v_i^2 / df_i)    (Welch-Satterthwaite)
+        V = sum_i v_i + patient_var,   df = (sum_i v_i)^2 / sum_i (v_i^2 / df_i)
     seed_terms: (v_i, df_i) pairs, each the variance of a seed mean and its degrees of freedom (paired seeds:
     var(per-seed delta) / S on S - 1; unpaired: one term per arm). patient_var: the patient bootstrap's
-    variance of delta, taken as known (a test set of hundreds of patients estimates it on far more degrees of
-    freedom than a handful of seeds). With patient_var 0 this is the t-interval over seeds (Welch's when
-    unpaired); with no seed variance, the normal interval of the patient bootstrap.
-    Returns {"ci", "p_value", "se", "df"}."""
+    variance of delta. The df are the seed terms' own (Welch-Satterthwaite over them; S - 1 when paired): the
+    patient part, estimated from hundreds of patients, would raise them, and with them shrink the t quantile
+    faster than it widens V; keeping the seeds' df makes the interval never narrower than the seeds-only one
+    (patient_var 0: exactly the t-interval over seeds, Welch's when unpaired). No seed spread at all (identical
+    runs): the normal interval of the patient bootstrap. Returns {"ci", "p_value", "se", "df"}."""
     seed_var = float(sum(v for v, _ in seed_terms))
-    var = seed_var + float(patient_var)
     spread = sum(v * v / f for v, f in seed_terms)
-    df = var * var / spread if spread > 0 else float("inf")
-    se = float(np.sqrt(var))
+    df = seed_var * seed_var / spread if spread > 0 else float("inf")
+    se = float(np.sqrt(seed_var + float(patient_var)))
     ci, p = _t_test(delta, se, df, level)
     return {"ci": ci, "p_value": p, "se": se, "df": df}
 

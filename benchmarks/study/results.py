@@ -193,8 +193,8 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
             f"- **Delta**: arm minus {BASELINE} on the same test samples, each arm's seeds averaged "
             f"(vkd_dist.compare on {CHECKPOINT}/). Its 95 % CI and two-sided p count training randomness and "
             "test-set noise: a t-interval whose variance is the per-seed deltas' (seeds paired by train.seed) "
-            f"plus that of one paired patient bootstrap ({study.get('bootstrap', 1000)} resamples), on "
-            "Welch-Satterthwaite degrees of freedom. The last column is that bootstrap alone, the trained models "
+            f"plus that of one paired patient bootstrap ({study.get('bootstrap', 1000)} resamples), on the "
+            "seeds' degrees of freedom. The last column is that bootstrap alone, the trained models "
             "held fixed: test-set noise only. `p < x`: no resample fell on the far side of 0, so the p is below "
             "what the resamples resolve.", ""]
     plots = [f"![{p}]({p})" for p in study.get("plots", [])]
