@@ -337,8 +337,8 @@ def test_seeds_that_disagree_in_sign_leave_zero_in_the_headline():
     assert got["seed_t_interval"]["ci"][0] < 0 < got["seed_t_interval"]["ci"][1]
 
 
-@pytest.mark.parametrize("seed_sd, covers", [(0.35, "headline"), (0.0, "headline")])
-def test_coverage_of_the_headline_interval(seed_sd, covers):
+@pytest.mark.parametrize("seed_sd", [0.5, 0.0])
+def test_coverage_of_the_headline_interval(seed_sd):
     """Simulated studies with a known truth: per seed a signal drawn around the arm's (seed_sd), per arm a test
     -set difficulty its seeds share, so both noises move the delta. Each model's expected AUROC is
     Phi(signal / sqrt(2 sigma^2)), and over seeds E Phi = Phi(mu / sqrt(2 sigma^2 + seed_sd^2)). The headline
@@ -365,7 +365,7 @@ def test_coverage_of_the_headline_interval(seed_sd, covers):
     rate = {k: v / trials for k, v in hits.items()}
     assert rate["headline"] >= 0.9
     if seed_sd:
-        assert rate["test noise only"] <= 0.75
+        assert rate["test noise only"] <= 0.7  # 0.57 at this seed
     else:
         assert rate["seeds only"] < rate["headline"] - 0.05
 
