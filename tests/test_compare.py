@@ -80,3 +80,15 @@ def test_one_seed_in_an_arm_gives_test_set_noise_only_and_says_so(arms, tmp_path
     assert r["interval"] == "test-set noise only" and r["ci"] == r["test_noise_only"]["ci"]
     assert r["seeds_a"] is None and r["p_value_is_bound"]  # a0, a2 beat b0 in every resample
     assert "p < 0.002  test-set noise only (one seed in b: training randomness not measured)" in printed
+
+
+def test_identical_runs_in_both_arms_write_strict_json(arms, tmp_path, capsys):
+    """No seed spread and no patient spread: the headline is the point, on a normal (infinite df) that the JSON
+    writes as null rather than the non-standard Infinity."""
+    out = tmp_path / "same.json"
+    assert compare_main(["--a", "a0", "a1", "--b", "a0", "a1", "--data", str(arms), "--bootstrap", "50",
+                         "--out", str(out)]) == 0
+    assert "Infinity" not in out.read_text()
+    r = json.loads(out.read_text())
+    assert r["ci"] == [0, 0] and r["p_value"] == 1 and r["df"] is None and r["per_seed_delta"] == [0, 0]
+    assert "normal: the seeds do not differ" in capsys.readouterr().out

@@ -93,7 +93,8 @@ def compare(a_runs: Sequence[str], b_runs: Sequence[str], data: str, split: str 
         "delta_macro_auroc": result["delta"],
         # the headline: seeds and test patients with 2+ seeds per arm, else test-set noise only ("interval")
         "ci": result["ci"], "p_value": result["p_value"], "p_value_is_bound": result["p_value_is_bound"],
-        "interval": result["interval"], "se": result["se"], "df": result["df"],
+        "interval": result["interval"], "se": result["se"],
+        "df": result["df"] if result["df"] is None or np.isfinite(result["df"]) else None,  # inf: strict JSON lacks it
         "test_noise_only": result["test_noise_only"], "seed_t_interval": result["seed_t_interval"],
         "seeds_a": seeds_a, "seeds_b": seeds_b, "seeds_paired": result["seeds_paired"],
         "macro_auroc_a": result["macro_a"], "macro_auroc_b": result["macro_b"],
@@ -119,7 +120,8 @@ def _seed_note(r: dict) -> str:
         return f"test-set noise only (one seed in {' and '.join(few)}: training randomness not measured)"
     how = (f"{len(r['a'])} seeds paired by train.seed" if r["seeds_paired"] else
            f"the arms' seeds differ ({r['seeds_a']} / {r['seeds_b']}): each arm's seed spread counted (Welch)")
-    return f"over seeds and test patients ({how}; t on {r['df']:.1f} df)"
+    tails = f"t on {r['df']:.1f} df" if r["df"] is not None else "normal: the seeds do not differ"
+    return f"over seeds and test patients ({how}; {tails})"
 
 
 def _interval(r: dict) -> str:
