@@ -294,8 +294,8 @@ def paired_delta(probs_a: list[np.ndarray], probs_b: list[np.ndarray], targets, 
       "interval" says which one it is.
     - "seed_t_interval": the paired t-interval over the per-seed deltas (the test set fixed), when paired.
 
-    seeds_paired: None pairs seed i of a with seed i of b when the arms have as many seeds; False resamples
-    them as independent (their seeds differ); True with unequal counts is an error.
+    seeds_paired: None pairs seed i of a with seed i of b when the arms have as many seeds; False counts each
+    arm's seed spread on its own (Welch: their seeds differ); True with unequal counts is an error.
     Returns {"delta", "ci", "p_value", "p_value_is_bound", "interval", "se", "df", "test_noise_only": {"ci",
     "p_value", "p_value_is_bound", "se"}, "seed_t_interval", "seeds_paired", "resamples", "valid_resamples",
     "macro_a": [per-seed point macro of a], "macro_b": [...], "per_seed_delta": [macro_a[i] - macro_b[i]] when
