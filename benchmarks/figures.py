@@ -67,7 +67,8 @@ def _comparison(study: dict, regime: str, arm: str, baseline: str = "image_only"
 
 def _delta(c: dict) -> str:
     p = c.get("p_value")
-    return f"{c['delta']:+.3f} {_ci(c['ci'][0], c['ci'][1], signed=True)}" + (f", p = {p:.3f}" if p is not None else "")
+    rel = "<" if c.get("p_value_is_bound") else "="  # below the bootstrap's resolution, p is only bounded
+    return f"{c['delta']:+.3f} {_ci(c['ci'][0], c['ci'][1], signed=True)}" + (f", p {rel} {p:.3f}" if p is not None else "")
 
 
 def read_evidence(out: Path) -> dict:
@@ -120,7 +121,8 @@ FIGURES = (
            "bootstrap CI; macro ECE", "rm -rf runs/default && .venv/bin/accelerate launch -m vkd_dist.train",
            read_default_run, "--default-run"),
     Figure("evidence", "evidence, reports for every study: labels for a tenth (labels0.1) and for all (n2000), "
-           "macro AUROC against image_only, paired 95 % CI", "python -m benchmarks.study --evidence",
+           "macro AUROC against image_only, 95 % CI over seeds and test patients",
+           "python -m benchmarks.study --evidence",
            read_evidence, "--study"),
     Figure("throughput_cpu", "training throughput, CPU (the default config, one thread)",
            ".venv/bin/python benchmarks/throughput.py --threads 1 --json bench.json", read_throughput, "--bench"),

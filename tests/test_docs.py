@@ -198,15 +198,7 @@ def test_notebook_phrases_are_found():
     assert notebook_phrases("a 2-core AMD EPYC VM; H200 #GPU; step 19 of the issue") == []
 
 
-# docs/evidence.md is being rewritten in parallel to drop them: once it is clean this xfail turns into a failure
-# (strict), and its marker goes.
-_EVIDENCE = REPO / "docs" / "evidence.md"
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(p == _EVIDENCE, reason="evidence.md still names issues and this VM",
-                                            strict=True))
-    for p in markdown_files()], ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_no_issue_numbers_or_this_vm(path: Path) -> None:
     found = notebook_phrases(path.read_text(encoding="utf-8"))
     assert not found, f"{path.relative_to(REPO)}: " + "; ".join(found)

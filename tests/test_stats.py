@@ -14,7 +14,9 @@ from vkd_dist.stats import (
     paired_delta,
     patient_index,
     reliability,
+    seed_and_patient_interval,
     sensitivity_at_specificity,
+    t_interval,
     weighted_auroc,
 )
 
@@ -227,8 +229,11 @@ def test_paired_delta_better_arm():
     assert got["delta"] == pytest.approx(np.mean(got["macro_a"]) - np.mean(got["macro_b"]), abs=1e-12)
     assert got["per_seed_delta"] == pytest.approx([a - b for a, b in zip(got["macro_a"], got["macro_b"])])
     lo, hi = got["ci"]
-    assert 0 < lo < got["delta"] < hi
-    assert got["p_value"] == pytest.approx(2 / 301)  # no resample at or below 0: the +1 floor
+    assert 0 < lo < got["delta"] < hi and got["interval"] == "seeds and test patients"
+    fixed = got["test_noise_only"]
+    assert fixed["p_value"] == pytest.approx(2 / 301)  # no resample at or below 0: the +1 floor, a bound
+    assert fixed["p_value_is_bound"] and not got["p_value_is_bound"]
+    assert 0 < fixed["ci"][0] < got["delta"] < fixed["ci"][1]
     reverse = paired_delta(noise, good, targets, mask, [0, 1, 2], n_boot=300, seed=2)
     assert reverse["ci"] == pytest.approx((-hi, -lo), abs=1e-12)
 
@@ -246,15 +251,155 @@ def test_paired_delta_is_paired_by_hand():
     assert got["ci"] == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])), abs=1e-12)
     below, above = (d <= 0).sum(), (d >= 0).sum()
     assert got["p_value"] == pytest.approx(min(1.0, 2 * min(below + 1, above + 1) / 151))
+    assert min(below, above) > 0 and not got["p_value_is_bound"]  # resamples on both sides: an estimate
+    assert got["interval"] == "test-set noise only" and got["test_noise_only"]["ci"] == got["ci"]  # one seed
 
 
 def test_paired_delta_unequal_seeds_and_undefined():
     probs, targets, mask = _table(100, signal=0.5)
     got = paired_delta([probs, probs * 2], [probs], targets, mask, [0, 1], n_boot=50)
     assert got["per_seed_delta"] is None and len(got["macro_a"]) == 2 and len(got["macro_b"]) == 1
+    assert not got["seeds_paired"] and got["interval"] == "test-set noise only"  # b's one seed: no seed spread
+    with pytest.raises(ValueError, match="seeds_paired with 2 seeds in a and 1 in b"):
+        paired_delta([probs, probs * 2], [probs], targets, mask, [0, 1], n_boot=50, seeds_paired=True)
     targets[:, 1] = 1.0
     got = paired_delta([probs], [probs], targets, mask, [0, 1], n_boot=50)
     assert got["delta"] is None and got["ci"] is None and got["valid_resamples"] == 0
+
+
+# ------------------------------------------------------------------------------- seeds and patients together
+
+def _arms(signal_a, signal_b, n=400, num_labels=2, seed=0, ids=None):
+    """Per seed of each arm a [n, L] score table: scores = signal x y + N(0, 1), so seed s of an arm scores an
+    AUROC near Phi(signal[s] / sqrt(2)); targets and mask shared."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, num_labels)) < 0.3).astype(np.float32)
+    arm = lambda signals: [s * y + rng.normal(size=y.shape) for s in signals]  # noqa: E731
+    return arm(signal_a), arm(signal_b), y, np.ones_like(y, dtype=bool)
+
+
+def _hand_macro(p, targets, labels, w=None):
+    return np.mean([roc_auc_score(targets[:, j], p[:, j], sample_weight=w) for j in labels])
+
+
+def test_seed_and_patient_headline_by_hand_with_sklearn():
+    """The headline, spelled out: per-seed macros from roc_auc_score, the patient bootstrap's variance of the
+    seed-averaged delta from bootstrap_weights and roc_auc_score's sample weights, then
+    delta +- t(S - 1) sqrt(var(per-seed deltas) / S + patient variance)."""
+    from scipy.stats import t
+
+    a, b, y, mask = _arms([1.2, 0.7, 1.0], [0.9, 0.8, 0.6], n=120, seed=3)
+    ids = [f"p{i // 2}" for i in range(120)]
+    got = paired_delta(a, b, y, mask, [0, 1], patient_ids=ids, n_boot=60, seed=5)
+    per_seed = np.array([_hand_macro(pa, y, [0, 1]) - _hand_macro(pb, y, [0, 1]) for pa, pb in zip(a, b)])
+    assert got["per_seed_delta"] == pytest.approx(per_seed.tolist(), abs=1e-12) and got["seeds_paired"]
+    idx, num = patient_index(ids, 120)
+    rows = np.concatenate(list(bootstrap_weights(idx, num, 60, seed=5)))
+    d = np.array([np.mean([_hand_macro(p, y, [0, 1], w) for p in a]) - np.mean([_hand_macro(p, y, [0, 1], w)
+                                                                                 for p in b]) for w in rows])
+    seed_var, patient_var = per_seed.var(ddof=1) / 3, d.var(ddof=1)
+    df = 2  # the seeds' df: S - 1
+    half = t.ppf(0.975, df) * np.sqrt(seed_var + patient_var)
+    assert got["delta"] == pytest.approx(per_seed.mean(), abs=1e-12)
+    assert got["ci"] == pytest.approx((per_seed.mean() - half, per_seed.mean() + half), abs=1e-10)
+    assert got["df"] == pytest.approx(df) and got["interval"] == "seeds and test patients"
+    assert got["p_value"] == pytest.approx(2 * t.sf(abs(per_seed.mean()) / np.sqrt(seed_var + patient_var), df))
+    assert got["test_noise_only"]["ci"] == pytest.approx(tuple(np.quantile(d, [0.025, 0.975])), abs=1e-12)
+    seeds_only = got["seed_t_interval"]  # the paired t over seeds, against scipy's one-sample t-test
+    from scipy.stats import ttest_1samp
+
+    ref = ttest_1samp(per_seed, 0.0)
+    assert seeds_only["p_value"] == pytest.approx(ref.pvalue) and seeds_only["df"] == 2
+    assert seeds_only["ci"] == pytest.approx(tuple(ref.confidence_interval(0.95)))
+
+    # seeds that differ between the arms: each arm's spread, Welch
+    un = paired_delta(a, b[:2], y, mask, [0, 1], patient_ids=ids, n_boot=60, seed=5, seeds_paired=False)
+    ma, mb = np.array(un["macro_a"]), np.array(un["macro_b"])
+    va, vb = ma.var(ddof=1) / 3, mb.var(ddof=1) / 2
+    pv = un["test_noise_only"]["se"] ** 2
+    assert un["per_seed_delta"] is None and un["seed_t_interval"] is None and not un["seeds_paired"]
+    assert un["df"] == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1))  # Welch's
+    assert un["ci"][1] - un["ci"][0] == pytest.approx(2 * t.ppf(0.975, un["df"]) * np.sqrt(va + vb + pv))
+
+
+def test_seeds_that_disagree_in_sign_leave_zero_in_the_headline():
+    """Two arms whose per-seed deltas disagree in sign: the test set is large enough that the patient bootstrap
+    alone (the models fixed) calls a winner, while the interval over seeds and patients holds 0."""
+    a, b, y, mask = _arms([1.6, 0.8, 1.5, 0.85, 1.4], [1.0] * 5, n=2000, seed=1)
+    got = paired_delta(a, b, y, mask, [0, 1], n_boot=200, seed=0)
+    per_seed = np.array(got["per_seed_delta"])
+    assert (per_seed > 0).sum() >= 2 and (per_seed < 0).sum() >= 2
+    noise_lo, noise_hi = got["test_noise_only"]["ci"]
+    assert 0 < noise_lo < got["delta"] < noise_hi  # test-set noise only: "a wins"
+    assert got["test_noise_only"]["p_value_is_bound"]
+    lo, hi = got["ci"]
+    assert lo < 0 < hi and got["p_value"] > 0.05  # seeds and patients: undecided
+    assert got["seed_t_interval"]["ci"][0] < 0 < got["seed_t_interval"]["ci"][1]
+
+
+@pytest.mark.parametrize("seed_sd", [0.5, 0.0])
+def test_coverage_of_the_headline_interval(seed_sd):
+    """Simulated studies with a known truth: per seed a signal drawn around the arm's (seed_sd), per arm a test
+    -set difficulty its seeds share, so both noises move the delta. Each model's expected AUROC is
+    Phi(signal / sqrt(2 sigma^2)), and over seeds E Phi = Phi(mu / sqrt(2 sigma^2 + seed_sd^2)). The headline
+    interval covers the true delta at its nominal 95 %; the test-set-noise-only one misses it when seeds vary,
+    and the seeds-only t-interval when they do not (it misses the test set the seeds share)."""
+    from scipy.stats import norm
+
+    trials, n, seeds = 120, 200, 5
+    rng = np.random.default_rng(11)
+    scale = np.sqrt(2 * (0.6 ** 2 + 0.8 ** 2) + seed_sd ** 2)
+    truth = norm.cdf(1.0 / scale) - norm.cdf(0.8 / scale)
+    hits = {"headline": 0, "test noise only": 0, "seeds only": 0}
+    for trial in range(trials):
+        y = (rng.random((n, 1)) < 0.4).astype(np.float32)
+        arms = []
+        for mu in (1.0, 0.8):
+            shared = 0.6 * rng.normal(size=(n, 1))
+            arms.append([(mu + seed_sd * rng.normal()) * y + shared + 0.8 * rng.normal(size=(n, 1))
+                         for _ in range(seeds)])
+        got = paired_delta(*arms, y, np.ones_like(y, dtype=bool), [0], n_boot=50, seed=trial)
+        for name, ci in (("headline", got["ci"]), ("test noise only", got["test_noise_only"]["ci"]),
+                         ("seeds only", got["seed_t_interval"]["ci"])):
+            hits[name] += ci[0] <= truth <= ci[1]
+    rate = {k: v / trials for k, v in hits.items()}
+    assert rate["headline"] >= 0.9
+    if seed_sd:
+        assert rate["test noise only"] <= 0.7  # 0.57 at this seed
+    else:
+        assert rate["seeds only"] < rate["headline"] - 0.05
+
+
+def test_t_interval_and_its_limits():
+    from scipy.stats import t, ttest_1samp
+
+    got = t_interval([1.0, 2.0, 3.0])
+    assert got["mean"] == 2.0 and got["sd"] == 1.0 and got["df"] == 2 and got["n"] == 3
+    assert got["ci"][1] - 2.0 == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)  # t(0.975, df 2)
+    assert got["p_value"] == pytest.approx(ttest_1samp([1.0, 2.0, 3.0], 0.0).pvalue)
+    one = t_interval([0.7])
+    assert one["mean"] == 0.7 and one["ci"] is None and one["p_value"] is None
+    assert t_interval([])["mean"] is None
+    deltas = [0.010, -0.009, 0.004, 0.047, 0.030]
+    seeds_only = t_interval(deltas)
+    # no test-set noise: the paired t over seeds exactly
+    both = seed_and_patient_interval(np.mean(deltas), [(np.var(deltas, ddof=1) / 5, 4)], 0.0)
+    assert both["ci"] == pytest.approx(seeds_only["ci"]) and both["p_value"] == pytest.approx(seeds_only["p_value"])
+    assert both["df"] == pytest.approx(4)
+    # no seed spread: the normal interval of the patient variance
+    flat = seed_and_patient_interval(0.02, [(0.0, 4)], 0.01 ** 2)
+    assert flat["df"] == float("inf") and flat["ci"] == pytest.approx((0.02 - 0.0196, 0.02 + 0.0196), abs=1e-5)
+    assert flat["p_value"] == pytest.approx(2 * t.sf(2.0, np.inf))
+    # both: the variances add, on the seeds' df, so never narrower than the seeds-only interval
+    v = np.var(deltas, ddof=1) / 5
+    mixed = seed_and_patient_interval(np.mean(deltas), [(v, 4)], 0.004 ** 2)
+    assert mixed["se"] == pytest.approx(np.sqrt(v + 0.004 ** 2)) and mixed["df"] == 4
+    lo, hi = mixed["ci"]
+    assert hi - lo == pytest.approx(2 * t.ppf(0.975, 4) * mixed["se"]) and lo < 0 < hi
+    assert hi - lo > seeds_only["ci"][1] - seeds_only["ci"][0] and mixed["p_value"] > seeds_only["p_value"]
+    # unpaired: Welch's df over the two arms' terms
+    welch = seed_and_patient_interval(0.05, [(1e-4, 4), (4e-4, 2)], 1e-4)
+    assert welch["df"] == pytest.approx(5e-4 ** 2 / (1e-4 ** 2 / 4 + 4e-4 ** 2 / 2))
 
 
 # ------------------------------------------------------------------------------------------- calibration

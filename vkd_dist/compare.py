@@ -2,9 +2,16 @@
 
 Every run predicts the same samples of the split (image-only inference, the data set's evaluation policy).
 The statistic is the difference in macro AUROC, a minus b, with each arm's seeds averaged, over the split's
-fixed macro label set. Its 95 % CI and two-sided p-value come from one patient bootstrap applied to every run
-at once (vkd_dist/stats.py `paired_delta`), so the sampling noise the arms share cancels. Per-seed macro
-AUROCs, and per-seed deltas when the arms have as many seeds, are listed too.
+fixed macro label set. Two kinds of noise move it: which patients the test set holds, and training itself (the
+seed). With two or more seeds in each arm, the 95 % CI and two-sided p printed first (and written as `ci`,
+`p_value`) count both: a t-interval whose variance is the seeds' (the per-seed deltas, runs paired by their
+train.seed; Welch's per-arm spreads when the arms' seeds differ) plus the patient bootstrap's
+(vkd_dist/stats.py `paired_delta`, `seed_and_patient_interval`). The patient bootstrap alone, one resample applied
+to every run at once, is listed as "test-set noise only" (`test_noise_only`): it holds the trained models
+fixed. With one seed in an arm, training randomness is not measured and the headline is that one, said so.
+A bootstrap p with no resample on the far side of 0 is below what the resamples resolve: printed `p < 2/(B+1)`
+and written with `p_value_is_bound: true`. Per-seed macro AUROCs, per-seed deltas and their paired t-interval
+are listed too.
 """
 
 from __future__ import annotations
@@ -36,12 +43,40 @@ def _predictions(run: str, info, split: str, which: str, batch_size: Optional[in
                        [pred.patient_ids[i] for i in order])
 
 
+def _seeds(runs: Sequence[str]) -> list[int]:
+    from vkd_dist.run_dir import RunDir
+
+    return [RunDir(run).config().train.seed for run in runs]
+
+
+def _pair_by_seed(a_runs: Sequence[str], b_runs: Sequence[str]) -> tuple[list[str], Optional[list[int]],
+                                                                         Optional[list[int]], Optional[bool]]:
+    """(b's runs in a's seed order, a's seeds, b's seeds, whether seed i of a pairs with seed i of b).
+    Seeds are read only where both arms have two or more runs (below that no seed spread is measured, and one
+    run per arm pairs trivially); they pair when both arms hold the same distinct seeds."""
+    if len(a_runs) < 2 or len(b_runs) < 2:
+        return list(b_runs), None, None, None
+    seeds_a, seeds_b = _seeds(a_runs), _seeds(b_runs)
+    if sorted(seeds_a) != sorted(seeds_b) or len(set(seeds_a)) != len(seeds_a):
+        return list(b_runs), seeds_a, seeds_b, False
+    by_seed = dict(zip(seeds_b, b_runs))
+    return [by_seed[s] for s in seeds_a], seeds_a, list(seeds_a), True
+
+
+def _listed(value):
+    """Tuples (intervals) as JSON lists, in nested dicts too."""
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
 def compare(a_runs: Sequence[str], b_runs: Sequence[str], data: str, split: str = "test", which: str = "best",
             n_boot: int = 1000, seed: int = 0, batch_size: Optional[int] = None) -> dict:
     from vkd_dist.data.schema import read_dataset
 
     info = read_dataset(data)
     info.split(split)
+    b_runs, seeds_a, seeds_b, paired = _pair_by_seed(a_runs, b_runs)
     preds = {run: _predictions(run, info, split, which, batch_size) for run in [*a_runs, *b_runs]}
     ref = preds[a_runs[0]]
     for run, p in preds.items():
@@ -50,28 +85,60 @@ def compare(a_runs: Sequence[str], b_runs: Sequence[str], data: str, split: str 
     macro_labels = macro_label_set(ref, info.labels, info.scorable_labels(split))  # as vkd-eval's macro
     idx = [info.labels.index(n) for n in macro_labels]
     result = stats.paired_delta([preds[r].probs for r in a_runs], [preds[r].probs for r in b_runs], ref.targets,
-                                ref.mask, idx, ref.patient_ids, n_boot=n_boot, seed=seed)
-    return {
+                                ref.mask, idx, ref.patient_ids, n_boot=n_boot, seed=seed, seeds_paired=paired)
+    return _listed({
         "a": list(a_runs), "b": list(b_runs), "data": str(info.root), "split": split, "checkpoint": which,
         "eval_policy": info.eval_policy.to_dict(), "macro_labels": macro_labels,
         "num_samples": len(ref.keys), "num_patients": len(set(ref.patient_ids)),
-        "delta_macro_auroc": result["delta"], "p_value": result["p_value"],
-        "ci": None if result["ci"] is None else list(result["ci"]),  # None: undefined, format_result says why
+        "delta_macro_auroc": result["delta"],
+        # the headline: seeds and test patients with 2+ seeds per arm, else test-set noise only ("interval")
+        "ci": result["ci"], "p_value": result["p_value"], "p_value_is_bound": result["p_value_is_bound"],
+        "interval": result["interval"], "se": result["se"],
+        "df": result["df"] if result["df"] is None or np.isfinite(result["df"]) else None,  # inf: strict JSON lacks it
+        "test_noise_only": result["test_noise_only"], "seed_t_interval": result["seed_t_interval"],
+        "seeds_a": seeds_a, "seeds_b": seeds_b, "seeds_paired": result["seeds_paired"],
         "macro_auroc_a": result["macro_a"], "macro_auroc_b": result["macro_b"],
         "per_seed_delta": result["per_seed_delta"],
         "bootstrap": {"resamples": result["resamples"], "valid": result["valid_resamples"], "seed": seed,
                       "unit": "patient", "level": 0.95},
-    }
+    })
+
+
+def p_text(p_value: float, is_bound: bool) -> str:
+    """`p = 0.17`, or `p < 0.002` where the bootstrap resolves no smaller p (the bound, to 3 digits)."""
+    return f"p < {p_value:.3g}" if is_bound else f"p = {p_value:.3g}"
+
+
+def _ci(ci) -> str:
+    return f"95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def _seed_note(r: dict) -> str:
+    """How the headline treats seeds."""
+    if r["interval"] != "seeds and test patients":
+        few = [arm for arm in ("a", "b") if len(r[arm]) < 2]
+        return f"test-set noise only (one seed in {' and '.join(few)}: training randomness not measured)"
+    how = (f"{len(r['a'])} seeds paired by train.seed" if r["seeds_paired"] else
+           f"the arms' seeds differ ({r['seeds_a']} / {r['seeds_b']}): each arm's seed spread counted (Welch)")
+    tails = f"t on {r['df']:.1f} df" if r["df"] is not None else "normal: the seeds do not differ"
+    return f"over seeds and test patients ({how}; {tails})"
 
 
 def _interval(r: dict) -> str:
-    """The CI and p-value of a comparison, or why they are undefined (no resample kept both classes of every
-    macro label; the macro labels have both among the samples, so the delta itself is defined)."""
+    """The headline CI and p-value of a comparison, then the test-set-noise-only one, or why they are undefined
+    (no resample kept both classes of every macro label; the macro labels have both among the samples, so the
+    delta itself is defined)."""
     if r["ci"] is None:
         return (f"CI undefined (none of the {r['bootstrap']['resamples']} paired patient resamples kept a positive "
                 "and a negative of every macro label: too few positives or negatives)")
-    return (f"95% CI [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]  p = {r['p_value']:.4g}  ({r['bootstrap']['valid']} "
-            f"of {r['bootstrap']['resamples']} paired patient resamples)")
+    noise = r["test_noise_only"]
+    resamples = (f"{r['bootstrap']['valid']} of {r['bootstrap']['resamples']} paired patient resamples"
+                 + ("; none on the far side of 0" if noise["p_value_is_bound"] else ""))
+    head = f"{_ci(r['ci'])}  {p_text(r['p_value'], r['p_value_is_bound'])}  {_seed_note(r)}"
+    if r["interval"] != "seeds and test patients":
+        return f"{head} ({resamples})"
+    return (f"{head}\n  test-set noise only (the trained models fixed): {_ci(noise['ci'])}  "
+            f"{p_text(noise['p_value'], noise['p_value_is_bound'])}  ({resamples})")
 
 
 def format_result(r: dict) -> str:
@@ -85,6 +152,10 @@ def format_result(r: dict) -> str:
              f"delta (a - b) {r['delta_macro_auroc']:+.4f}  " + _interval(r)]
     if r["per_seed_delta"] is not None:
         lines.append("per-seed deltas: " + ", ".join(f"{v:+.4f}" for v in r["per_seed_delta"]))
+    seed_t = r["seed_t_interval"]
+    if seed_t is not None:
+        lines.append(f"  seeds only, paired t over the per-seed deltas (the test set fixed): {_ci(seed_t['ci'])}  "
+                     f"{p_text(seed_t['p_value'], False)}")
     return "\n".join(lines)
 
 
@@ -96,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", help="shard directory (default: the first run's data.path)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--checkpoint", default="best", choices=("best", "final", "last"))
-    parser.add_argument("--bootstrap", type=int, default=1000, help="paired patient-bootstrap resamples")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="paired patient-bootstrap resamples (B)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--out", help="write the comparison JSON here")

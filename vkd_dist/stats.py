@@ -1,4 +1,5 @@
-"""Evaluation statistics: patient-level bootstrap CIs for AUROC, paired model comparison, calibration.
+"""Evaluation statistics: patient-level bootstrap CIs for AUROC, paired model comparison over seeds and
+patients, calibration.
 
 Why a patient bootstrap: a chest X-ray test set holds several studies per patient, and those are correlated.
 Resampling images as if they were independent understates the variance; resampling *patients* (and carrying
@@ -8,6 +9,14 @@ A bootstrap row is a vector of per-sample weights (how many times the sample's p
 statistic is a weighted statistic on the fixed arrays: nothing is copied per resample, every label and every
 model sees the same rows (which is what makes comparisons paired), and AUROC for a whole chunk of rows is one
 sparse product against the per-patient draw counts plus a cumulative sum (see _RankedLabel).
+
+Why seeds too: a comparison of two training recipes is a question about the recipes, not about one trained
+model each. With several seeds per arm, paired_delta's headline interval adds the spread between seeds to the
+patient bootstrap's (seed_and_patient_interval): a t-interval on the seeds' degrees of freedom. It stands in
+for a two-level bootstrap (resample seeds, then patients), which with 5 seeds estimates the seed variance low
+by (S - 1) / S and uses normal rather than t_4 tails: its nominal 95 % interval covers about 85 % of the time
+under a normal model. The sum counts the seed x patient interaction twice (in the per-seed deltas and in the
+bootstrap of their mean), so it errs wide rather than narrow; tests/test_stats.py checks its coverage.
 
 Point estimates use scikit-learn directly; only the bootstrap is written by hand.
 """
@@ -268,18 +277,35 @@ def auroc_ci(probs, targets, mask, label_idx, patient_ids=None, n_boot=1000, see
 
 
 def paired_delta(probs_a: list[np.ndarray], probs_b: list[np.ndarray], targets, mask, label_idx,
-                 patient_ids=None, n_boot=1000, seed=0, level=0.95) -> dict:
+                 patient_ids=None, n_boot=1000, seed=0, level=0.95, seeds_paired: Optional[bool] = None) -> dict:
     """Paired comparison on the same samples: each arm is a list of [n, L] prediction arrays (one per seed of
     that arm), scored against the same targets/mask. The statistic is
     delta = mean over a's seeds of macro AUROC - mean over b's seeds of macro AUROC (macro over label_idx).
-    Returns {"delta": point estimate, "ci": (lo, hi), "p_value": two-sided bootstrap p (2 * min(frac(d <= 0),
-    frac(d >= 0)) with the +1 correction ((count+1)/(valid+1)), capped at 1), "resamples": n_boot,
-    "valid_resamples": k, "macro_a": [per-seed point macro of a], "macro_b": [...],
-    "per_seed_delta": [macro_a[i] - macro_b[i]] when both arms have the same number of seeds, else None}
-    The same bootstrap rows are applied to both arms and all seeds (that is what makes it paired).
-    When some macro label lacks a class, delta, ci, p_value and the macros are None (valid_resamples 0)."""
+
+    Two sources of noise move delta: which patients the test set holds, and the training run itself (a seed).
+    - "test_noise_only": one patient bootstrap applied to every prediction array at once (the models fixed),
+      percentile CI and two-sided p = min(1, 2 (c + 1) / (k + 1)), c = resamples on the far side of 0 (d <= 0
+      or d >= 0, the fewer), k = valid resamples. With c = 0 the p is below what k resamples resolve: p_value
+      is then the bound 2 / (k + 1) and p_value_is_bound is True.
+    - the headline ("ci", "p_value"), when both arms have two or more seeds: a t-interval whose variance adds
+      the seeds' and the patients' (seed_and_patient_interval): the per-seed deltas' variance / S when the seeds
+      are paired (seed i of a with seed i of b), else each arm's per-seed macro variance / its seed count, plus
+      the patient bootstrap's variance of delta. With fewer seeds the headline is test_noise_only, and
+      "interval" says which one it is.
+    - "seed_t_interval": the paired t-interval over the per-seed deltas (the test set fixed), when paired.
+
+    seeds_paired: None pairs seed i of a with seed i of b when the arms have as many seeds; False counts each
+    arm's seed spread on its own (Welch: their seeds differ); True with unequal counts is an error.
+    Returns {"delta", "ci", "p_value", "p_value_is_bound", "interval", "se", "df", "test_noise_only": {"ci",
+    "p_value", "p_value_is_bound", "se"}, "seed_t_interval", "seeds_paired", "resamples", "valid_resamples",
+    "macro_a": [per-seed point macro of a], "macro_b": [...], "per_seed_delta": [macro_a[i] - macro_b[i]] when
+    paired, else None}. When some macro label lacks a class, delta, the intervals and the macros are None
+    (valid_resamples 0); when no resample keeps every class, the intervals are None."""
     if not probs_a or not probs_b:
         raise ValueError("each arm needs at least one prediction array")
+    if seeds_paired and len(probs_a) != len(probs_b):
+        raise ValueError(f"seeds_paired with {len(probs_a)} seeds in a and {len(probs_b)} in b: pairs need as many")
+    paired = len(probs_a) == len(probs_b) if seeds_paired is None else seeds_paired
     targets, mask = np.asarray(targets), np.asarray(mask).astype(bool)
     arms = [[_check_table(p, targets, mask)[0] for p in arm] for arm in (probs_a, probs_b)]
     _check_level(level, n_boot)
@@ -294,36 +320,110 @@ def paired_delta(probs_a: list[np.ndarray], probs_b: list[np.ndarray], targets, 
         return float(np.mean(defined)) if len(defined) == len(per) else None
 
     macro_a, macro_b = [point_macro(p) for p in arms[0]], [point_macro(p) for p in arms[1]]
-    result: dict[str, Any] = {"delta": None, "ci": None, "p_value": None, "resamples": int(n_boot),
+    result: dict[str, Any] = {"delta": None, "ci": None, "p_value": None, "p_value_is_bound": False,
+                              "interval": None, "se": None, "df": None, "test_noise_only": None,
+                              "seed_t_interval": None, "seeds_paired": paired, "resamples": int(n_boot),
                               "valid_resamples": 0, "macro_a": macro_a, "macro_b": macro_b, "per_seed_delta": None}
-    defined_a, defined_b = [v for v in macro_a if v is not None], [v for v in macro_b if v is not None]
-    if len(defined_a) < len(macro_a) or len(defined_b) < len(macro_b):
+    if None in macro_a or None in macro_b:
         return result  # definedness depends only on targets/mask, so it fails for every seed alike
-
-    result["delta"] = float(np.mean(defined_a) - np.mean(defined_b))
-    if len(defined_a) == len(defined_b):
-        result["per_seed_delta"] = [a - b for a, b in zip(defined_a, defined_b)]
+    a, b = np.array(macro_a), np.array(macro_b)
+    result["delta"] = delta = float(a.mean() - b.mean())
+    if paired:
+        result["per_seed_delta"] = (a - b).tolist()
+        if len(a) >= 2:
+            result["seed_t_interval"] = t_interval(result["per_seed_delta"], level)
 
     pidx, num_patients = patient_index(patient_ids, n)
     ranked = [[_rank_labels(p, targets, mask, label_idx, pidx, num_patients) for p in arm] for arm in arms]
     d = np.empty(n_boot)
     start = 0
     for counts_t in _patient_counts_t(pidx, num_patients, n_boot, seed):
-        b = counts_t.shape[1]
+        b_rows = counts_t.shape[1]
         # macro per seed, then mean over seeds, per arm; nan propagates when a row loses a class
         arm_means = [np.mean([np.mean([r(counts_t) for r in labels], axis=0) for labels in arm], axis=0)
                      for arm in ranked]
-        d[start:start + b] = arm_means[0] - arm_means[1]
-        start += b
+        d[start:start + b_rows] = arm_means[0] - arm_means[1]
+        start += b_rows
 
     d = d[np.isfinite(d)]
     k = int(d.size)
     result["valid_resamples"] = k
-    if k:
-        result["ci"] = _interval(d, level)
-        below, above = int((d <= 0).sum()), int((d >= 0).sum())
-        result["p_value"] = float(min(1.0, 2 * min(below + 1, above + 1) / (k + 1)))
+    if not k:
+        return result
+    noise = {"ci": _interval(d, level), **_bootstrap_p(d), "se": float(d.std(ddof=1)) if k > 1 else 0.0}
+    result["test_noise_only"] = noise
+    seed_terms = _seed_terms(a, b, paired)
+    if seed_terms is None:
+        result.update(ci=noise["ci"], p_value=noise["p_value"], p_value_is_bound=noise["p_value_is_bound"],
+                      se=noise["se"], interval="test-set noise only")
+    else:
+        both = seed_and_patient_interval(delta, seed_terms, noise["se"] ** 2, level)
+        result.update(ci=both["ci"], p_value=both["p_value"], se=both["se"], df=both["df"],
+                      interval="seeds and test patients")
     return result
+
+
+def _bootstrap_p(d: np.ndarray) -> dict:
+    """Two-sided percentile-bootstrap p of d against 0 (the p at which the percentile CI starts to hold 0),
+    with the +1 correction; flagged as a bound when no resample lies on the far side."""
+    far = int(min((d <= 0).sum(), (d >= 0).sum()))
+    return {"p_value": float(min(1.0, 2 * (far + 1) / (d.size + 1))), "p_value_is_bound": far == 0}
+
+
+def _seed_terms(a: np.ndarray, b: np.ndarray, paired: bool) -> Optional[list[tuple[float, int]]]:
+    """(variance of the seed mean, its df) per seed component of delta; None unless both arms have 2+ seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if paired:
+        return [(float(np.var(a - b, ddof=1)) / len(a), len(a) - 1)]
+    return [(float(np.var(a, ddof=1)) / len(a), len(a) - 1), (float(np.var(b, ddof=1)) / len(b), len(b) - 1)]
+
+
+# ---------------------------------------------------------------------------------- intervals over seeds
+
+def _t_test(estimate: float, se: float, df: float, level: float) -> tuple[tuple[float, float], float]:
+    """((lo, hi), two-sided p against 0) for estimate with standard error se on df degrees of freedom (inf:
+    normal). se 0: the interval is the point, p 1 at 0 and 0 elsewhere."""
+    from scipy.stats import t
+
+    if se == 0.0:
+        return (estimate, estimate), float(estimate == 0.0)
+    half = float(t.ppf(0.5 + level / 2, df)) * se
+    return (estimate - half, estimate + half), float(min(1.0, 2.0 * t.sf(abs(estimate) / se, df)))
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict:
+    """Student t over values (seeds, or per-seed deltas): {"n", "mean", "sd", "se", "df", "ci", "p_value"}
+    (p two-sided, the mean against 0). With fewer than two values everything but n and mean is None."""
+    v = np.asarray(values, dtype=np.float64)
+    out: dict[str, Any] = {"n": int(v.size), "mean": float(v.mean()) if v.size else None, "sd": None, "se": None,
+                           "df": None, "ci": None, "p_value": None}
+    if v.size >= 2:
+        _check_level(level, 1)
+        sd = float(v.std(ddof=1))
+        se = sd / float(np.sqrt(v.size))
+        ci, p = _t_test(out["mean"], se, v.size - 1, level)
+        out.update(sd=sd, se=se, df=v.size - 1, ci=ci, p_value=p)
+    return out
+
+
+def seed_and_patient_interval(delta: float, seed_terms: Sequence[tuple[float, float]], patient_var: float,
+                              level: float = 0.95) -> dict:
+    """A t-interval for delta whose variance adds training randomness and test-set noise:
+        V = sum_i v_i + patient_var,   df = (sum_i v_i)^2 / sum_i (v_i^2 / df_i)
+    seed_terms: (v_i, df_i) pairs, each the variance of a seed mean and its degrees of freedom (paired seeds:
+    var(per-seed delta) / S on S - 1; unpaired: one term per arm). patient_var: the patient bootstrap's
+    variance of delta. The df are the seed terms' own (Welch-Satterthwaite over them; S - 1 when paired): the
+    patient part, estimated from hundreds of patients, would raise them, and with them shrink the t quantile
+    faster than it widens V; keeping the seeds' df makes the interval never narrower than the seeds-only one
+    (patient_var 0: exactly the t-interval over seeds, Welch's when unpaired). No seed spread at all (identical
+    runs): the normal interval of the patient bootstrap. Returns {"ci", "p_value", "se", "df"}."""
+    seed_var = float(sum(v for v, _ in seed_terms))
+    spread = sum(v * v / f for v, f in seed_terms)
+    df = seed_var * seed_var / spread if spread > 0 else float("inf")
+    se = float(np.sqrt(seed_var + float(patient_var)))
+    ci, p = _t_test(delta, se, df, level)
+    return {"ci": ci, "p_value": p, "se": se, "df": df}
 
 
 # ------------------------------------------------------------------------------------------- calibration

@@ -6,6 +6,8 @@ results -> cells -> grid, results -> plots:
     cells.py    the corpora, one training run per cell, study.json
     results.py  summaries, paired comparisons, study.md
     plots.py    the figures: test macro AUROC against one corpus knob
+    seed_stats.py  docs/evidence.md's published comparisons re-derived at seed level (`python -m
+                benchmarks.study.seed_stats`; standalone, on vkd_dist.stats)
     cli.py      the command: arguments, the lock, main
 
 The names below are the package's interface. Patch a function where it is looked up: run_cell in cells,

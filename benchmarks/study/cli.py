@@ -51,9 +51,10 @@ Outputs in OUT: study.json (the grid, the budget, every cell, per regime x arm s
 t-interval over seeds, the paired comparisons), study.md (the table), auroc_vs_train_size.png and, where the
 grid varies them, auroc_vs_label_noise.png, auroc_vs_lesion_contrast.png and auroc_vs_label_fraction.png (log
 axis; the base, fully labelled, is its point at 1). Each image-inference arm is
-compared with image_only within each regime by vkd_dist.compare (each arm's seeds averaged, one paired patient
-bootstrap for the delta's 95 % CI and p), on the final/ checkpoints that test_metrics.json describes. text_only
-reads the report at inference: it is listed as the teacher's ceiling, not compared.
+compared with image_only within each regime by vkd_dist.compare (each arm's seeds averaged; the delta's 95 % CI
+and p over seeds and test patients, with the paired patient bootstrap alone beside it as test-set noise only), on
+the final/ checkpoints that test_metrics.json describes. text_only reads the report at inference: it is listed
+as the teacher's ceiling, not compared.
 """
 
 from __future__ import annotations

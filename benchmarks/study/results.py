@@ -3,7 +3,6 @@ image_only (vkd_dist.compare), study.md's table and notes, and the report that w
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -26,21 +25,18 @@ from vkd_dist.fileio import atomic_write_text
 from vkd_dist.run_dir import EXPORT_FILE, RunDir
 
 CHECKPOINT = "final"  # the model test_metrics.json describes; the comparisons use the same one
+# what a comparison entry keeps of vkd_dist.compare's result (its headline, ci / p_value, counts the seeds too)
+COMPARED = ("ci", "p_value", "p_value_is_bound", "interval", "df", "test_noise_only", "seed_t_interval",
+            "seeds_paired", "macro_auroc_a", "macro_auroc_b", "per_seed_delta", "bootstrap")
 
 
 # ------------------------------------------------------------------------------------------ the results
 def t_interval(values: list[float], level: float = 0.95) -> tuple[Optional[float], Optional[float], Optional[list]]:
     """(mean, sd, [lo, hi]) with a t-interval over the values (seeds); sd and interval need two."""
-    if not values:
-        return None, None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None, None
-    from scipy.stats import t
+    from vkd_dist.stats import t_interval as student
 
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
-    return mean, sd, [mean - half, mean + half]
+    t = student(values, level)
+    return t["mean"], t["sd"], None if t["ci"] is None else list(t["ci"])
 
 
 def ok_cells(study: dict, regime: str, arm: str) -> list[dict]:
@@ -97,8 +93,8 @@ def comparisons(study: dict, out: Path, n_boot: int, force: bool) -> list[dict]:
             entry.update(seeds_a=[c["seed"] for c in cells], seeds_b=[c["seed"] for c in base],
                          fingerprint=_fingerprint(out, cells + base))
             old = cached.get((regime, arm), {})
-            if (not force and old.get("fingerprint") == entry["fingerprint"] and "delta" in old
-                    and old["bootstrap"]["resamples"] == n_boot):
+            if (not force and old.get("fingerprint") == entry["fingerprint"] and "test_noise_only" in old
+                    and old["bootstrap"]["resamples"] == n_boot):  # older entries lack the seed-aware headline
                 result.append(old)
                 continue
             try:
@@ -110,10 +106,9 @@ def comparisons(study: dict, out: Path, n_boot: int, force: bool) -> list[dict]:
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 result.append(entry)
                 continue
-            entry.update(delta=r["delta_macro_auroc"], ci=r["ci"], p_value=r["p_value"],
-                         macro_auroc_a=r["macro_auroc_a"], macro_auroc_b=r["macro_auroc_b"],
-                         per_seed_delta=r["per_seed_delta"], num_samples=r["num_samples"],
-                         num_patients=r["num_patients"], macro_labels=len(r["macro_labels"]), bootstrap=r["bootstrap"])
+            entry.update(delta=r["delta_macro_auroc"], num_samples=r["num_samples"], num_patients=r["num_patients"],
+                         macro_labels=len(r["macro_labels"]),
+                         **{k: r[k] for k in COMPARED})
             result.append(entry)
     return result
 
@@ -122,15 +117,23 @@ def _f(v: Optional[float], signed: bool = False) -> str:
     return "n/a" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
 
 
+def _delta(delta: float, ci: list, p_value: float, is_bound: bool) -> str:
+    from vkd_dist.compare import p_text
+
+    return f"{_f(delta, True)} [{_f(ci[0], True)}, {_f(ci[1], True)}] {p_text(p_value, is_bound)}"
+
+
 def markdown(study: dict, out: Path) -> tuple[str, str]:
     """(the whole study.md, its table and notes)."""
     grid, cmp = study["grid"], {(c["regime"], c["arm"]): c for c in study["comparisons"]}
     lines = ["| regime | arm | val macro AUROC (best/, mean) | test macro AUROC mean [95% CI] | n "
-             "| delta vs image_only [paired 95% CI] p |", "|---|---|---|---|---|---|"]
+             "| delta vs image_only [95% CI over seeds and test patients] p | test-set noise only [95% CI] p |",
+             "|---|---|---|---|---|---|---|"]
     for s in study["summaries"]:
         ci = f" [{_f(s['ci95'][0])}, {_f(s['ci95'][1])}]" if s["ci95"] else ""
         n = f"{s['n_ok']}" + (f" ({s['n_failed']} failed)" if s["n_failed"] else "")
         c = cmp.get((s["regime"], s["arm"]))
+        noise = ""
         if s["arm"] == BASELINE:
             delta = "(baseline)"
         elif s["reads_report"]:
@@ -140,10 +143,14 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
         elif c["delta"] is None or c["ci"] is None:
             delta = "undefined (a macro label lacks a class)"
         else:
-            delta = (f"{_f(c['delta'], True)} [{_f(c['ci'][0], True)}, {_f(c['ci'][1], True)}] "
-                     f"p = {c['p_value']:.3g}")
+            delta = _delta(c["delta"], c["ci"], c["p_value"], c["p_value_is_bound"])
+            if c["interval"] != "seeds and test patients":
+                delta += " (test-set noise only: fewer than 2 seeds)"
+            else:
+                t = c["test_noise_only"]
+                noise = _delta(c["delta"], t["ci"], t["p_value"], t["p_value_is_bound"])
         lines.append(f"| {s['regime']} | {s['arm']} | {_f(s['best_val_macro_auroc_mean'])} | {_f(s['mean'])}{ci} "
-                     f"| {n} | {delta} |")
+                     f"| {n} | {delta} | {noise} |")
     notes = [f"- {c['regime']} {c['arm']} vs {BASELINE}: not compared: {c.get('skipped') or c.get('error')}"
              for c in study["comparisons"] if "delta" not in c]
     if BASELINE not in grid["arms"]:
@@ -184,9 +191,12 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
             "- **Test macro AUROC**: the final/ model on the regime's test split (RUN/test_metrics.json), mean over "
             "the seeds that finished, 95 % t-interval over seeds (none with one seed).",
             f"- **Delta**: arm minus {BASELINE} on the same test samples, each arm's seeds averaged "
-            f"(vkd_dist.compare on {CHECKPOINT}/): 95 % CI and two-sided p from one paired patient bootstrap "
-            f"({study.get('bootstrap', 1000)} resamples). It measures the test-sample noise of these seeds' mean; "
-            "the seed-to-seed spread is in the t-interval.", ""]
+            f"(vkd_dist.compare on {CHECKPOINT}/). Its 95 % CI and two-sided p count training randomness and "
+            "test-set noise: a t-interval whose variance is the per-seed deltas' (seeds paired by train.seed) "
+            f"plus that of one paired patient bootstrap ({study.get('bootstrap', 1000)} resamples), on the "
+            "seeds' degrees of freedom. The last column is that bootstrap alone, the trained models "
+            "held fixed: test-set noise only. `p < x`: no resample fell on the far side of 0, so the p is below "
+            "what the resamples resolve.", ""]
     plots = [f"![{p}]({p})" for p in study.get("plots", [])]
     return "\n".join(head + [table, ""] + plots) + "\n", table
 
