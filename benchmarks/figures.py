@@ -68,7 +68,8 @@ def _comparison(study: dict, regime: str, arm: str, baseline: str = "image_only"
 def _delta(c: dict) -> str:
     p = c.get("p_value")
     rel = "<" if c.get("p_value_is_bound") else "="  # below the bootstrap's resolution, p is only bounded
-    return f"{c['delta']:+.3f} {_ci(c['ci'][0], c['ci'][1], signed=True)}" + (f", p {rel} {p:.3f}" if p is not None else "")
+    tail = f", p {rel} {p:.3f}" if p is not None else ""
+    return f"{c['delta']:+.3f} {_ci(c['ci'][0], c['ci'][1], signed=True)}{tail}"
 
 
 def read_evidence(out: Path) -> dict:
