@@ -13,8 +13,8 @@ ConText's packaged rules are used with these changes (MODIFIERS, DROPPED): hedge
 ("cannot exclude", "cannot be excluded", "is not excluded") are uncertain, "questionable", "may (be)" on either
 side, "borderline", "suspected" and "cannot rule out" are hedges, "concerning for" reads as positive (how a radiologist states a
 likely finding), and "normal" / "within normal limits" / "unremarkable" negate the size-and-contour labels
-(Cardiomegaly, Enlarged Cardiomediastinum) only: "The heart size is normal" is a negative cardiomegaly mention, and
-"normal" does not reach an opacity in the same sentence.
+(Cardiomegaly, Enlarged Cardiomediastinum) only, as does "is not enlarged" before it: "The heart size is normal" is a
+negative cardiomegaly mention, and "normal" does not reach an opacity in the same sentence.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
         "opacification"),
     "Lung Lesion": (
         "nodule|nodules", "mass|masses", "nodular opacity|opacities|density|densities", "lung lesion|lesions",
-        "pulmonary mass|lesion", "neoplasm"),
+        "pulmonary mass|lesion", "neoplasm", "masslike opacity|opacities", "nodular prominence",
+        "lung cancer|carcinoma", "malignancy"),
     "Edema": ("edema", "pulmonary edema", "interstitial edema", "vascular congestion", "pulmonary vascular congestion",
               "fluid overload"),
     "Consolidation": ("consolidation|consolidations", "consolidative opacity|opacities|change"),
@@ -60,7 +61,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "Support Devices": (
         "support device|devices", "line|lines", "tube|tubes", "catheter|catheters", "pacemaker", "endotracheal tube",
         "picc", "central venous catheter", "pacer", "defibrillator", "stent|stents", "sternotomy wires",
-        "enteric tube", "nasogastric tube", "chest tube"),
+        "enteric tube", "nasogastric tube", "chest tube", "leads", "stimulator", "ivc filter", "port"),
 }
 SIZE_AND_CONTOUR = ("Cardiomegaly", "Enlarged Cardiomediastinum")
 
@@ -82,7 +83,10 @@ MODIFIERS: tuple[tuple[str, str, str, Optional[Pattern], Optional[tuple[str, ...
      [{"LOWER": {"IN": ["may", "might", "could"]}}, {"LOWER": {"IN": ["represent", "reflect", "indicate"]}}], None),
     ("borderline", "POSSIBLE_EXISTENCE", "BIDIRECTIONAL", [{"LOWER": {"IN": ["borderline", "equivocal"]}}], None),
     ("normal", "NEGATED_EXISTENCE", "BIDIRECTIONAL",
-     [{"LOWER": {"IN": ["normal", "unremarkable", "unchanged", "stable", "normal-sized"]}}], SIZE_AND_CONTOUR),
+     [{"LOWER": {"IN": ["normal", "unremarkable", "normal-sized"]}}], SIZE_AND_CONTOUR),
+    ("not enlarged", "NEGATED_EXISTENCE", "BACKWARD",
+     [{"LOWER": {"IN": ["is", "are", "was"]}, "OP": "?"}, {"LOWER": {"IN": ["not", "n't"]}},
+      {"LOWER": {"IN": ["enlarged", "widened", "dilated"]}}], SIZE_AND_CONTOUR),
     ("within normal limits", "NEGATED_EXISTENCE", "BIDIRECTIONAL",
      [{"LOWER": "within"}, {"LOWER": "normal"}, {"LOWER": "limits"}], SIZE_AND_CONTOUR),
 )

@@ -43,6 +43,7 @@ from vkd_dist.data.synthetic import (
     Finding,
     SyntheticParams,
     _fill,
+    build_synthetic,
     draw_findings,
     labelled_indices,
     normalise_whitespace,
@@ -239,3 +240,16 @@ def rates_line(meta: dict) -> str:
     return (f"labeller vs truth on test ({r['present']} present, {r['absent']} absent findings): missed "
             f"{r['missed']:.3f} (miss_rate {t['miss_rate']}), false {r['false']:.3f} (false_rate {t['false_rate']}), "
             f"hedged {r['hedged']:.3f} of {r['mentioned']} read mentions (hedge_rate {t['hedge_rate']})")
+
+
+def build_corpus(out: str | Path, knobs: dict, **options) -> dict:
+    """The synthetic corpus, or the testbed where knobs["testbed"] is true, from the flat knobs of the config's
+    data.synthetic (absent ones take their defaults); `options`: samples_per_shard, workers, fmt, progress."""
+    sizes = (knobs["num_train"], knobs["num_val"], knobs["num_test"])
+    options = {"progress": False, **options}
+    options.update({k: knobs[k] for k in ("image_size", "seed", "lesion_contrast", "noise", "prevalence_scale",
+                                          "label_fraction") if k in knobs})
+    if not knobs.get("testbed"):
+        return build_synthetic(out, *sizes, label_noise=knobs.get("label_noise", 0.05), **options)
+    rates = TestbedParams(**{k: knobs[k] for k in TestbedParams.__dataclass_fields__ if k in knobs})
+    return build_testbed(out, *sizes, testbed=rates, **options)
