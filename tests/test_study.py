@@ -402,3 +402,28 @@ def test_the_label_fraction_plot_and_table_from_fake_cells(tmp_path, monkeypatch
            "objective.text_init=<text_only run, same regime and seed>" in md
     assert "**Label policy** (training): data.missing null (the data set's training policy)" in md
     assert "![auroc_vs_label_fraction.png](auroc_vs_label_fraction.png)" in md
+
+
+def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpora(tmp_path, monkeypatch):
+    from vkd_dist.config import read_config
+
+    grid = _grid("--regimes", "testbed0.1,testbed1,labels0.1", "--arms", "labeller,image_only", "--seeds", "1")
+    assert grid["regimes"]["testbed0.1"] == {**grid["regimes"]["labels0.1"], "testbed": True}
+    items = study.cell_overrides(grid, tmp_path, "testbed0.1", "labeller", 0)
+    assert f"data.path={tmp_path.resolve()}/data/testbed0.1-labeller" in items and "objective.name=image_only" in items
+    assert "data.synthetic.testbed=True" in items and "data.synthetic.label_fraction=0.1" in items
+    assert f"data.path={tmp_path.resolve()}/data/labels0.1" in study.cell_overrides(grid, tmp_path, "labels0.1",
+                                                                                   "image_only", 0)
+    assert read_config(None, items, checks=()).data.synthetic.testbed is True  # each key is a config key, typed
+    built, labelled = [], []
+    import vkd_dist.data.relabel
+    import vkd_dist.data.testbed
+
+    monkeypatch.setattr(vkd_dist.data.testbed, "build_corpus", lambda out, knobs: built.append((out.name, knobs))
+                        or {"params": {"testbed": {"miss_rate": 0.1, "false_rate": 0.02, "hedge_rate": 0.15},
+                                       "labeller_vs_truth": {"missed": 0.1, "false": 0.02, "hedged": 0.15,
+                                                             "present": 1, "absent": 1, "mentioned": 1}}})
+    monkeypatch.setattr(vkd_dist.data.relabel, "label_corpus", lambda src, out: labelled.append((src.name, out.name)))
+    study.build_corpora(grid, tmp_path)
+    assert [name for name, _ in built] == ["testbed0.1", "testbed1", "labels0.1"]
+    assert labelled == [(r, f"{r}-labeller") for r in ("testbed0.1", "testbed1", "labels0.1")]

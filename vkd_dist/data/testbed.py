@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from vkd_dist.data import synthetic
 from vkd_dist.data.labeller import ReportLabeller
 from vkd_dist.data.schema import Record
 from vkd_dist.data.synthetic import (
@@ -43,7 +44,6 @@ from vkd_dist.data.synthetic import (
     Finding,
     SyntheticParams,
     _fill,
-    build_synthetic,
     draw_findings,
     labelled_indices,
     normalise_whitespace,
@@ -84,7 +84,7 @@ OWN_BANK = {**POSITIVE, "Pneumonia": POSITIVE["Pneumonia"][1:]}
 
 
 @dataclass(frozen=True)
-class TestbedParams:
+class ObservationParams:
     miss_rate: float = 0.1  # mean chance a present finding goes unreported (subtle ones more often)
     false_rate: float = 0.02  # chance an absent finding is reported
     hedge_rate: float = 0.15  # chance a reported finding is hedged
@@ -112,7 +112,7 @@ def _phrase(rng: np.random.Generator, name: str, f: Finding, bank: list[str], fo
     return form.format(noun=noun, Noun=noun[0].upper() + noun[1:])
 
 
-def radiologist(rng: np.random.Generator, present: dict[str, Finding], t: TestbedParams):
+def radiologist(rng: np.random.Generator, present: dict[str, Finding], t: ObservationParams):
     """The report of a true state: (sentences, stated sentences, the statuses written {name: 1 | -1 | 0 | None})."""
     sentences, stated, written = [], [], {}
     for name in FINDINGS:
@@ -155,7 +155,7 @@ def labeller() -> ReportLabeller:
 def make_record(job: tuple) -> Record:
     split, index, params, role = job
     p = SyntheticParams(**{k: v for k, v in params.items() if k in SyntheticParams.__dataclass_fields__})
-    t = TestbedParams(**params["testbed"])
+    t = ObservationParams(**params["testbed"])
     rng = np.random.default_rng([p.seed, SPLIT_IDS[split], index])  # the truth and the image
     present = draw_findings(rng, p)
     view = "AP" if ("Support Devices" in present or rng.random() < 0.3) else "PA"
@@ -186,7 +186,7 @@ def roles(num_train: int, label_fraction: float, gold_fraction: float, seed: int
 
 
 def build_testbed(out: str | Path, num_train: int, num_val: int, num_test: int, *,
-                  testbed: TestbedParams = TestbedParams(), image_size: int = 256, seed: int = 0,
+                  testbed: ObservationParams = ObservationParams(), image_size: int = 256, seed: int = 0,
                   lesion_contrast: float = 1.0, noise: float = 1.0, prevalence_scale: float = 1.0,
                   label_fraction: float = 1.0, samples_per_shard: int = 250, workers: int = 0, fmt: str = "jpg",
                   progress: bool = True) -> dict:
@@ -250,6 +250,6 @@ def build_corpus(out: str | Path, knobs: dict, **options) -> dict:
     options.update({k: knobs[k] for k in ("image_size", "seed", "lesion_contrast", "noise", "prevalence_scale",
                                           "label_fraction") if k in knobs})
     if not knobs.get("testbed"):
-        return build_synthetic(out, *sizes, label_noise=knobs.get("label_noise", 0.05), **options)
-    rates = TestbedParams(**{k: knobs[k] for k in TestbedParams.__dataclass_fields__ if k in knobs})
+        return synthetic.build_synthetic(out, *sizes, label_noise=knobs.get("label_noise", 0.05), **options)
+    rates = ObservationParams(**{k: knobs[k] for k in ObservationParams.__dataclass_fields__ if k in knobs})
     return build_testbed(out, *sizes, testbed=rates, **options)
