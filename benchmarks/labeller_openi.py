@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = agreement(args.reports)
     o = table["overall"]
-    print(f"{o['coded']} MeSH-coded reports of {table['reports']}, the 13 findings: accuracy {_fmt(o['accuracy'])} over "
+    print(f"{o['coded']} MeSH-coded reports of {table['reports']}, the 13 findings: accuracy {_fmt(o['accuracy'])} "
+          f"over "
           f"{o['compared']} report-label pairs, precision {_fmt(o['precision'])}, recall {_fmt(o['recall'])}, "
           f"F1 {_fmt(o['f1'])}; {o['uncertain_left_out']} hedged readings left out")
     print(f"{'label':28s} {'MeSH+':>5s} {'read+':>5s} {'acc':>5s} {'prec':>5s} {'rec':>5s} {'F1':>5s} {'-1':>3s}")

@@ -96,7 +96,8 @@ def _run_label(args) -> int:
         meta = label_corpus(args.data, args.out, splits)
     print(summary_line(meta, t.seconds))
     for split in splits:
-        print(f"{split} prevalence (labeller): " + ", ".join(f"{k} {v:.2f}" for k, v in meta["prevalence"][split].items()))
+        prevalence = meta["prevalence"][split].items()
+        print(f"{split} prevalence (labeller): " + ", ".join(f"{k} {v:.2f}" for k, v in prevalence))
     return 0
 
 

@@ -11,10 +11,10 @@ such as "evaluate for pneumonia" is not a finding); otherwise the whole text.
 
 ConText's packaged rules are used with these changes (MODIFIERS, DROPPED): hedges that its rules read as negations
 ("cannot exclude", "cannot be excluded", "is not excluded") are uncertain, "questionable", "may (be)" on either
-side, "borderline", "suspected" and "cannot rule out" are hedges, "concerning for" reads as positive (how a radiologist states a
-likely finding), and "normal" / "within normal limits" / "unremarkable" negate the size-and-contour labels
-(Cardiomegaly, Enlarged Cardiomediastinum) only, as does "is not enlarged" before it: "The heart size is normal" is a
-negative cardiomegaly mention, and "normal" does not reach an opacity in the same sentence.
+side, "borderline", "suspected" and "cannot rule out" are hedges, "concerning for" reads as positive (how a
+radiologist states a likely finding), and "normal" / "within normal limits" / "unremarkable" negate the size-and-
+contour labels (Cardiomegaly, Enlarged Cardiomediastinum) only, as does "is not enlarged" before it: "The heart size
+is normal" is a negative cardiomegaly mention, and "normal" does not reach an opacity in the same sentence.
 """
 
 from __future__ import annotations

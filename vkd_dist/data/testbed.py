@@ -114,7 +114,9 @@ def _phrase(rng: np.random.Generator, name: str, f: Finding, bank: list[str], fo
 
 def radiologist(rng: np.random.Generator, present: dict[str, Finding], t: ObservationParams):
     """The report of a true state: (sentences, stated sentences, the statuses written {name: 1 | -1 | 0 | None})."""
-    sentences, stated, written = [], [], {}
+    sentences: list[str] = []
+    stated: list[str] = []
+    written: dict[str, Optional[int]] = {}
     for name in FINDINGS:
         f = present.get(name)
         missed = f is not None and rng.random() < 2 * t.miss_rate * (1 - f.severity)
@@ -164,7 +166,7 @@ def make_record(job: tuple) -> Record:
     text = normalise_whitespace(render_report(report_rng, written, sentences, [], view, stated=stated))
     image = render_image(rng, list(present.values()), p)
     truth, read = true_labels(present), labeller().read(text)
-    labels = {"truth": truth, "read": read, "none": {name: None for name in LABELS}}[role]
+    labels: dict[str, Optional[int]] = {"truth": truth, "read": read, "none": dict.fromkeys(LABELS)}[role]
     pid = f"tb{p.seed}-{split}-{index:07d}"
     return Record(key=f"{split}-{index:07d}", image=image, text=text, labels=labels, patient_id=pid,
                   study_id=f"{pid}-s0", view=view, source="synthetic", labelled=role != "none",
