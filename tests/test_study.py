@@ -427,3 +427,16 @@ def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpor
     study.build_corpora(grid, tmp_path)
     assert [name for name, _ in built] == ["testbed0.1", "testbed1", "labels0.1"]
     assert labelled == [(r, f"{r}-labeller") for r in ("testbed0.1", "testbed1", "labels0.1")]
+
+
+def test_a_testbed_regime_is_not_a_point_of_the_label_fraction_plot(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    grid = _grid("--regimes", "labels0.1,n2000,testbed0.1", "--arms", "image_only", "--seeds", "1")
+    summaries = [{"regime": r, "arm": "image_only", "mean": 0.7, "ci95": [0.6, 0.8], "reads_report": False}
+                 for r in grid["regimes"]]
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    assert study.plot_knob({"grid": grid, "summaries": summaries}, tmp_path, "label_fraction", "t")
+    xs = [list(line.get_xdata()) for line in figures[0].axes[0].get_lines() if line.get_label() == "image_only"]
+    assert xs == [[0.1, 1.0]]  # labels0.1 and n2000; testbed0.1 is another corpus
