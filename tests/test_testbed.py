@@ -93,3 +93,17 @@ def test_labels_are_the_truth_in_val_and_test_and_the_labellers_reading_in_train
 def test_testbed_rates_are_checked():
     with pytest.raises(ValueError, match=r"testbed miss_rate 0.6 must be in \[0, 0.5\]"):
         ObservationParams(miss_rate=0.6)
+
+
+def test_a_run_builds_the_testbed_its_config_asks_for(tmp_path, capsys):
+    from vkd_dist.configure import load_config
+    from vkd_dist.prepare import ensure_dataset
+
+    cfg = load_config(None, [f"data.path={tmp_path / 'tb'}", "data.build_synthetic=true", "data.synthetic.testbed=true",
+                             "data.synthetic.num_train=6", "data.synthetic.num_val=3", "data.synthetic.num_test=3",
+                             "data.synthetic.image_size=16", "data.synthetic.miss_rate=0.3",
+                             f"run_dir={tmp_path / 'run'}"])
+    info = ensure_dataset(cfg)
+    assert info.meta["params"]["testbed"]["miss_rate"] == 0.3 and "labeller_vs_truth" in info.meta["params"]
+    out = capsys.readouterr().out
+    assert "building the testbed at" in out and "labeller vs truth on test" in out
