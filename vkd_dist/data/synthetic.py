@@ -146,7 +146,7 @@ class Finding:
     device: int = 0
 
 
-def _fill(template: str, f: Finding) -> str:
+def fill_template(template: str, f: Finding) -> str:
     size = SIZES[min(2, int(f.severity * 3))]
     sev = SEVERITIES[min(2, int(f.severity * 3))]
     out = template.format(side=f.side, zone=f.zone, size=size, sev=sev, Side=f.side.capitalize(),
@@ -182,12 +182,12 @@ def sample_case(rng: np.random.Generator, p: SyntheticParams):
             if hedged:  # hedged findings are faint in the image too
                 f.severity = f.severity * 0.3
                 labels[name] = -1
-                findings_text.append(_fill(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
+                findings_text.append(fill_template(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
             else:
                 labels[name] = 1
                 bank = POSITIVE[name]
                 idx = f.device if name == "Support Devices" else rng.integers(len(bank))
-                findings_text.append(_fill(bank[idx], f))
+                findings_text.append(fill_template(bank[idx], f))
             if rng.random() < p.label_noise:
                 f.visible = False
         else:
@@ -198,7 +198,7 @@ def sample_case(rng: np.random.Generator, p: SyntheticParams):
             elif r < 0.47:
                 f = Finding(name, False, 0.1, SIDES[rng.integers(2)], ZONES[rng.integers(3)])
                 labels[name] = -1
-                findings_text.append(_fill(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
+                findings_text.append(fill_template(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
             elif rng.random() < p.label_noise * 0.2:  # unreported but visible
                 present[name] = Finding(name, True, float(rng.uniform(0.3, 1)), SIDES[rng.integers(2)],
                                         ZONES[rng.integers(3)], int(rng.integers(3)))

@@ -39,12 +39,14 @@ from vkd_dist.data.synthetic import (
     FINDINGS,
     NEGATION,
     POSITIVE,
+    SIDES,
     SPLIT_IDS,
     UNCERTAIN,
+    ZONES,
     Finding,
     SyntheticParams,
-    _fill,
     draw_findings,
+    fill_template,
     labelled_indices,
     normalise_whitespace,
     render_image,
@@ -102,7 +104,7 @@ class ObservationParams:
 def _phrase(rng: np.random.Generator, name: str, f: Finding, bank: list[str], forms: list[str]) -> str:
     """A sentence from the generator's bank for `name` or, half the time, a synonym in one of `forms`."""
     if rng.random() < 0.5:
-        return _fill(bank[int(rng.integers(len(bank)))], f)
+        return fill_template(bank[int(rng.integers(len(bank)))], f)
     nouns = NOUNS[name]
     noun = nouns[f.device % len(nouns)] if name == "Support Devices" else nouns[int(rng.integers(len(nouns)))]
     if forms is NEGATED:  # "No pneumothorax.", not "No right pneumothorax."
@@ -122,8 +124,8 @@ def radiologist(rng: np.random.Generator, present: dict[str, Finding], t: Observ
         missed = f is not None and rng.random() < 2 * t.miss_rate * (1 - f.severity)
         false = f is None and rng.random() < t.false_rate
         if (f is not None and not missed) or false:
-            f = f or Finding(name, False, float(rng.uniform(0.2, 1)), ("right", "left")[int(rng.integers(2))],
-                             ("upper", "mid", "lower")[int(rng.integers(3))], int(rng.integers(3)))
+            f = f or Finding(name, False, float(rng.uniform(0.2, 1)), SIDES[int(rng.integers(2))],
+                             ZONES[int(rng.integers(3))], int(rng.integers(3)))
             hedged = rng.random() < t.hedge_rate
             bank, forms = (UNCERTAIN[name], HEDGED) if hedged else (OWN_BANK[name], STATED)
             if name == "Support Devices" and not hedged:
