@@ -415,6 +415,10 @@ def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpor
     assert f"data.path={tmp_path.resolve()}/data/labels0.1" in study.cell_overrides(grid, tmp_path, "labels0.1",
                                                                                    "image_only", 0)
     assert read_config(None, items, checks=()).data.synthetic.testbed is True  # each key is a config key, typed
+    gold = _grid("--regimes", "testbed0.1", "--arms", "image_only", "--corpus", "gold_fraction=1")
+    assert "data.synthetic.gold_fraction=1.0" in study.cell_overrides(gold, tmp_path, "testbed0.1", "image_only", 0)
+    with pytest.raises(study.StudyError, match=r"--corpus miss_rate=0.7: testbed miss_rate 0.7 must be in \[0, 0.5\]"):
+        _grid("--regimes", "testbed0.1", "--arms", "image_only", "--corpus", "miss_rate=0.7")
     built, labelled = [], []
     import vkd_dist.data.relabel
     import vkd_dist.data.testbed

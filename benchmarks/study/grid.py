@@ -46,6 +46,7 @@ CORPUS = {"num_val": 400, "num_test": 1000, "image_size": 128, "seed": 0}  # eve
 PREFIX = {"noise": "label_noise", "contrast": "lesion_contrast", "labels": "label_fraction",
           "n": "num_train"}  # regime name -> knob; "noise" before "n"
 SEEDS = 5
+TESTBED_KNOBS = ("miss_rate", "false_rate", "hedge_rate", "gold_fraction")  # --corpus; used by testbed<F> regimes
 # --quick (explicit flags still win): the faint-lesion regime, the default against its baseline, 3 seeds, half the
 # default's steps: 6 cells, ~15 minutes on 2 CPU cores (docs/evidence.md)
 QUICK: dict[str, Any] = {
@@ -85,6 +86,13 @@ def knob_value(knob: str, text: str, where: str) -> float:
         return int(value)
     if knob == "label_fraction" and not 0 < value <= 1:
         raise StudyError(f"{where}: label_fraction (the labelled fraction of the training studies) must be in (0, 1]")
+    if knob in TESTBED_KNOBS:
+        from vkd_dist.data.testbed import ObservationParams
+
+        try:
+            ObservationParams(**{knob: value})
+        except ValueError as exc:
+            raise StudyError(f"{where}: {exc}") from None
     return value
 
 
@@ -114,7 +122,7 @@ def default_regimes(base: dict) -> list[str]:
 
 def parse_corpus(items: list[str]) -> dict:
     base = {**BASE_REGIME, **CORPUS}
-    allowed = [k for k in base if k != "seed"]
+    allowed = [k for k in base if k != "seed"] + list(TESTBED_KNOBS)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in allowed:
