@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VKD_VENV:-.venv}
-EXTRAS=${VKD_EXTRAS:-dev,bench,fast,pretrained}
+EXTRAS=${VKD_EXTRAS:-dev,bench,fast,pretrained,labeller}
 stamp="$VENV/.vkd-setup-stamp"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import vkd_dist" 2>/dev/null; then
@@ -14,6 +14,11 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=24" setuptools wheel
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+# The labeller extra on Python < 3.12: medspacy and PyRuSH declare spacy<3.8 there, which cannot share numpy 2 with
+# the pinned torch stack; they run on spaCy 3.8, so they go in without their declared requirements (pyproject.toml)
+if [[ ",$EXTRAS," == *,labeller,* ]] && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 12))'; then
+  "$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps medspacy PyRuSH
+fi
 # A plain `accelerate launch` (the Quick start) opens with a six-line warning about the defaults it chose, unless
 # Accelerate has a default config. Write one once, when there is none (never over one), with Accelerate's own
 # writer (what `accelerate config default` runs: this machine's GPUs, no mixed precision), keeping use_cpu off

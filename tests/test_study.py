@@ -472,3 +472,44 @@ def test_seed_stats_rederives_the_published_comparisons():
         assert head[0] <= seeds[0] and seeds[1] <= head[1]
         assert head[1] - head[0] > c.noise_ci[1] - c.noise_ci[0]
     assert seed_stats.table().count("\n") == len(seed_stats.PUBLISHED) + 1
+
+def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpora(tmp_path, monkeypatch):
+    from vkd_dist.config import read_config
+
+    grid = _grid("--regimes", "testbed0.1,testbed1,labels0.1", "--arms", "labeller,image_only", "--seeds", "1")
+    assert grid["regimes"]["testbed0.1"] == {**grid["regimes"]["labels0.1"], "testbed": True}
+    items = study.cell_overrides(grid, tmp_path, "testbed0.1", "labeller", 0)
+    assert f"data.path={tmp_path.resolve()}/data/testbed0.1-labeller" in items and "objective.name=image_only" in items
+    assert "data.synthetic.testbed=True" in items and "data.synthetic.label_fraction=0.1" in items
+    assert f"data.path={tmp_path.resolve()}/data/labels0.1" in study.cell_overrides(grid, tmp_path, "labels0.1",
+                                                                                   "image_only", 0)
+    assert read_config(None, items, checks=()).data.synthetic.testbed is True  # each key is a config key, typed
+    gold = _grid("--regimes", "testbed0.1", "--arms", "image_only", "--corpus", "gold_fraction=1")
+    assert "data.synthetic.gold_fraction=1.0" in study.cell_overrides(gold, tmp_path, "testbed0.1", "image_only", 0)
+    with pytest.raises(study.StudyError, match=r"--corpus miss_rate=0.7: testbed miss_rate 0.7 must be in \[0, 0.5\]"):
+        _grid("--regimes", "testbed0.1", "--arms", "image_only", "--corpus", "miss_rate=0.7")
+    built, labelled = [], []
+    import vkd_dist.data.relabel
+    import vkd_dist.data.testbed
+
+    monkeypatch.setattr(vkd_dist.data.testbed, "build_corpus", lambda out, knobs: built.append((out.name, knobs))
+                        or {"params": {"testbed": {"miss_rate": 0.1, "false_rate": 0.02, "hedge_rate": 0.15},
+                                       "labeller_vs_truth": {"missed": 0.1, "false": 0.02, "hedged": 0.15,
+                                                             "present": 1, "absent": 1, "mentioned": 1}}})
+    monkeypatch.setattr(vkd_dist.data.relabel, "label_corpus", lambda src, out: labelled.append((src.name, out.name)))
+    study.build_corpora(grid, tmp_path)
+    assert [name for name, _ in built] == ["testbed0.1", "testbed1", "labels0.1"]
+    assert labelled == [(r, f"{r}-labeller") for r in ("testbed0.1", "testbed1", "labels0.1")]
+
+
+def test_a_testbed_regime_is_not_a_point_of_the_label_fraction_plot(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    grid = _grid("--regimes", "labels0.1,n2000,testbed0.1", "--arms", "image_only", "--seeds", "1")
+    summaries = [{"regime": r, "arm": "image_only", "mean": 0.7, "ci95": [0.6, 0.8], "reads_report": False}
+                 for r in grid["regimes"]]
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    assert study.plot_knob({"grid": grid, "summaries": summaries}, tmp_path, "label_fraction", "t")
+    xs = [list(line.get_xdata()) for line in figures[0].axes[0].get_lines() if line.get_label() == "image_only"]
+    assert xs == [[0.1, 1.0]]  # labels0.1 and n2000; testbed0.1 is another corpus

@@ -39,24 +39,65 @@ def _add_synthetic(sub) -> None:
                    help="fraction of training studies that keep their labels (0 < F <= 1); the others keep image "
                         "and report but have no labels at all (reports for every study, labels for few). A seeded, "
                         "nested choice; val and test keep every label")
+    t = p.add_argument_group("the observation testbed (vkd_dist/data/testbed.py; docs/data.md)")
+    t.add_argument("--testbed", action="store_true",
+                   help="a true finding state draws the image and a radiologist's report observes it with the rates "
+                        "below; training labels are the report labeller's reading (or, for --gold-fraction, the "
+                        "truth), val and test labels the truth (--label-noise is not used); needs medspaCy")
+    t.add_argument("--miss-rate", type=float, default=0.1,
+                   help="mean chance a present finding goes unreported (2 x this x (1 - severity): subtle ones more)")
+    t.add_argument("--false-rate", type=float, default=0.02, help="chance an absent finding is reported")
+    t.add_argument("--hedge-rate", type=float, default=0.15,
+                   help="chance a reported finding is hedged ('possible', 'cannot exclude')")
+    t.add_argument("--gold-fraction", type=float, default=0.0,
+                   help="share of the labelled training studies labelled with the true state")
     p.add_argument("--samples-per-shard", type=int, default=250, help="samples per tar shard")
     p.add_argument("--image-format", choices=("jpg", "png"), default="jpg", help="image encoding in the shards")
     p.add_argument("--workers", type=int, default=0, help="rendering processes (0 = all cores)")
     p.set_defaults(func=_run_synthetic)
 
 
+KNOBS = ("num_train", "num_val", "num_test", "image_size", "seed", "lesion_contrast", "noise", "label_noise",
+         "prevalence_scale", "label_fraction", "testbed", "miss_rate", "false_rate", "hedge_rate", "gold_fraction")
+
+
 def _run_synthetic(args) -> int:
-    from vkd_dist.data.synthetic import build_synthetic
+    from vkd_dist.data.testbed import build_corpus, rates_line
 
     with Timer() as t:
-        meta = build_synthetic(args.out, args.num_train, args.num_val, args.num_test, image_size=args.image_size,
-                               seed=args.seed, lesion_contrast=args.lesion_contrast, noise=args.noise,
-                               label_noise=args.label_noise, prevalence_scale=args.prevalence_scale,
-                               label_fraction=args.label_fraction, samples_per_shard=args.samples_per_shard,
-                               workers=args.workers, fmt=args.image_format)
+        meta = build_corpus(args.out, {k: getattr(args, k) for k in KNOBS}, samples_per_shard=args.samples_per_shard,
+                            workers=args.workers, fmt=args.image_format, progress=True)
     print(summary_line(meta, t.seconds))
+    if args.testbed:
+        print(rates_line(meta))
     prev = meta["prevalence"]["train"]
     print("train prevalence: " + ", ".join(f"{k} {v:.2f}" for k, v in prev.items()))
+    return 0
+
+
+def _add_label(sub) -> None:
+    p = sub.add_parser("label", help="relabel a converted corpus with the report labeller (labels for every report)",
+                       description="Copy the corpus at --data into --out with the labels of --splits read off each "
+                                   "report by the rule-based labeller (vkd_dist/data/labeller.py: medspaCy ConText, "
+                                   "synonyms per label); studies without labels get them too. Other splits, images "
+                                   "and reports are copied unchanged; uncertain readings (-1) follow the data set's "
+                                   "label policy. Needs medspaCy (scripts/setup.sh installs it).")
+    p.add_argument("--data", required=True, help="a converted corpus (a folder with dataset.json)")
+    p.add_argument("--out", required=True, help="where the relabelled copy goes")
+    p.add_argument("--splits", default="train", help="comma-separated splits to relabel")
+    p.set_defaults(func=_run_label)
+
+
+def _run_label(args) -> int:
+    from vkd_dist.data.relabel import label_corpus
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    with Timer() as t:
+        meta = label_corpus(args.data, args.out, splits)
+    print(summary_line(meta, t.seconds))
+    for split in splits:
+        prevalence = meta["prevalence"][split].items()
+        print(f"{split} prevalence (labeller): " + ", ".join(f"{k} {v:.2f}" for k, v in prevalence))
     return 0
 
 
@@ -109,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "GROUP); default: owner only (0700, 0600)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synthetic(sub)
+    _add_label(sub)
     _add_embed_text(sub)
     try:  # converters for real data sets register their own subcommands
         from vkd_dist.data.sources import register_subcommands

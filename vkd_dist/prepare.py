@@ -60,14 +60,14 @@ def ensure_dataset(cfg: Config, accelerator=None) -> DatasetInfo:
         if not (path / "dataset.json").is_file():
             if not cfg.data.build_synthetic:  # validated already; gone since
                 raise no_dataset(cfg.data.path)
-            from vkd_dist.data.synthetic import build_synthetic
+            from vkd_dist.data.testbed import build_corpus, rates_line
 
             s = cfg.data.synthetic
-            print(f"building the synthetic corpus at {path} ({s.num_train}/{s.num_val}/{s.num_test} samples)",
-                  flush=True)
-            build_synthetic(path, s.num_train, s.num_val, s.num_test, image_size=s.image_size, seed=s.seed,
-                            lesion_contrast=s.lesion_contrast, noise=s.noise, label_noise=s.label_noise,
-                            prevalence_scale=s.prevalence_scale, label_fraction=s.label_fraction, progress=False)
+            kind = "testbed" if s.testbed else "synthetic corpus"
+            print(f"building the {kind} at {path} ({s.num_train}/{s.num_val}/{s.num_test} samples)", flush=True)
+            meta = build_corpus(path, to_dict(s))
+            if s.testbed:
+                print(rates_line(meta), flush=True)
     try:
         info = read_dataset(path)
     except (FileNotFoundError, ValueError) as exc:  # e.g. another schema version: one line, as vkd-train prints

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.bench import REPO
-from benchmarks.study.grid import StudyError, cell_key, cell_overrides, cells_of, run_rel, runs_of
+from benchmarks.study.grid import (
+    RELABELLED,
+    StudyError,
+    cell_key,
+    cell_overrides,
+    cells_of,
+    corpus_path,
+    run_rel,
+    runs_of,
+)
 from vkd_dist.fileio import atomic_write_text
 from vkd_dist.run_dir import RunDir
 
@@ -28,17 +37,22 @@ class Interrupted(Exception):
 
 # ------------------------------------------------------------------------------------------ running cells
 def build_corpora(grid: dict, out: Path) -> None:
-    for name, knobs in grid["regimes"].items():
-        path = out / "data" / name
-        if (path / "dataset.json").is_file():
-            continue
-        from vkd_dist.data.synthetic import build_synthetic
+    from vkd_dist.data.relabel import label_corpus
+    from vkd_dist.data.testbed import build_corpus, rates_line
 
-        t0 = time.time()
-        build_synthetic(path, knobs["num_train"], knobs["num_val"], knobs["num_test"], image_size=knobs["image_size"],
-                        seed=knobs["seed"], lesion_contrast=knobs["lesion_contrast"],
-                        label_noise=knobs["label_noise"], label_fraction=knobs["label_fraction"], progress=False)
-        print(f"[study] corpus {name}: built in {time.time() - t0:.0f} s ({path})", flush=True)
+    for name, knobs in grid["regimes"].items():
+        path = corpus_path(out, name)
+        if not (path / "dataset.json").is_file():
+            t0 = time.time()
+            meta = build_corpus(path, knobs)
+            rates = f"; {rates_line(meta)}" if knobs.get("testbed") else ""
+            print(f"[study] corpus {name}: built in {time.time() - t0:.0f} s ({path}){rates}", flush=True)
+        for arm in (a for a in grid["arms"] if a in RELABELLED):
+            labelled = corpus_path(out, name, arm)
+            if not (labelled / "dataset.json").is_file():
+                label_corpus(path, labelled)
+                print(f"[study] corpus {name}: every training report labelled by the report labeller ({labelled})",
+                      flush=True)
 
 
 def log_tail(log_path: Path, marker: str) -> str:

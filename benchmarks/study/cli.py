@@ -16,7 +16,11 @@ corpus; `labels1` is the base), the other knobs staying at the base (`--corpus k
 split sizes; two names for one corpus are refused). The full grid is n500, n2000 (the base), n8000, noise0.2,
 contrast0.5, contrast0.25, with 400 validation and 1,000 test studies each and data seed 0, so every arm and seed
 of a regime is scored on the same test samples (the comparisons are paired). Each regime's corpus is built once
-into OUT/data/<regime>. Seeds are train.seed=0..N-1.
+into OUT/data/<regime>. `testbed<F>` is the observation testbed (vkd_dist/data/testbed.py: a true state, a
+radiologist's report of it with error rates, training labels read off the report, test labels the truth) with F of
+the training studies labelled; `--corpus` sets its rates (miss_rate, false_rate, hedge_rate, gold_fraction). The
+`labeller` arm trains image_only on OUT/data/<regime>-labeller, the regime's corpus with every training report
+labelled by the report labeller (`vkd-data label`). Seeds are train.seed=0..N-1.
 
 Arms are the ARMS table: key=value overrides on the base config (configs/default.yaml, or --config). The full
 grid runs DEFAULT_ARMS (vkd, vkd_paper, image_only, text_only, kd); the VKD variants vkd_mean, vkd_sep, vkd_reg,
@@ -110,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="override for every cell, e.g. train.max_steps=300 (an arm's own keys win)")
     ap.add_argument("--corpus", action="append", default=[], metavar="KEY=VALUE",
                     help="the base corpus: num_train, num_val, num_test, image_size, label_noise, lesion_contrast, "
-                    "label_fraction")
+                    "label_fraction; the testbed<F> regimes' rates: miss_rate, false_rate, hedge_rate, gold_fraction")
     ap.add_argument("--policy-control", action="append", default=[], metavar="ARM",
                     help="an arm that may train under another label policy (data.missing, data.uncertain)")
     preset = ap.add_mutually_exclusive_group()

@@ -31,7 +31,9 @@ ARMS: dict[str, list[str]] = {  # name -> key=value overrides on the base config
     # classifier, and the report path's predictive as the image path's target on every study (weight 4)
     "vkd_distil": [*REG, "objective.text_init=@text_only", "model.image_head=separate",
                    "objective.predictive_weight=4.0"],
+    "labeller": ["objective.name=image_only"],  # on the regime's corpus relabelled off every report (RELABELLED)
 }
+RELABELLED = ("labeller",)  # arms reading DATA/<regime>-labeller: `vkd-data label` of the train split
 DEFAULT_ARMS = ["vkd", "vkd_paper", "image_only", "text_only", "kd"]  # the full grid's
 BASELINE = "image_only"  # what every image-inference arm is compared with
 RUN_REF = re.compile(r"@([A-Za-z0-9_.-]+)")  # KEY=@ARM: the path of ARM's run of the same regime and seed
@@ -44,6 +46,7 @@ CORPUS = {"num_val": 400, "num_test": 1000, "image_size": 128, "seed": 0}  # eve
 PREFIX = {"noise": "label_noise", "contrast": "lesion_contrast", "labels": "label_fraction",
           "n": "num_train"}  # regime name -> knob; "noise" before "n"
 SEEDS = 5
+TESTBED_KNOBS = ("miss_rate", "false_rate", "hedge_rate", "gold_fraction")  # --corpus; used by testbed<F> regimes
 # --quick (explicit flags still win): the faint-lesion regime, the default against its baseline, 3 seeds, half the
 # default's steps: 6 cells, ~15 minutes on 2 CPU cores (docs/evidence.md)
 QUICK: dict[str, Any] = {
@@ -83,18 +86,30 @@ def knob_value(knob: str, text: str, where: str) -> float:
         return int(value)
     if knob == "label_fraction" and not 0 < value <= 1:
         raise StudyError(f"{where}: label_fraction (the labelled fraction of the training studies) must be in (0, 1]")
+    if knob in TESTBED_KNOBS:
+        from vkd_dist.data.testbed import ObservationParams
+
+        try:
+            ObservationParams(**{knob: value})
+        except ValueError as exc:
+            raise StudyError(f"{where}: {exc}") from None
     return value
 
 
 def parse_regime(name: str, base: dict) -> tuple[str, dict]:
     """`n500` / `noise0.2` / `contrast0.25` / `labels0.1` -> (the name as the study writes it, the base corpus with
-    that knob set)."""
+    that knob set); `testbed0.1`: the observation testbed (vkd_dist/data/testbed.py, its default rates) with that
+    labelled fraction."""
+    if name.startswith("testbed"):
+        value = knob_value("label_fraction", name[len("testbed"):], f"regime {name} (testbed<labelled fraction>)")
+        return f"testbed{value:g}", {**base, "label_fraction": value, "testbed": True}
     for prefix, knob in PREFIX.items():  # "noise" before "n"
         if name.startswith(prefix):
             value = knob_value(knob, name[len(prefix):], f"regime {name} ({prefix}<{knob}>)")
             return regime_name(knob, value), {**base, knob: value}
-    raise StudyError(f"regime {name!r}: expected n<train size>, noise<label noise>, contrast<lesion contrast> or "
-                     "labels<labelled fraction>, e.g. n500, noise0.2, contrast0.5, labels0.1")
+    raise StudyError(f"regime {name!r}: expected n<train size>, noise<label noise>, contrast<lesion contrast>, "
+                     "labels<labelled fraction> or testbed<labelled fraction>, e.g. n500, noise0.2, contrast0.5, "
+                     "labels0.1, testbed0.1")
 
 
 def default_regimes(base: dict) -> list[str]:
@@ -107,7 +122,7 @@ def default_regimes(base: dict) -> list[str]:
 
 def parse_corpus(items: list[str]) -> dict:
     base = {**BASE_REGIME, **CORPUS}
-    allowed = [k for k in base if k != "seed"]
+    allowed = [k for k in base if k != "seed"] + list(TESTBED_KNOBS)
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in allowed:
@@ -330,11 +345,15 @@ def run_rel(regime: str, arm: str, seed: int) -> str:
     return f"runs/{regime}/{arm}/seed{seed}"
 
 
+def corpus_path(out: Path, regime: str, arm: Optional[str] = None) -> Path:
+    return out / "data" / (f"{regime}-labeller" if arm in RELABELLED else regime)
+
+
 def cell_overrides(grid: dict, out: Path, regime: str, arm: str, seed: int) -> list[str]:
     """--set, then the arm's own keys (they win), then the study's per-cell keys."""
     knobs, runs = grid["regimes"][regime], runs_of(grid, grid["arms"][arm])
     own = [i for i in [*grid["set"], *grid["arms"][arm]] if override_key(i, "") not in runs]  # KEY=@ARM: below
-    return [*own, f"data.path={(out / 'data' / regime).resolve()}", "data.build_synthetic=false",
+    return [*own, f"data.path={corpus_path(out, regime, arm).resolve()}", "data.build_synthetic=false",
             *(f"data.synthetic.{k}={v}" for k, v in knobs.items()), f"train.seed={seed}",
             f"run_dir={(out / run_rel(regime, arm, seed)).resolve()}", "resume=latest",
             *(f"{key}={(out / run_rel(regime, source, seed)).resolve()}" for key, source in runs.items())]

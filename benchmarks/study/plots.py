@@ -23,7 +23,7 @@ def plot_knob(study: dict, out: Path, knob: str, title: str) -> Optional[str]:
 
     grid, base = study["grid"], study["grid"]["base"]
     points = sorted((k[knob], name) for name, k in grid["regimes"].items()
-                    if all(k[o] == base[o] for o in base if o != knob))
+                    if set(k) == set(base) and all(k[o] == base[o] for o in base if o != knob))  # not a testbed
     if not points or (knob != "num_train" and len({x for x, _ in points}) < 2):
         return None
     rows = {(s["regime"], s["arm"]): s for s in study["summaries"]}

@@ -163,7 +163,7 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
 
     def corpus(k: dict) -> str:
         return ", ".join(f"{knob} {k[knob]:g}" if isinstance(k[knob], float) else f"{knob} {k[knob]}"
-                         for knob in BASE_REGIME)
+                         for knob in BASE_REGIME) + (", the observation testbed" if k.get("testbed") else "")
 
     def arm(a: str) -> str:
         runs = runs_of(grid, grid["arms"][a])

@@ -49,6 +49,10 @@ INTERVALS: dict[str, tuple[float, float, bool]] = {
     "objective.kd_alpha": (0.0, 1.0, True),
     "data.synthetic.label_noise": (0.0, 1.0, True),
     "data.synthetic.label_fraction": (0.0, 1.0, True),
+    "data.synthetic.miss_rate": (0.0, 0.5, True),  # a finding is missed with chance 2 * miss_rate * (1 - severity)
+    "data.synthetic.false_rate": (0.0, 1.0, True),
+    "data.synthetic.hedge_rate": (0.0, 1.0, True),
+    "data.synthetic.gold_fraction": (0.0, 1.0, True),
     "model.dropout": (0.0, 1.0, False),  # p=1 would zero every activation
 }
 

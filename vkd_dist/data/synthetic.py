@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -145,7 +146,7 @@ class Finding:
     device: int = 0
 
 
-def _fill(template: str, f: Finding) -> str:
+def fill_template(template: str, f: Finding) -> str:
     size = SIZES[min(2, int(f.severity * 3))]
     sev = SEVERITIES[min(2, int(f.severity * 3))]
     out = template.format(side=f.side, zone=f.zone, size=size, sev=sev, Side=f.side.capitalize(),
@@ -153,8 +154,8 @@ def _fill(template: str, f: Finding) -> str:
     return out.replace("severely", "markedly")
 
 
-def sample_case(rng: np.random.Generator, p: SyntheticParams):
-    """Draw findings and the report statuses. Returns (labels dict, findings to render, sentences)."""
+def draw_findings(rng: np.random.Generator, p: SyntheticParams) -> dict[str, Finding]:
+    """The findings a study has, with their attributes (and the hierarchy's co-occurrences)."""
     present: dict[str, Finding] = {}
     for name in FINDINGS:
         rate = min(0.9, BASE_RATE[name] * p.prevalence_scale)
@@ -166,6 +167,12 @@ def sample_case(rng: np.random.Generator, p: SyntheticParams):
         present["Consolidation"] = Finding("Consolidation", True, f.severity, f.side, f.zone)
     if "Edema" in present and "Cardiomegaly" not in present and rng.random() < 0.4:
         present["Cardiomegaly"] = Finding("Cardiomegaly", True, float(rng.uniform(0.2, 1)), "right", "mid")
+    return present
+
+
+def sample_case(rng: np.random.Generator, p: SyntheticParams):
+    """Draw findings and the report statuses. Returns (labels dict, findings to render, sentences)."""
+    present = draw_findings(rng, p)
     labels: dict[str, Optional[int]] = {name: None for name in LABELS}
     findings_text: list[str] = []
     for name in FINDINGS:
@@ -175,12 +182,12 @@ def sample_case(rng: np.random.Generator, p: SyntheticParams):
             if hedged:  # hedged findings are faint in the image too
                 f.severity = f.severity * 0.3
                 labels[name] = -1
-                findings_text.append(_fill(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
+                findings_text.append(fill_template(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
             else:
                 labels[name] = 1
                 bank = POSITIVE[name]
                 idx = f.device if name == "Support Devices" else rng.integers(len(bank))
-                findings_text.append(_fill(bank[idx], f))
+                findings_text.append(fill_template(bank[idx], f))
             if rng.random() < p.label_noise:
                 f.visible = False
         else:
@@ -191,7 +198,7 @@ def sample_case(rng: np.random.Generator, p: SyntheticParams):
             elif r < 0.47:
                 f = Finding(name, False, 0.1, SIDES[rng.integers(2)], ZONES[rng.integers(3)])
                 labels[name] = -1
-                findings_text.append(_fill(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
+                findings_text.append(fill_template(UNCERTAIN[name][rng.integers(len(UNCERTAIN[name]))], f))
             elif rng.random() < p.label_noise * 0.2:  # unreported but visible
                 present[name] = Finding(name, True, float(rng.uniform(0.3, 1)), SIDES[rng.integers(2)],
                                         ZONES[rng.integers(3)], int(rng.integers(3)))
@@ -202,12 +209,15 @@ def sample_case(rng: np.random.Generator, p: SyntheticParams):
 
 
 def render_report(rng: np.random.Generator, labels: dict, findings_text: list[str], pathologic: list[str],
-                  view: str) -> str:
+                  view: str, stated: Optional[list[str]] = None) -> str:
+    """The report around `findings_text`; its impression repeats `stated` (default: the sentences that are not
+    negations)."""
     order = rng.permutation(len(findings_text))
     body = [findings_text[i] for i in order]
     if rng.random() < 0.5:
         body.insert(int(rng.integers(len(body) + 1)), FILLER[rng.integers(len(FILLER))])
-    positives = [s for s in findings_text if not any(s in NEGATION[n] for n in NEGATION)]
+    positives = stated if stated is not None else [s for s in findings_text
+                                                   if not any(s in NEGATION[n] for n in NEGATION)]
     if labels["No Finding"] == 1:
         impression = NORMAL_IMPRESSION[rng.integers(len(NORMAL_IMPRESSION))]
         if positives:  # support devices only
@@ -415,22 +425,31 @@ def build_synthetic(out: str | Path, num_train: int, num_val: int, num_test: int
                     prevalence_scale: float = 1.0, label_fraction: float = 1.0, samples_per_shard: int = 250,
                     workers: int = 0, fmt: str = "jpg", progress: bool = True) -> dict:
     """Generate the corpus into `out` (shards + dataset.json). Returns the dataset.json contents."""
+    params = asdict(SyntheticParams(image_size, seed, lesion_contrast, noise, label_noise, prevalence_scale, fmt))
+    labelled = labelled_indices(num_train, label_fraction, seed)
+    return write_corpus(out, {"train": num_train, "val": num_val, "test": num_test}, params, make_record,
+                        lambda split, i: split != "train" or label_fraction == 1 or i in labelled,
+                        label_fraction, samples_per_shard=samples_per_shard, workers=workers, progress=progress)
+
+
+def write_corpus(out: str | Path, counts: dict[str, int], params: dict, make: Callable[[tuple], Record],
+                 role: Callable[[str, int], Any], label_fraction: float, *, samples_per_shard: int, workers: int,
+                 progress: bool, extra: Optional[dict] = None) -> dict:
+    """The splits' shards from jobs (split, index, params, role(split, index)) and dataset.json. `extra` joins
+    `params` where the corpus differs from the default one (in the fingerprint and dataset.json)."""
     import os
 
     out = Path(out)
-    params = asdict(SyntheticParams(image_size, seed, lesion_contrast, noise, label_noise, prevalence_scale, fmt))
     workers = workers or (os.cpu_count() or 1)
-    counts = {"train": num_train, "val": num_val, "test": num_test}
-    labelled = labelled_indices(num_train, label_fraction, seed)
     results = {}
     for split in SPLITS:
         partial_labels = split == "train" and label_fraction < 1
-        jobs = [(split, i, params, not partial_labels or i in labelled) for i in range(counts[split])]
+        jobs = [(split, i, params, role(split, i)) for i in range(counts[split])]
         # The fraction enters the fingerprint only where it changes shards: fully labelled ones stay as cached.
-        fingerprint = {**params, "label_fraction": label_fraction} if partial_labels else params
-        results[split] = write_split(out, split, jobs, make_record, samples_per_shard=samples_per_shard,
-                                     workers=workers, fmt=fmt, progress=progress,
+        fingerprint = {**params, **(extra or {}), **({"label_fraction": label_fraction} if partial_labels else {})}
+        results[split] = write_split(out, split, jobs, make, samples_per_shard=samples_per_shard,
+                                     workers=workers, fmt=params["fmt"], progress=progress,
                                      fingerprint=json.dumps(fingerprint, sort_keys=True))
     sizes = {f"num_{split}": n for split, n in counts.items()}
     return finish_dataset(out, results, {**params, **sizes, "label_fraction": label_fraction,
-                                         "samples_per_shard": samples_per_shard}, source="synthetic")
+                                         "samples_per_shard": samples_per_shard, **(extra or {})}, source="synthetic")
