@@ -63,6 +63,7 @@ class Batch:
     worker: int = 0
     read: int = 0  # raw samples (corrupt too) its worker had read in the epoch, through this batch's last one
     text_features: Optional[torch.Tensor] = None  # [B, D] precomputed text-encoder output (frozen-text fast path)
+    labelled: Optional[torch.Tensor] = None  # bool [B]: the study has labels (a study without has every label masked)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -170,7 +171,8 @@ class Collate:
         feats = self.text_features(keys) if self.text_features is not None else None
         return Batch(images, enc["input_ids"], enc["attention_mask"], targets, mask,
                      keys=keys, patient_ids=[s["patient_id"] for s in samples], skipped=self.ledger.count,
-                     worker=wid, read=samples[-1].get("read", 0), text_features=feats)
+                     worker=wid, read=samples[-1].get("read", 0), text_features=feats,
+                     labelled=torch.tensor([s.get("labelled", True) for s in samples]))
 
 
 def decode_sample(raw: dict, size: int) -> dict:

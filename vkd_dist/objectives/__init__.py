@@ -5,6 +5,7 @@ validation, model building, evaluation and export ask the registry what it needs
 vkd         the variational knowledge distillation ELBO (vkd.py)
 image_only  the image path alone; text_only: the report path alone (baselines.py)
 kd          logit distillation from a text_only teacher (kd.py)
+contrastive image-report contrastive pre-training, CLIP-style symmetric InfoNCE (contrastive.py)
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ if TYPE_CHECKING:
     from vkd_dist.config import Config, ObjectiveConfig
 
 # Importing registers them, in the order choices are listed: the method, then its baselines.
-from vkd_dist.objectives import vkd, baselines, kd  # noqa: F401, I001
-from vkd_dist.objectives.base import BOTH, IMAGE, TEXT, Objective, get_objective, objective_names, register
+from vkd_dist.objectives import vkd, baselines, kd, contrastive  # noqa: F401, I001
+from vkd_dist.objectives.base import (BOTH, IMAGE, LABELLED, MIXED, PAIRED, PAIRS, TEXT, Objective, get_objective,
+                                      objective_names, register)
 from vkd_dist.objectives.losses import beta_at, masked_bce
 
-__all__ = ["BOTH", "IMAGE", "TEXT", "Objective", "beta_at", "build_objective", "check_config", "check_teacher",
+__all__ = ["BOTH", "IMAGE", "LABELLED", "MIXED", "PAIRED", "PAIRS", "TEXT", "Objective", "beta_at", "build_objective", "check_config", "check_teacher",
            "get_objective", "masked_bce", "objective_names", "register"]
 
 
