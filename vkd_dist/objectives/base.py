@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
+from vkd_dist.data.compose import LABELLED, MIXED, PAIRED  # what an objective learns from
+
 if TYPE_CHECKING:
     from vkd_dist.config import ObjectiveConfig
     from vkd_dist.data.pipeline import Batch
@@ -18,10 +20,6 @@ if TYPE_CHECKING:
 
 # The model's forward modes (vkd_dist.models.vkd.VKDModel.forward).
 BOTH, IMAGE, TEXT, PAIRS = "both", "image", "text", "pairs"
-# What an objective learns from, which fixes the studies its batches hold where some have no labels
-# (vkd_dist/data/compose.py): labelled studies only | labelled and unlabelled ones, a set share of each
-# (data.labelled_share) | the image-report pairs alone, labels unused (every study as drawn).
-LABELLED, MIXED, PAIRED = "labelled", "mixed", "pairs"
 
 
 class Objective:
@@ -33,7 +31,9 @@ class Objective:
     inference: ClassVar[str] = IMAGE  # what evaluation and export run: image (deployable) | text (reads reports)
     stochastic: ClassVar[bool] = False  # trains the heads' variances; deterministic ones use the means only
     configurable_posterior: ClassVar[bool] = False  # model.posterior (text | image_text) applies
-    learns_from: ClassVar[str] = LABELLED  # LABELLED | MIXED | PAIRED (above)
+    # which studies its batches hold where some have no labels (vkd_dist/data/compose.py): LABELLED (labelled
+    # ones only) | MIXED (data.labelled_share of each batch labelled) | PAIRED (labels unused: every study)
+    learns_from: ClassVar[str] = LABELLED
 
     def __init__(self, cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optional[torch.nn.Module] = None):
         self.cfg, self.num_samples, self.teacher = cfg, num_samples, teacher
