@@ -172,7 +172,7 @@ def test_text_init_refuses_a_run_that_is_not_a_matching_text_only_run(tiny_data,
     save_config(load_config(overrides=tiny_overrides(tiny_data, vkd_run)), vkd_run / "config.yaml")
     cases = [({"objective.text_init": str(vkd_run)}, "expected a text_only run, got a vkd run"),
              ({"objective.text_init": str(text_only_run), "model.latent_dim": 8},
-              r"text encoder / latent sizes differ \(model.latent_dim 16 there, 8 here\)"),
+              r"its posterior_head is another architecture \(model.latent_dim 16 there, 8 here\)"),
              ({"objective.text_init": str(text_only_run), "model.posterior": "image_text"},
               "expected model.posterior=text"),
              ({"objective.text_init": str(text_only_run), "objective": "image_only"}, "has no report path"),

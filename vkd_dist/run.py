@@ -26,6 +26,7 @@ from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.distributed import StrategyAccelerator, build_accelerator, sync_buffers
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
+from vkd_dist.init_from import init_modules
 from vkd_dist.ledger import SampleLedger, open_ledger
 from vkd_dist.objectives import Objective, build_objective, get_objective
 from vkd_dist.optim import build_optimization
@@ -179,6 +180,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     info, tokenizer = prepared.info, prepared.tokenizer
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     init_text_path(model, cfg, info.labels)  # objective.text_init: the report path from a text_only run
+    init_modules(model, cfg, info.labels)  # model.init_from: the modules model.init_modules names, from a run
     teacher = load_teacher(cfg, accelerator.device) if get_objective(cfg.objective.name).needs_teacher else None
     objective = build_objective(cfg.objective, cfg.model.num_samples, teacher)
     optimizer, schedule = build_optimization(model, cfg, accelerator.device)  # the model is still on the CPU
