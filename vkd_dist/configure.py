@@ -8,8 +8,8 @@ ranges, choices that are plain constants, paths). A component that owns a regist
 its own part of the tree with a `check_config(cfg)` in its own module: objective names and teachers
 (vkd_dist.objectives), strategies (vkd_dist.strategy), timm encoders and their kwargs and BertConfig fields
 (vkd_dist.models.encoders), pretrained short names (vkd_dist.models.pretrained), objective.text_init
-(vkd_dist.text_init), model.init_from (vkd_dist.init_from), selectable metrics (vkd_dist.metrics), the shared group (vkd_dist.fileio). This
-module, above all of them, composes the two. Every arrow points down.
+(vkd_dist.text_init), model.init_from (vkd_dist.init_from), selectable metrics (vkd_dist.metrics), the shared
+group (vkd_dist.fileio). This module, above all of them, composes the two. Every arrow points down.
 
 Why this layout and not the second (each component owning its config dataclass, composed by the config package):
 the schema stays one file of dataclasses (vkd_dist/config/schema.py) that a reader takes in at once, and reading

@@ -109,8 +109,8 @@ def source_weights(src: Source, run: Path, exports: Sequence[str]) -> Path:
             ckpt = checkpoint.resolve(run, "latest")
             if ckpt is not None and (ckpt / weights.EXPORT_FILE).is_file():
                 return ckpt / weights.EXPORT_FILE
-    raise src.refused(f"expected weights in {', '.join(f'{w}/' if w != 'checkpoint' else 'a checkpoint' for w in exports)}"
-                      f" (with {weights.EXPORT_FILE})")
+    places = ", ".join(f"{w}/" if w != "checkpoint" else "a checkpoint" for w in exports)
+    raise src.refused(f"expected weights in {places} (with {weights.EXPORT_FILE})")
 
 
 def copy_modules(model: torch.nn.Module, src: Source, path: Path, modules: Iterable[str]) -> list[str]:

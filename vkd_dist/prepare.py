@@ -186,7 +186,7 @@ def record_run_labels(cfg: Config, info: DatasetInfo, accelerator=None) -> None:
 
 # Keys of the shape sections that may change on resume: none changes a tensor's shape or the optimizer's state.
 RESUMABLE_MODEL_KEYS = ("gradient_checkpointing", "attn_implementation", "inference", "num_samples",
-                        "image_weights", "init_from", "init_modules")  # read at initialisation only, the checkpoint wins
+                        "image_weights", "init_from", "init_modules")  # read at initialisation: the checkpoint wins
 
 
 def _model_shape(cfg: Config) -> dict:

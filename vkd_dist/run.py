@@ -199,7 +199,8 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     moved = None
     if saved is not None:
         state = TrainState.from_saved(saved, cfg.train.select_metric)
-        if isinstance(stream, (TrainStream, ComposedStream)):  # exact even when samples were skipped: each worker's raw position
+        # exact even when samples were skipped: each worker's raw position
+        if isinstance(stream, (TrainStream, ComposedStream)):
             state.epoch, state.batch_in_epoch, moved = stream.resume(
                 state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout)
     state.world_size, state.grad_accum = accelerator.num_processes, cfg.optim.grad_accum

@@ -189,7 +189,7 @@ class ComposedStream:
                               f"{' and '.join(self.streams)} studies (the objective or data.labelled_share changed "
                               "since it was written); set them back, or start a new run_dir")
         self.unlabelled_at = list(saved["unlabelled_at"])
-        at = {"labelled": (epoch, skip), "unlabelled": tuple(self.unlabelled_at)}
+        at = {"labelled": (epoch, skip), "unlabelled": (self.unlabelled_at[0], self.unlabelled_at[1])}
         for part, stream in self.streams.items():
             was = Layout.from_dict(saved[part])
             if not was.same_slots(stream.layout_):

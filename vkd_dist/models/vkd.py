@@ -101,8 +101,8 @@ class VKDModel(nn.Module):
         self.classifier = _mlp(latent_dim, hidden_dim, num_labels) if txt_dim or not separate else None
         self.image_classifier = _mlp(latent_dim + img_dim, hidden_dim, num_labels) if separate else None
         # contrastive pre-training (mode pairs): both encoders into one space
-        pairs = projection_dim and img_dim and txt_dim
-        self.contrastive = ContrastiveHeads(img_dim, txt_dim, projection_dim) if pairs else None
+        self.contrastive = (ContrastiveHeads(img_dim, txt_dim, projection_dim)
+                            if projection_dim is not None and img_dim and txt_dim else None)
 
     # -- the two paths --------------------------------------------------------------------------------
     def _image_path(self) -> tuple[ImageEncoder, GaussianHead]:

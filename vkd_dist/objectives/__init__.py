@@ -25,8 +25,9 @@ from vkd_dist.objectives.base import (BOTH, IMAGE, LABELLED, MIXED, PAIRED, PAIR
                                       objective_names, register)
 from vkd_dist.objectives.losses import beta_at, masked_bce
 
-__all__ = ["BOTH", "IMAGE", "LABELLED", "MIXED", "PAIRED", "PAIRS", "TEXT", "Objective", "beta_at", "build_objective", "check_config", "check_teacher",
-           "get_objective", "masked_bce", "objective_names", "register"]
+__all__ = ["BOTH", "IMAGE", "LABELLED", "MIXED", "PAIRED", "PAIRS", "TEXT", "Objective", "beta_at",
+           "build_objective", "check_config", "check_teacher", "get_objective", "masked_bce",
+           "objective_names", "register"]
 
 
 def build_objective(cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optional[torch.nn.Module] = None) -> Objective:

@@ -15,12 +15,12 @@ prior_bce, the supervised part.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from vkd_dist.models.vkd import Gaussian, kl_per_dim
-from typing import Optional
-
 from vkd_dist.objectives.base import BOTH, MIXED, Objective, register
 from vkd_dist.objectives.losses import beta_at, distilled_rows, masked_bce, row_mean
 
