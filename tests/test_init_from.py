@@ -5,7 +5,7 @@ contrastive pre-training run's image encoder), validated before any work; model.
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, two_step_run
 from vkd_dist.config import ConfigError
 from vkd_dist.configure import load_config
 from vkd_dist.train import train
@@ -15,10 +15,7 @@ from vkd_dist.weights import load_weights
 @pytest.fixture(scope="module")
 def contrastive_run(tiny_data, tmp_path_factory):
     """A 2-step contrastive pre-training run, checkpointed at its last step."""
-    run = tmp_path_factory.mktemp("contrastive") / "run"
-    train(load_config(overrides=tiny_overrides(tiny_data, run, objective="contrastive", **{
-        "train.max_steps": 2, "train.ckpt_every": 2, "train.test_at_end": False})))
-    return run
+    return two_step_run(tiny_data, tmp_path_factory.mktemp("contrastive") / "run", "contrastive")
 
 
 def _state(cfg):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, two_step_run
 from vkd_dist.config import ConfigError
 from vkd_dist.configure import load_config
 from vkd_dist.objectives import IMAGE, TEXT, Objective, get_objective, masked_bce, objective_names, register
@@ -136,10 +136,7 @@ def test_select_metric_chooses_best_by_its_own_direction(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def text_only_run(tiny_data, tmp_path_factory):
     """A 2-step text_only run with a checkpoint at step 2 (and final/)."""
-    run = tmp_path_factory.mktemp("text_only") / "run"
-    train(load_config(overrides=tiny_overrides(tiny_data, run, objective="text_only", **{
-        "train.max_steps": 2, "train.ckpt_every": 2, "train.test_at_end": False})))
-    return run
+    return two_step_run(tiny_data, tmp_path_factory.mktemp("text_only") / "run", "text_only")
 
 
 @pytest.mark.parametrize("where", ["run", "checkpoint"])
