@@ -115,5 +115,7 @@ def test_every_study_labelled_or_a_null_share_reads_the_ordinary_stream(tiny_dat
     assert isinstance(train_stream(partial, "train", _cfg(), tokenizer, 0, 1, 3, None, PAIRED), TrainStream)
     with pytest.raises(ConfigError, match="data.labelled_share=0.05 of data.batch_size=8 rounds to no labelled"):
         train_stream(partial, "train", _cfg(labelled_share=0.05), tokenizer, 0, 1, 3, None, MIXED)
+    with pytest.raises(ConfigError, match="data.labelled_share=0.05 of data.batch_size=8 rounds to no labelled"):
+        load_config(overrides=tiny_overrides(tenth, tenth / "run", **{"data.labelled_share": 0.05}))  # up front
     with pytest.raises(ConfigError, match=r"data.labelled_share=0.0 must be in \(0, 1\] or null"):
         load_config(overrides=tiny_overrides(tenth, tenth / "run", **{"data.labelled_share": 0}))

@@ -117,7 +117,7 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "vkd"  # any registered objective (vkd_dist/objectives): vkd | image_only | text_only | kd
+    name: str = "vkd"  # any registered objective (vkd_dist/objectives): vkd | image_only | text_only | kd | contrastive
     beta: float = 0.1
     beta_schedule: str = "warmup"  # constant | warmup | cyclical
     beta_warmup_steps: int = 200

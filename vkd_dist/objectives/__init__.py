@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from vkd_dist.config import ConfigError, not_allowed
+from vkd_dist.data.compose import labelled_per_batch
 
 if TYPE_CHECKING:
     import torch
@@ -36,9 +37,11 @@ def build_objective(cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optiona
 
 
 def check_config(cfg: Config) -> None:
-    """objective.name is a registered objective (asked at validation time: tests register their own)."""
+    """objective.name is a registered objective (asked at validation time: tests register their own), and
+    data.labelled_share leaves its batches at least one labelled study."""
     if cfg.objective.name not in objective_names():
         raise not_allowed("objective.name", cfg.objective.name, objective_names())
+    labelled_per_batch(get_objective(cfg.objective.name).learns_from, cfg.data, num_unlabelled=1)
 
 
 def check_teacher(cfg: Config) -> None:
