@@ -58,7 +58,7 @@ def test_image_only_reads_labelled_studies_only_and_vkd_the_set_share(tenth, tmp
         run = tmp_path / objective
         train(load_config(overrides=tiny_overrides(tenth, run, objective=objective, **{
             "train.max_steps": 4, "train.test_at_end": "false", "logging.sample_ledger": "true",
-            "data.labelled_share": share, "data.num_workers": 2})))
+            "data.labelled_share": share, "data.num_workers": 0})))
         steps = _ledger_steps(run)
         assert sorted(steps) == [1, 2, 3, 4]
         for rows in steps.values():
@@ -119,3 +119,16 @@ def test_every_study_labelled_or_a_null_share_reads_the_ordinary_stream(tiny_dat
         load_config(overrides=tiny_overrides(tenth, tenth / "run", **{"data.labelled_share": 0.05}))  # up front
     with pytest.raises(ConfigError, match=r"data.labelled_share=0.0 must be in \(0, 1\] or null"):
         load_config(overrides=tiny_overrides(tenth, tenth / "run", **{"data.labelled_share": 0}))
+
+
+def test_a_composed_run_resumed_from_its_checkpoint_consumes_what_an_uninterrupted_one_does(tenth, tmp_path):
+    def run(name, steps, resume=None):
+        overrides = tiny_overrides(tenth, tmp_path / name, **{
+            "train.max_steps": steps, "train.test_at_end": "false", "logging.sample_ledger": "true",
+            "data.labelled_share": 0.25, "data.num_workers": 0, "train.ckpt_every": 100})
+        train(load_config(overrides=[*overrides, *([f"resume={resume}"] if resume else [])]))
+        return _ledger_steps(tmp_path / name)
+
+    whole = run("whole", 4)  # the round trip through train_state.json; the streams' epochs: the test above
+    run("parts", 2)
+    assert run("parts", 4, resume="latest") == whole

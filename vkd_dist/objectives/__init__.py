@@ -41,7 +41,9 @@ def check_config(cfg: Config) -> None:
     data.labelled_share leaves its batches at least one labelled study."""
     if cfg.objective.name not in objective_names():
         raise not_allowed("objective.name", cfg.objective.name, objective_names())
-    labelled_per_batch(get_objective(cfg.objective.name).learns_from, cfg.data, num_unlabelled=1)
+    share = cfg.data.labelled_share
+    if share is not None and 0 < share <= 1:  # outside: the bounds check's (vkd_dist/config/checks.py) to say
+        labelled_per_batch(get_objective(cfg.objective.name).learns_from, cfg.data, num_unlabelled=1)
 
 
 def check_teacher(cfg: Config) -> None:
