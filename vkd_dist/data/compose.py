@@ -95,12 +95,15 @@ def train_stream(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank
     if not keys["labelled"]:
         raise ConfigError(f"data.path={info.root}: split {split!r} has no labelled study; an objective that learns "
                           "from labels needs some")
-    # data.samples_per_epoch counts composed samples: the labelled stream's epoch holds its share of them
-    spe = cfg.samples_per_epoch
-    streams = {part: train_loader(info, split, replace(cfg, batch_size=size, samples_per_epoch=(
-        max(1, round(spe * size / cfg.batch_size)) if spe and part == "labelled" else None)), tokenizer, rank,
-                                  world, seed, tokens, keys=keys[part])
-               for part, size in sizes.items() if size > 0}
+    streams = {}
+    for part, size in sizes.items():
+        if size == 0:
+            continue
+        # data.samples_per_epoch counts composed samples: the labelled stream's epoch holds its share of them
+        epoch = round(cfg.samples_per_epoch * size / cfg.batch_size) if cfg.samples_per_epoch else None
+        part_cfg = replace(cfg, batch_size=size, samples_per_epoch=max(1, epoch) if epoch is not None and
+                           part == "labelled" else None)
+        streams[part] = train_loader(info, split, part_cfg, tokenizer, rank, world, seed, tokens, keys=keys[part])
     return ComposedStream(streams, tokenizer.pad_token_id or 0)
 
 
