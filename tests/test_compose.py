@@ -132,3 +132,12 @@ def test_a_composed_run_resumed_from_its_checkpoint_consumes_what_an_uninterrupt
     whole = run("whole", 4)  # the round trip through train_state.json; the streams' epochs: the test above
     run("parts", 2)
     assert run("parts", 4, resume="latest") == whole
+
+
+def test_every_rank_of_a_composed_stream_takes_the_same_steps_with_the_share(tenth, tokenizer):
+    info = read_dataset(tenth)
+    ranks = [train_stream(info, "train", _cfg(labelled_share=0.25), tokenizer, rank, 2, 5, None, MIXED)
+             for rank in range(2)]
+    epochs = [list(s.epoch(0, 0)) for s in ranks]
+    assert len(epochs[0]) == len(epochs[1]) == ranks[0].batches_per_epoch > 0
+    assert all(b.labelled.sum() == 2 and len(b) == 8 for epoch in epochs for b in epoch)
