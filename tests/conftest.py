@@ -42,6 +42,16 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
             *(f"{k}={v}" for k, v in extra.items())]
 
 
+def two_step_run(data: Path, run_dir: Path, objective: str) -> Path:
+    """A 2-step tiny run of `objective` on `data`, checkpointed at step 2 (and final/): a source of weights."""
+    from vkd_dist.configure import load_config
+    from vkd_dist.train import train
+
+    train(load_config(overrides=tiny_overrides(data, run_dir, objective=objective, **{
+        "train.max_steps": 2, "train.ckpt_every": 2, "train.test_at_end": False})))
+    return run_dir
+
+
 def read_shards(out: Path, split: str) -> dict:
     """key -> {meta, text, image bytes} for every sample of a written split, read with plain tarfile."""
     import json

@@ -35,7 +35,7 @@ def test_default_config_loads_and_overrides_apply(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    (["objective=vkdd"], "objective.name='vkdd' is not allowed (allowed: vkd, image_only, text_only, kd; "
+    (["objective=vkdd"], "objective.name='vkdd' is not allowed (allowed: vkd, image_only, text_only, kd, contrastive; "
                          "did you mean vkd?)"),
     (["data.uncertain=one"],
      "data.uncertain='one' is not allowed (allowed: null, ignore, ones, zeros; did you mean ones?)"),

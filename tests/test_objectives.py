@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, two_step_run
 from vkd_dist.config import ConfigError
 from vkd_dist.configure import load_config
 from vkd_dist.objectives import IMAGE, TEXT, Objective, get_objective, masked_bce, objective_names, register
@@ -136,10 +136,7 @@ def test_select_metric_chooses_best_by_its_own_direction(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def text_only_run(tiny_data, tmp_path_factory):
     """A 2-step text_only run with a checkpoint at step 2 (and final/)."""
-    run = tmp_path_factory.mktemp("text_only") / "run"
-    train(load_config(overrides=tiny_overrides(tiny_data, run, objective="text_only", **{
-        "train.max_steps": 2, "train.ckpt_every": 2, "train.test_at_end": False})))
-    return run
+    return two_step_run(tiny_data, tmp_path_factory.mktemp("text_only") / "run", "text_only")
 
 
 @pytest.mark.parametrize("where", ["run", "checkpoint"])
@@ -172,7 +169,7 @@ def test_text_init_refuses_a_run_that_is_not_a_matching_text_only_run(tiny_data,
     save_config(load_config(overrides=tiny_overrides(tiny_data, vkd_run)), vkd_run / "config.yaml")
     cases = [({"objective.text_init": str(vkd_run)}, "expected a text_only run, got a vkd run"),
              ({"objective.text_init": str(text_only_run), "model.latent_dim": 8},
-              r"text encoder / latent sizes differ \(model.latent_dim 16 there, 8 here\)"),
+              r"its posterior_head is another architecture \(model.latent_dim 16 there, 8 here\)"),
              ({"objective.text_init": str(text_only_run), "model.posterior": "image_text"},
               "expected model.posterior=text"),
              ({"objective.text_init": str(text_only_run), "objective": "image_only"}, "has no report path"),
@@ -181,3 +178,142 @@ def test_text_init_refuses_a_run_that_is_not_a_matching_text_only_run(tiny_data,
         with pytest.raises(ConfigError, match=message) as err:
             load_config(overrides=tiny_overrides(tiny_data, tmp_path / "student", **overrides))
         assert "\n" not in str(err.value) and str(err.value).startswith("objective.text_init=")
+
+
+# ---------------------------------------------------------------- distil_on, contrastive: against hand computations
+def _bce(x: float, y: float) -> float:
+    import math
+
+    p = 1 / (1 + math.exp(-x))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def _toy_batch(labelled):
+    """B studies, 3 labels; the unlabelled ones have every label masked, as the collate makes them."""
+    import torch
+
+    from vkd_dist.data.pipeline import Batch
+
+    g = torch.Generator().manual_seed(0)
+    b = len(labelled)
+    labelled_t = torch.tensor(labelled)
+    mask = labelled_t[:, None].expand(b, 3).clone()
+    mask[0, 1] = False  # a labelled study with one masked label
+    return Batch(torch.zeros(b, 1, 4, 4), torch.zeros(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.long),
+                 (torch.rand(b, 3, generator=g) > 0.5).float(), mask, labelled=labelled_t)
+
+
+def _hand_masked_bce(logits, batch) -> float:
+    """masked_bce by loops: summed over unmasked labels, averaged over K samples and all B studies."""
+    k, b, n = logits.shape
+    return sum(_bce(logits[s, i, j].item(), batch.targets[i, j].item()) for s in range(k) for i in range(b)
+               for j in range(n) if batch.target_mask[i, j]) / (k * b)
+
+
+def _objective(name, **keys):
+    from vkd_dist.config import ObjectiveConfig
+
+    return get_objective(name)(ObjectiveConfig(name=name, **keys), num_samples=2)
+
+
+def test_kd_with_distil_on_unlabelled_is_the_supervised_bce_on_a_labelled_batch_and_distils_the_rest():
+    import math
+
+    import torch
+
+    from vkd_dist.models.vkd import VKDOutput
+
+    g = torch.Generator().manual_seed(1)
+    student, teacher_logits = torch.randn(1, 4, 3, generator=g), torch.randn(1, 4, 3, generator=g)
+    kd = _objective("kd", distil_on="unlabelled", kd_alpha=0.5, kd_temperature=2.0)
+    kd.teacher = lambda batch, mode: VKDOutput(post_logits=teacher_logits)
+    labelled = _toy_batch([True] * 4)
+    terms = kd.terms(VKDOutput(prior_logits=student), labelled, step=0)
+    assert terms["loss"].item() == pytest.approx(_hand_masked_bce(student, labelled), rel=1e-6)  # not (1 - alpha) x
+    assert terms["kd"].item() == 0
+    mixed = _toy_batch([True, False, True, False])
+    soft = sum(_bce(student[0, i, j].item() / 2, 1 / (1 + math.exp(-teacher_logits[0, i, j].item() / 2)))
+               for i in (1, 3) for j in range(3)) / 4  # the unlabelled studies' soft targets, over the batch
+    terms = kd.terms(VKDOutput(prior_logits=student), mixed, step=0)
+    assert terms["kd"].item() == pytest.approx(soft, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(_hand_masked_bce(student, mixed) + 0.5 * 4 * soft, rel=1e-6)
+    everywhere = _objective("kd", kd_alpha=0.5, kd_temperature=2.0)  # the default, distil_on=all: as before
+    everywhere.teacher = kd.teacher
+    assert everywhere.terms(VKDOutput(prior_logits=student), labelled, step=0)["kd"].item() > 0
+
+
+def test_vkd_with_distil_on_unlabelled_reduces_to_its_supervised_part_on_a_labelled_batch():
+    import torch
+
+    from vkd_dist.models.vkd import Gaussian, VKDOutput
+
+    g = torch.Generator().manual_seed(2)
+    out = VKDOutput(prior=Gaussian(torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)),
+                    posterior=Gaussian(torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)),
+                    post_logits=torch.randn(2, 4, 3, generator=g), prior_logits=torch.randn(2, 4, 3, generator=g))
+    keys = dict(beta=0.5, beta_schedule="constant", prior_bce_weight=0.7, predictive_weight=4.0, free_bits=0.1)
+    batch = _toy_batch([True] * 4)
+    supervised = _hand_masked_bce(out.post_logits, batch) + 0.7 * _hand_masked_bce(out.prior_logits, batch)
+    terms = _objective("vkd", distil_on="unlabelled", **keys).terms(out, batch, step=10)
+    assert terms["loss"].item() == pytest.approx(supervised, rel=1e-6)
+    assert _objective("vkd", **keys).terms(out, batch, step=10)["loss"].item() > supervised + 0.1  # default: as before
+    # one unlabelled study of four: its KL (free bits floored over it alone) and predictive term, over the batch
+    half = _toy_batch([True, True, True, False])
+    from vkd_dist.models.vkd import kl_per_dim
+
+    kl_row = kl_per_dim(out.posterior, out.prior)[3].clamp(min=0.1).sum().item()
+    terms = _objective("vkd", distil_on="unlabelled", **keys).terms(out, half, step=10)
+    expected_kl = 0.5 * kl_row / 4
+    supervised = _hand_masked_bce(out.post_logits, half) + 0.7 * _hand_masked_bce(out.prior_logits, half)
+    assert terms["loss"].item() == pytest.approx(supervised + expected_kl + 4.0 * terms["pred"].item(), rel=1e-5)
+
+
+def test_contrastive_info_nce_matches_a_hand_computation():
+    import math
+
+    import torch
+
+    from vkd_dist.objectives.contrastive import info_nce
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=-1)
+    scale = torch.tensor(7.5)
+    sim = [[scale.item() * sum(img[i, d].item() * txt[j, d].item() for d in range(4)) for j in range(5)]
+           for i in range(5)]
+    image_to_text = [-sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(5))) for i in range(5)]
+    text_to_image = [-sim[j][j] + math.log(sum(math.exp(sim[i][j]) for i in range(5))) for j in range(5)]
+    hand = (sum(image_to_text) / 5 + sum(text_to_image) / 5) / 2
+    assert info_nce(img, txt, scale).item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_contrastive_trains_the_projection_heads_and_its_clamped_temperature(tiny_data, tmp_path):
+    import math
+
+    import torch
+
+    from vkd_dist.build import build_model
+    from vkd_dist.models.contrastive import MAX_LOGIT_SCALE
+
+    cfg = load_config(overrides=tiny_overrides(tiny_data, tmp_path, objective="contrastive"))
+    model = build_model(cfg, 400)
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"image_encoder", "text_encoder", "contrastive"}  # the classifier heads take no gradient
+    batch = _batches(tiny_data, tmp_path, 1)[0]
+    batch.image = batch.image.float()
+    objective = get_objective("contrastive")(cfg.objective)
+    terms = objective(model, batch, step=0)
+    terms["loss"].backward()
+    assert model.contrastive.logit_scale.grad is not None and model.contrastive.image_proj.weight.grad is not None
+    with torch.no_grad():
+        model.contrastive.logit_scale.fill_(10.0)
+    assert objective(model, batch, step=0)["logit_scale"].item() == pytest.approx(100.0)  # open_clip's ceiling
+    assert MAX_LOGIT_SCALE == pytest.approx(math.log(100))
+
+
+def test_the_objectives_declare_which_studies_they_learn_from():
+    from vkd_dist.objectives import LABELLED, MIXED, PAIRED
+
+    learns = {n: get_objective(n).learns_from for n in ("image_only", "text_only", "kd", "vkd", "contrastive")}
+    assert learns == {"image_only": LABELLED, "text_only": LABELLED, "kd": MIXED, "vkd": MIXED,
+                      "contrastive": PAIRED}

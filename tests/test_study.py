@@ -330,6 +330,23 @@ def test_vkd_reg_init_starts_from_the_text_only_run_of_its_regime_and_seed(tmp_p
     assert f"objective.kd_teacher={tmp_path.resolve()}/runs/n2000/text_only/seed3" in kd
 
 
+def test_the_label_scarce_arms_read_their_teachers_and_pretraining_runs(tmp_path):
+    grid = _grid("--arms", "pseudo,kd_u,contrastive,contrastive_probe,image_only", "--regimes", "labels0.1",
+                 "--seeds", "1")
+    assert list(grid["arms"]) == ["text_only", "pseudo", "kd_u", "contrastive_pre", "contrastive",
+                                  "contrastive_probe", "image_only"]
+    root = f"{tmp_path.resolve()}/runs/labels0.1"
+    pseudo = study.cell_overrides(grid, tmp_path, "labels0.1", "pseudo", 0)
+    assert f"objective.kd_teacher={root}/text_only/seed0" in pseudo and "objective.distil_on=unlabelled" in pseudo
+    for arm in ("contrastive", "contrastive_probe"):
+        items = study.cell_overrides(grid, tmp_path, "labels0.1", arm, 0)
+        assert f"model.init_from={root}/contrastive_pre/seed0" in items and "objective.name=image_only" in items
+    # pre-training plus fine-tuning: two runs of the shared budget, as text_only plus a student
+    from benchmarks.study.grid import runs_of
+
+    assert runs_of(grid, grid["arms"]["contrastive"]) == {"model.init_from": "contrastive_pre"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arm", "x=objective.text_init=@nope", "--arms", "vkd"], "arm x: objective.text_init=@nope: no arm 'nope'"),
     (["--arm", "x=objective.text_init=@x"], r"arm x reads its own run \(x -> x\)"),

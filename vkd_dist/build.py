@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 from vkd_dist.labels import NUM_LABELS
 from vkd_dist.models.encoders import ImageEncoder, build_text_encoder
 from vkd_dist.models.vkd import VKDModel
-from vkd_dist.objectives import get_objective
+from vkd_dist.objectives import PAIRS, get_objective
 
 if TYPE_CHECKING:
     from vkd_dist.config import Config
@@ -30,7 +30,14 @@ def build_model(cfg: Config, vocab_size: int, objective: Optional[str] = None, w
         text_dim = feature_dim(cfg.data.text_features)
     model = VKDModel(image, text, latent_dim=m.latent_dim, hidden_dim=m.hidden_dim,
                      posterior=m.posterior if spec.configurable_posterior else "text", dropout=m.dropout,
-                     text_dim=text_dim, num_labels=num_labels, image_head=m.image_head)
+                     text_dim=text_dim, num_labels=num_labels, image_head=m.image_head,
+                     projection_dim=m.projection_dim if spec.model_mode == PAIRS and need_text else None)
+    if spec.model_mode == PAIRS:  # the heads its loss never reads: DDP would wait for their gradients
+        for head in (model.prior_head, model.posterior_head, model.classifier, model.image_classifier):
+            if head is not None:
+                head.requires_grad_(False)
+    if m.freeze_image and model.image_encoder is not None:
+        model.image_encoder.requires_grad_(False)
     if not spec.stochastic:  # deterministic objectives use the means only; keep DDP free of unused parameters
         for head in (model.prior_head, model.posterior_head):
             if head is not None:

@@ -8,8 +8,8 @@ ranges, choices that are plain constants, paths). A component that owns a regist
 its own part of the tree with a `check_config(cfg)` in its own module: objective names and teachers
 (vkd_dist.objectives), strategies (vkd_dist.strategy), timm encoders and their kwargs and BertConfig fields
 (vkd_dist.models.encoders), pretrained short names (vkd_dist.models.pretrained), objective.text_init
-(vkd_dist.text_init), selectable metrics (vkd_dist.metrics), the shared group (vkd_dist.fileio). This
-module, above all of them, composes the two. Every arrow points down.
+(vkd_dist.text_init), model.init_from (vkd_dist.init_from), selectable metrics (vkd_dist.metrics), the shared
+group (vkd_dist.fileio). This module, above all of them, composes the two. Every arrow points down.
 
 Why this layout and not the second (each component owning its config dataclass, composed by the config package):
 the schema stays one file of dataclasses (vkd_dist/config/schema.py) that a reader takes in at once, and reading
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
-from vkd_dist import fileio, metrics, objectives, strategy, text_init
+from vkd_dist import fileio, init_from, metrics, objectives, strategy, text_init
 from vkd_dist.config import Config, ConfigError, read_config
 from vkd_dist.config import checks as structural
 from vkd_dist.config.checks import Check
@@ -50,6 +50,7 @@ CHECKS: tuple[Check, ...] = (
     objectives.check_teacher,  # objective.kd_teacher, when the objective needs a teacher
     structural.check_teacher_path,
     text_init.check_config,  # objective.text_init
+    init_from.check_config,  # model.init_from, model.init_modules
     structural.check_text_layers,
     pretrained.check_config,  # model.image_weights, model.text_encoder
     structural.check_paths,  # model.tokenizer, resume, run_dir, data.path, data.text_features

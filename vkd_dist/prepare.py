@@ -131,10 +131,11 @@ def tokenizer_dir(cfg: Config, run_dir: str | Path) -> Path:
         teacher = teacher_run_dir(cfg).tokenizer_dir
         if (teacher / "tokenizer.json").is_file():
             return teacher
-    if cfg.objective.text_init:
-        from vkd_dist.text_init import text_init_run
+    from vkd_dist.init_from import init_tokenizer_run
+    from vkd_dist.text_init import text_init_run
 
-        init_run = text_init_run(cfg)
+    init_run = text_init_run(cfg) if cfg.objective.text_init else init_tokenizer_run(cfg)
+    if init_run is not None:  # its text encoder was trained on that run's token ids
         return tokenizer_dir(RunDir(init_run).config(), init_run)
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
@@ -185,7 +186,7 @@ def record_run_labels(cfg: Config, info: DatasetInfo, accelerator=None) -> None:
 
 # Keys of the shape sections that may change on resume: none changes a tensor's shape or the optimizer's state.
 RESUMABLE_MODEL_KEYS = ("gradient_checkpointing", "attn_implementation", "inference", "num_samples",
-                        "image_weights")  # image_weights: read at initialisation only, the checkpoint wins
+                        "image_weights", "init_from", "init_modules")  # read at initialisation: the checkpoint wins
 
 
 def _model_shape(cfg: Config) -> dict:

@@ -20,11 +20,13 @@ from vkd_dist import checkpoint
 from vkd_dist.build import build_model
 from vkd_dist.config import Config
 from vkd_dist.data.augment import BatchAugment
-from vkd_dist.data.pipeline import Batch, TrainStream, train_loader, training_policy
+from vkd_dist.data.compose import ComposedStream, describe, train_stream
+from vkd_dist.data.pipeline import Batch, TrainStream, training_policy
 from vkd_dist.data.schema import DatasetInfo
 from vkd_dist.distributed import StrategyAccelerator, build_accelerator, sync_buffers
 from vkd_dist.evaluate import load_teacher
 from vkd_dist.fileio import restrict_access
+from vkd_dist.init_from import init_modules
 from vkd_dist.ledger import SampleLedger, open_ledger
 from vkd_dist.objectives import Objective, build_objective, get_objective
 from vkd_dist.optim import build_optimization
@@ -178,6 +180,7 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     info, tokenizer = prepared.info, prepared.tokenizer
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     init_text_path(model, cfg, info.labels)  # objective.text_init: the report path from a text_only run
+    init_modules(model, cfg, info.labels)  # model.init_from: the modules model.init_modules names, from a run
     teacher = load_teacher(cfg, accelerator.device) if get_objective(cfg.objective.name).needs_teacher else None
     objective = build_objective(cfg.objective, cfg.model.num_samples, teacher)
     optimizer, schedule = build_optimization(model, cfg, accelerator.device)  # the model is still on the CPU
@@ -188,14 +191,16 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_per_rank(cfg, accelerator)  # a resumed run then restores each rank's own RNG state
     if stream is None:
-        stream = train_loader(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
-                              accelerator.num_processes, cfg.train.seed, prepared.tokens)
+        stream = train_stream(info, cfg.data.train_split, cfg.data, tokenizer, accelerator.process_index,
+                              accelerator.num_processes, cfg.train.seed, prepared.tokens,
+                              get_objective(cfg.objective.name).learns_from)
     state = TrainState(best_metric=cfg.train.select_metric)
     ckpt, saved, notes = checkpoint.restore(accelerator, cfg.run_dir, cfg.resume)
     moved = None
     if saved is not None:
         state = TrainState.from_saved(saved, cfg.train.select_metric)
-        if isinstance(stream, TrainStream):  # exact even when samples were skipped: each worker's raw position
+        # exact even when samples were skipped: each worker's raw position
+        if isinstance(stream, (TrainStream, ComposedStream)):
             state.epoch, state.batch_in_epoch, moved = stream.resume(
                 state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout)
     state.world_size, state.grad_accum = accelerator.num_processes, cfg.optim.grad_accum
@@ -212,6 +217,8 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
              f"{stream.batches_per_epoch} batches/epoch/rank | "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(info.labels)} labels")
     log.info(label_header(cfg, info))
+    if composed := describe(stream):
+        log.info(composed)
     for note in prepared.notes:
         log.info(note)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)

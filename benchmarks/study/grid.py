@@ -32,6 +32,18 @@ ARMS: dict[str, list[str]] = {  # name -> key=value overrides on the base config
     "vkd_distil": [*REG, "objective.text_init=@text_only", "model.image_head=separate",
                    "objective.predictive_weight=4.0"],
     "labeller": ["objective.name=image_only"],  # on the regime's corpus relabelled off every report (RELABELLED)
+    # The arms a user with unlabelled reports would pick instead. Distillation on the unlabelled studies only;
+    # pseudo-labels: the text_only teacher's probabilities as soft labels there (T 1, alpha 1), true labels elsewhere.
+    "kd_u": ["objective.name=kd", "objective.distil_on=unlabelled"],
+    "pseudo": ["objective.name=kd", "objective.distil_on=unlabelled", "objective.kd_temperature=1",
+               "objective.kd_alpha=1"],
+    "vkd_distil_u": [*REG, "objective.text_init=@text_only", "model.image_head=separate",
+                     "objective.predictive_weight=4.0", "objective.distil_on=unlabelled"],
+    # Contrastive pre-training on every pair (its own scores are chance: its classifier is never trained), then
+    # fine-tuning or a linear probe on the labelled studies: two runs, the budget of text_only plus a student.
+    "contrastive_pre": ["objective.name=contrastive"],
+    "contrastive": ["objective.name=image_only", "model.init_from=@contrastive_pre"],
+    "contrastive_probe": ["objective.name=image_only", "model.init_from=@contrastive_pre", "model.freeze_image=true"],
 }
 RELABELLED = ("labeller",)  # arms reading DATA/<regime>-labeller: `vkd-data label` of the train split
 DEFAULT_ARMS = ["vkd", "vkd_paper", "image_only", "text_only", "kd"]  # the full grid's

@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[Optional[str], ...]] = {
     "model.image_head": ("shared", "separate"),
     "objective.image_bce": ("sample", "mean"),
     "objective.beta_schedule": ("constant", "warmup", "cyclical"),
+    "objective.distil_on": ("all", "unlabelled"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
@@ -34,7 +35,7 @@ POSITIVE: tuple[str, ...] = (  # null, where allowed, is fine
     "data.batch_size", "data.eval_batch_size", "data.max_text_len", "model.latent_dim", "model.hidden_dim",
     "model.num_samples", "model.vocab_size", "optim.lr", "optim.grad_accum", "train.max_steps", "train.eval_every",
     "train.eval_max_batches", "train.ckpt_every", "train.keep_last", "train.cpu_threads", "logging.log_every",
-    "objective.beta_cycle_steps",
+    "objective.beta_cycle_steps", "model.projection_dim",
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "data.synthetic.num_val", "data.synthetic.num_test", "data.num_workers", "data.shuffle_buffer",
@@ -54,6 +55,10 @@ INTERVALS: dict[str, tuple[float, float, bool]] = {
     "data.synthetic.hedge_rate": (0.0, 1.0, True),
     "data.synthetic.gold_fraction": (0.0, 1.0, True),
     "model.dropout": (0.0, 1.0, False),  # p=1 would zero every activation
+}
+# key -> (low, high): the value, where set (null allowed), is in (low, high]
+OPEN_BELOW: dict[str, tuple[float, float]] = {
+    "data.labelled_share": (0.0, 1.0),  # 0 would give the labels no batch at all
 }
 
 
@@ -82,6 +87,10 @@ def check_bounds(cfg: Config) -> None:
         value = _get(cfg, key)
         if not (low <= value <= high if high_ok else low <= value < high):
             raise ConfigError(f"{key}={value!r} must be in [{low:g}, {high:g}{']' if high_ok else ')'}")
+    for key, (low, high) in OPEN_BELOW.items():
+        value = _get(cfg, key)
+        if value is not None and not low < value <= high:
+            raise ConfigError(f"{key}={value!r} must be in ({low:g}, {high:g}] or null")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than train.max_steps="
                           f"{cfg.train.max_steps}: the learning rate would never reach optim.lr (allowed: 0 to "

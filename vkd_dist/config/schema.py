@@ -73,6 +73,11 @@ class DataConfig:
     brightness: float = 0.1
     contrast: float = 0.1
     text_features: Optional[str] = None  # sidecar of precomputed text-encoder outputs (frozen-text fast path)
+    # Where some training studies have no labels: the share of each batch that is labelled studies, for objectives
+    # that learn from both (kd, vkd); objectives that learn from labels alone read labelled studies only, and
+    # those that use no labels (contrastive) every study as drawn. null: every objective reads every study as
+    # drawn, whatever its labels. No effect when every study is labelled (vkd_dist/data/compose.py).
+    labelled_share: Optional[float] = 0.5
     # Stop when more than this fraction of a reader's last 200 samples failed to decode (vkd_dist/data/faults.py)
     max_skip_frac: float = 0.05
     keep_token_table: bool = True  # false: delete RUN/tokens (every training report as token ids) when a run finishes
@@ -110,11 +115,17 @@ class ModelConfig:
     # the image path's classifier: shared (p(y|z), the report path's too) | separate (its own, on [z, pooled image
     # features], as the authors' code); applies to every objective with an image path
     image_head: str = "shared"
+    # a run directory (or a checkpoint / export in one) whose weights start this run's modules named in
+    # init_modules (vkd_dist/init_from.py); e.g. an objective=contrastive run's image encoder, fine-tuned
+    init_from: Optional[str] = None
+    init_modules: list = field(default_factory=lambda: ["image_encoder"])
+    freeze_image: bool = False  # the image encoder's weights stay as initialised (with init_from: a linear probe)
+    projection_dim: int = 128  # objective=contrastive: the shared embedding both encoders project into
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "vkd"  # any registered objective (vkd_dist/objectives): vkd | image_only | text_only | kd
+    name: str = "vkd"  # any registered objective (vkd_dist/objectives): vkd | image_only | text_only | kd | contrastive
     beta: float = 0.1
     beta_schedule: str = "warmup"  # constant | warmup | cyclical
     beta_warmup_steps: int = 200
@@ -134,6 +145,9 @@ class ObjectiveConfig:
     # a text_only run directory (or a checkpoint in one): the report path (text encoder, posterior head,
     # classifier) starts from its weights, and the run uses its tokenizer
     text_init: Optional[str] = None
+    # kd and vkd: the studies the distillation terms (kd's soft targets; vkd's KL and predictive term) act on:
+    # all | unlabelled (labelled studies then learn from their labels alone)
+    distil_on: str = "all"
 
 
 @dataclass

@@ -63,6 +63,7 @@ class Batch:
     worker: int = 0
     read: int = 0  # raw samples (corrupt too) its worker had read in the epoch, through this batch's last one
     text_features: Optional[torch.Tensor] = None  # [B, D] precomputed text-encoder output (frozen-text fast path)
+    labelled: Optional[torch.Tensor] = None  # bool [B]: the study has labels (a study without has every label masked)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -170,7 +171,8 @@ class Collate:
         feats = self.text_features(keys) if self.text_features is not None else None
         return Batch(images, enc["input_ids"], enc["attention_mask"], targets, mask,
                      keys=keys, patient_ids=[s["patient_id"] for s in samples], skipped=self.ledger.count,
-                     worker=wid, read=samples[-1].get("read", 0), text_features=feats)
+                     worker=wid, read=samples[-1].get("read", 0), text_features=feats,
+                     labelled=torch.tensor([s.get("labelled", True) for s in samples]))
 
 
 def decode_sample(raw: dict, size: int) -> dict:
@@ -380,14 +382,15 @@ def training_policy(info: DatasetInfo, cfg: DataConfig) -> LabelPolicy:
 
 
 def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank: int = 0, world: int = 1,
-                 seed: int = 0, tokens: Optional[TokenTable] = None) -> TrainStream:
-    """`tokens` is the split's TokenTable, if any. Returns a stream whose every rank yields
-    the same number of batches."""
+                 seed: int = 0, tokens: Optional[TokenTable] = None, keys: Optional[frozenset] = None) -> TrainStream:
+    """`tokens` is the split's TokenTable, if any; `keys`, the samples the stream reads (None: all of them): the
+    others are dropped as the shards are read, before they count as read (vkd_dist/data/compose.py). Returns a
+    stream whose every rank yields the same number of batches."""
     urls = info.shards(split)
     if not urls:
         raise ValueError(f"{info.root}: split {split!r} has no shards")
     workers = max(1, cfg.num_workers)
-    samples = cfg.samples_per_epoch or info.num_samples(split)
+    samples = cfg.samples_per_epoch or (len(keys) if keys is not None else info.num_samples(split))
     per_worker = max(1, math.ceil(samples / (cfg.batch_size * world * workers)))
     layout = Layout(0, seed, world, workers, cfg.batch_size, cfg.shuffle_buffer, per_worker)
     position, ledger, rest = StreamPosition(workers), SkipLedger(cfg.max_skip_frac), _Rest()
@@ -396,10 +399,21 @@ def train_loader(info: DatasetInfo, split: str, cfg: DataConfig, tokenizer, rank
     pipeline = wds.DataPipeline(
         _TrainShards(urls, layout, rank, position, rest),
         wds.tarfile_to_samples(handler=ledger.shard_failed),
+        *([wds.select(_KeyIn(keys))] if keys is not None else []),
         _TrainSamples(layout, rank, cfg.image_size, position, ledger, rest),
         _EpochBatches(layout, rank, collate, position, rest),
     )
     return TrainStream(_loader(pipeline, cfg.num_workers), position, per_worker * workers, layout, urls, rank, rest)
+
+
+class _KeyIn:
+    """The samples whose key is in `keys` (a class, not a lambda: loader workers may be spawned)."""
+
+    def __init__(self, keys: frozenset):
+        self.keys = keys
+
+    def __call__(self, sample: dict) -> bool:
+        return sample.get("__key__") in self.keys
 
 
 class _EpochBatches:

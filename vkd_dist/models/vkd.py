@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vkd_dist.labels import NUM_LABELS
+from vkd_dist.models.contrastive import ContrastiveHeads
 from vkd_dist.models.encoders import ImageEncoder, TextEncoder
 
 
@@ -46,6 +47,9 @@ class VKDOutput:
     posterior: Optional[Gaussian] = None
     post_logits: Optional[torch.Tensor] = None  # [K, B, L] from z ~ q
     prior_logits: Optional[torch.Tensor] = None  # [K, B, L] from z ~ p (or [1, B, L] from the prior mean)
+    image_embed: Optional[torch.Tensor] = None  # mode pairs: unit image embeddings [B, dim]
+    text_embed: Optional[torch.Tensor] = None  # mode pairs: unit report embeddings [B, dim]
+    logit_scale: Optional[torch.Tensor] = None  # mode pairs: the temperature's inverse, exp(logit_scale)
 
 
 def _mlp(in_dim: int, hidden: int, out: int) -> nn.Sequential:
@@ -80,7 +84,7 @@ class VKDModel(nn.Module):
 
     def __init__(self, image_encoder: Optional[ImageEncoder], text_encoder: Optional[TextEncoder], *, latent_dim: int,
                  hidden_dim: int, posterior: str = "text", dropout: float = 0.1, text_dim: Optional[int] = None,
-                 num_labels: int = NUM_LABELS, image_head: str = "shared"):
+                 num_labels: int = NUM_LABELS, image_head: str = "shared", projection_dim: Optional[int] = None):
         super().__init__()
         self.image_encoder, self.text_encoder, self.posterior_kind = image_encoder, text_encoder, posterior
         img_dim = image_encoder.out_dim if image_encoder is not None else 0
@@ -96,6 +100,9 @@ class VKDModel(nn.Module):
         # Only classifiers some path reads: a parameter without gradient would stop DDP.
         self.classifier = _mlp(latent_dim, hidden_dim, num_labels) if txt_dim or not separate else None
         self.image_classifier = _mlp(latent_dim + img_dim, hidden_dim, num_labels) if separate else None
+        # contrastive pre-training (mode pairs): both encoders into one space
+        self.contrastive = (ContrastiveHeads(img_dim, txt_dim, projection_dim)
+                            if projection_dim is not None and img_dim and txt_dim else None)
 
     # -- the two paths --------------------------------------------------------------------------------
     def _image_path(self) -> tuple[ImageEncoder, GaussianHead]:
@@ -155,19 +162,34 @@ class VKDModel(nn.Module):
 
     # -- training forward -----------------------------------------------------------------------------
     def forward(self, batch, mode: str = "both", num_samples: int = 1, prior_logits: str = "sample") -> VKDOutput:
-        """mode: both (both paths, K samples each) | image (prior mean) | text (posterior mean). In mode both,
-        `prior_logits`: sample (K samples of p) | mean (the prior mean alone, as inference reads it)."""
+        """mode: both (both paths, K samples each) | image (prior mean) | text (posterior mean) | pairs (both
+        encoders' projected embeddings). In mode both, `prior_logits`: sample (K samples of p) | mean (the prior
+        mean alone, as inference reads it)."""
         if mode == "image":
             return VKDOutput(prior_logits=self.image_logits(batch.image)[None])
         if mode == "text":
             mu = self.posterior_mean(batch.input_ids, batch.attention_mask, batch.text_features)
             return VKDOutput(post_logits=self.classify(mu)[None])
+        if mode == "pairs":
+            return self._pairs(batch)
         p, img_feats = self.prior(batch.image)
         q = self.posterior(batch.input_ids, batch.attention_mask, img_feats, batch.text_features)
         post_logits = self.classify(q.sample(num_samples))
         z_p = p.mu[None] if prior_logits == "mean" else p.sample(num_samples)
         return VKDOutput(prior=p, posterior=q, post_logits=post_logits,
                          prior_logits=self.classify_image(z_p, img_feats))
+
+    def _pairs(self, batch) -> VKDOutput:
+        if self.contrastive is None:
+            raise ValueError("this model has no projection heads (built for objective=contrastive only)")
+        image = self._image_path()[0](batch.image)
+        text = batch.text_features
+        if text is None:
+            if self.text_encoder is None:
+                raise ValueError("this model has no text encoder: batches must carry precomputed text_features")
+            text = self.text_encoder(batch.input_ids, batch.attention_mask)
+        img, txt, scale = self.contrastive(image, text)
+        return VKDOutput(image_embed=img, text_embed=txt, logit_scale=scale)
 
     # -- deployment -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -189,7 +211,7 @@ class VKDModel(nn.Module):
         text-only model."""
         if self.image_encoder is None:
             return self.state_dict()
-        report_path = ["text_encoder.", "posterior_head."]
+        report_path = ["text_encoder.", "posterior_head.", "contrastive."]
         if self.image_classifier is not None:
             report_path.append("classifier.")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(tuple(report_path))}

@@ -5,6 +5,7 @@ validation, model building, evaluation and export ask the registry what it needs
 vkd         the variational knowledge distillation ELBO (vkd.py)
 image_only  the image path alone; text_only: the report path alone (baselines.py)
 kd          logit distillation from a text_only teacher (kd.py)
+contrastive image-report contrastive pre-training, CLIP-style symmetric InfoNCE (contrastive.py)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from vkd_dist.config import ConfigError, not_allowed
+from vkd_dist.data.compose import labelled_per_batch
 
 if TYPE_CHECKING:
     import torch
@@ -19,12 +21,14 @@ if TYPE_CHECKING:
     from vkd_dist.config import Config, ObjectiveConfig
 
 # Importing registers them, in the order choices are listed: the method, then its baselines.
-from vkd_dist.objectives import vkd, baselines, kd  # noqa: F401, I001
-from vkd_dist.objectives.base import BOTH, IMAGE, TEXT, Objective, get_objective, objective_names, register
+from vkd_dist.objectives import vkd, baselines, kd, contrastive  # noqa: F401, I001
+from vkd_dist.objectives.base import (BOTH, IMAGE, LABELLED, MIXED, PAIRED, PAIRS, TEXT, Objective, get_objective,
+                                      objective_names, register)
 from vkd_dist.objectives.losses import beta_at, masked_bce
 
-__all__ = ["BOTH", "IMAGE", "TEXT", "Objective", "beta_at", "build_objective", "check_config", "check_teacher",
-           "get_objective", "masked_bce", "objective_names", "register"]
+__all__ = ["BOTH", "IMAGE", "LABELLED", "MIXED", "PAIRED", "PAIRS", "TEXT", "Objective", "beta_at",
+           "build_objective", "check_config", "check_teacher", "get_objective", "masked_bce",
+           "objective_names", "register"]
 
 
 def build_objective(cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optional[torch.nn.Module] = None) -> Objective:
@@ -38,13 +42,17 @@ RECIPES = {"vkd_distil": "configs/recipes/vkd_distil.yaml, after the text_only r
 
 
 def check_config(cfg: Config) -> None:
-    """objective.name is a registered objective (asked at validation time: tests register their own)."""
+    """objective.name is a registered objective (asked at validation time: tests register their own), and
+    data.labelled_share leaves its batches at least one labelled study."""
     name = cfg.objective.name
     if name in RECIPES and name not in objective_names():
         raise ConfigError(f"objective.name={name!r} is not an objective but a setting of vkd: select it with "
                           f"--config {RECIPES[name]}")
     if name not in objective_names():
         raise not_allowed("objective.name", name, objective_names())
+    share = cfg.data.labelled_share
+    if share is not None and 0 < share <= 1:  # outside: the bounds check's (vkd_dist/config/checks.py) to say
+        labelled_per_batch(get_objective(name).learns_from, cfg.data, num_unlabelled=1)
 
 
 def check_teacher(cfg: Config) -> None:

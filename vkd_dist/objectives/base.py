@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
+from vkd_dist.data.compose import LABELLED, MIXED, PAIRED  # what an objective learns from
+
 if TYPE_CHECKING:
     from vkd_dist.config import ObjectiveConfig
     from vkd_dist.data.pipeline import Batch
     from vkd_dist.models.vkd import VKDOutput
 
 # The model's forward modes (vkd_dist.models.vkd.VKDModel.forward).
-BOTH, IMAGE, TEXT = "both", "image", "text"
+BOTH, IMAGE, TEXT, PAIRS = "both", "image", "text", "pairs"
 
 
 class Objective:
@@ -29,6 +31,9 @@ class Objective:
     inference: ClassVar[str] = IMAGE  # what evaluation and export run: image (deployable) | text (reads reports)
     stochastic: ClassVar[bool] = False  # trains the heads' variances; deterministic ones use the means only
     configurable_posterior: ClassVar[bool] = False  # model.posterior (text | image_text) applies
+    # which studies its batches hold where some have no labels (vkd_dist/data/compose.py): LABELLED (labelled
+    # ones only) | MIXED (data.labelled_share of each batch labelled) | PAIRED (labels unused: every study)
+    learns_from: ClassVar[str] = LABELLED
 
     def __init__(self, cfg: ObjectiveConfig, num_samples: int = 1, teacher: Optional[torch.nn.Module] = None):
         self.cfg, self.num_samples, self.teacher = cfg, num_samples, teacher
@@ -36,11 +41,11 @@ class Objective:
 
     @classmethod
     def needs_image(cls) -> bool:
-        return cls.model_mode in (BOTH, IMAGE)
+        return cls.model_mode in (BOTH, IMAGE, PAIRS)
 
     @classmethod
     def needs_text(cls) -> bool:
-        return cls.model_mode in (BOTH, TEXT)
+        return cls.model_mode in (BOTH, TEXT, PAIRS)
 
     def pos_weight(self, device: torch.device) -> Optional[torch.Tensor]:
         return None if self._pos_weight is None else self._pos_weight.to(device)
@@ -58,8 +63,10 @@ REGISTRY: dict[str, type[Objective]] = {}
 
 
 def register(cls: type[Objective]) -> type[Objective]:
-    if cls.model_mode not in (BOTH, IMAGE, TEXT) or cls.inference not in (IMAGE, TEXT):
-        raise ValueError(f"objective {cls.name!r}: model_mode {cls.model_mode!r} / inference {cls.inference!r}")
+    if cls.model_mode not in (BOTH, IMAGE, TEXT, PAIRS) or cls.inference not in (IMAGE, TEXT) or \
+            cls.learns_from not in (LABELLED, MIXED, PAIRED):
+        raise ValueError(f"objective {cls.name!r}: model_mode {cls.model_mode!r} / inference {cls.inference!r} / "
+                         f"learns_from {cls.learns_from!r}")
     if cls.inference == IMAGE and not cls.needs_image():
         raise ValueError(f"objective {cls.name!r}: image inference needs an image path (model_mode {cls.model_mode})")
     REGISTRY[cls.name] = cls

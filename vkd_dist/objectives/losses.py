@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from vkd_dist.config import ObjectiveConfig
+    from vkd_dist.data.pipeline import Batch
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -23,6 +24,23 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     m = mask.to(logits.dtype).expand_as(logits)
     per = F.binary_cross_entropy_with_logits(logits, t, pos_weight=pos_weight, reduction="none") * m
     return per.sum(-1).mean()
+
+
+def distilled_rows(batch: Batch, distil_on: str) -> Optional[torch.Tensor]:
+    """objective.distil_on: None (every study) for `all`; for `unlabelled`, a float [B] that is 1 on the studies
+    without labels (Batch.labelled; a batch built without it: those with no unmasked label)."""
+    if distil_on == "all":
+        return None
+    labelled = batch.labelled if batch.labelled is not None else batch.target_mask.any(-1)
+    return (~labelled.bool()).float()
+
+
+def row_mean(per_row: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of per-study values [..., B] over every axis, the studies outside `rows` counting as 0 (as
+    masked_bce counts a study without labels): the batch's scale whichever studies a term acts on."""
+    if rows is None:
+        return per_row.mean()
+    return (per_row * rows.to(per_row.dtype)).mean()
 
 
 def beta_at(step: int, cfg: ObjectiveConfig) -> float:
