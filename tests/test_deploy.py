@@ -158,7 +158,8 @@ def test_exported_model_needs_nothing_from_its_run(hospital, tmp_path):
         shutil.move(str(away / "run"), str(run))
         shutil.move(str(away / "shards"), str(data))
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "Not evaluated for this checkpoint" in card  # test_metrics.json describes final/, not best/
+    same = json.loads((run / "best" / "meta.json").read_text())["step"] == 4  # best/ holds final/'s weights
+    assert ("Not evaluated for these weights" in card) != same  # test_metrics.json describes final/'s weights
 
 
 def test_dicom_inputs_give_the_png_probabilities(hospital, tmp_path):

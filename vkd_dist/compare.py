@@ -102,9 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", help="write the comparison JSON here")
     args = parser.parse_args(argv)
     try:
-        from vkd_dist.run_dir import RunDir
+        from vkd_dist.evaluate import check_run_dir, run_dataset
 
-        data = args.data or RunDir(args.a[0]).config().data.path
+        data = str(run_dataset(check_run_dir(args.a[0], "--a"), args.data).root)  # a missing one said once, here
         result = compare(args.a, args.b, data, args.split, args.checkpoint, args.bootstrap, args.seed,
                          args.batch_size)
     except (FileNotFoundError, KeyError, ValueError) as exc:

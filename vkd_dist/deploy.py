@@ -177,50 +177,77 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
     weights_path = weights.find_weights(run_dir, which)
     dataset_json = Path(cfg.data.path) / "dataset.json"
     dataset_meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else None
-    export_meta_path = weights_path.parent / "meta.json"
-    export_meta = json.loads(export_meta_path.read_text()) if export_meta_path.is_file() else {}
-    metrics = _metrics_for(run_dir, which, metrics_path)
     provenance = {"run": str(run_dir.resolve()), "checkpoint": which, "weights": str(weights_path),
-                  "step": export_meta.get("step"), "objective": cfg.objective.name, "data": cfg.data.path,
-                  "source": (dataset_meta or {}).get("source"), "eval_policy": (dataset_meta or {}).get("eval_policy"),
-                  "test_metrics": _metrics_summary(metrics)}
+                  "step": weights.weights_step(weights_path), "objective": cfg.objective.name, "data": cfg.data.path,
+                  "source": (dataset_meta or {}).get("source"), "eval_policy": (dataset_meta or {}).get("eval_policy")}
     config = classifier_config(cfg, labels, dataset_meta, provenance)
     model = VKDImageClassifier(config)
     state = weights.load_weights(weights_path)
     deploy = {k: v for k, v in state.items() if k in model.state_dict()}
     _load_exactly(model, deploy, weights_path)
-    card = model_card(config, dataset_meta, metrics)
+    digest = weights.digest(deploy)
+    metrics = _metrics_for(run_dir, which, digest, metrics_path)
+    provenance.update(weights_digest=digest, test_metrics=_metrics_summary(metrics))
+    card = model_card(config, dataset_meta, metrics, "" if metrics else _unscored_advice(run_dir, which))
     return model.save_pretrained(out_dir, card)
 
 
-def _metrics_for(run_dir: Path, which: str, metrics_path) -> Optional[dict]:
-    """The metrics that describe this checkpoint: --metrics FILE, or RUN/test_metrics.json when it was computed
-    from the same checkpoint (it is computed from final/)."""
+def default_checkpoint(run_dir: str | Path) -> tuple[str, str]:
+    """vkd-export's checkpoint when none is named, and why: the export RUN/test_metrics.json scored (best/ when
+    it holds the same weights as final/), else best/."""
+    from vkd_dist.weights import scored_export
+
+    scored = scored_export(run_dir)
+    if scored is not None:
+        return scored, f"{scored}/: the weights RUN/test_metrics.json scored"
+    return "best", "best/: RUN/test_metrics.json scored neither best/ nor final/ (or is absent)"
+
+
+def _unscored_advice(run_dir: Path, which: str) -> str:
+    """What to run to get metrics for an export that has none: score it with vkd-eval, or export the scored one."""
+    from vkd_dist.commands import command, shown_path
+    from vkd_dist.weights import scored_export
+
+    run, scored = shown_path(run_dir), scored_export(run_dir)
+    metrics = f"{run}/{which}-test-metrics.json" if "/" not in which else "metrics.json"
+    lines = [f"Score these weights: `{command('vkd-eval', '--run', run, '--checkpoint', which, '--out', metrics)}`, "
+             f"then export with `{command('vkd-export', run, '--checkpoint', which, '--metrics', metrics, '--out', 'DIR')}`."]
+    if scored is not None and scored != which:
+        lines.append(f"RUN/test_metrics.json scored {scored}/: `{command('vkd-export', run, '--checkpoint', scored, '--out', 'DIR')}` "
+                     "exports that model with its metrics.")
+    return " ".join(lines)
+
+
+def _metrics_for(run_dir: Path, which: str, digest: str, metrics_path) -> Optional[dict]:
+    """The metrics that describe the exported weights (`digest`): --metrics FILE (refused when it records other
+    weights), or RUN/test_metrics.json when it scored these weights (by its digest; by the checkpoint's name for
+    a file written before metrics recorded one)."""
     if metrics_path:
         metrics = json.loads(Path(metrics_path).read_text())
         if "per_label" not in metrics:
             raise ValueError(f"--metrics {metrics_path}: not a vkd-eval metrics JSON (no 'per_label')")
+        if metrics.get("weights_digest") not in (None, digest):
+            raise ValueError(f"--metrics {metrics_path}: scored other weights (checkpoint {metrics.get('checkpoint')}, "
+                             f"step {metrics.get('step')}) than the exported {which} ({digest[:19]}...)")
         return metrics
     from vkd_dist.run_dir import RunDir
 
-    path = RunDir(run_dir).test_metrics_file
-    if path.is_file():
-        metrics = json.loads(path.read_text())
-        # Files from before metrics named their checkpoint (and had CIs) are not used for the card.
-        if metrics.get("checkpoint") == which and "per_label" in metrics:
-            return metrics
-    return None
+    metrics = RunDir(run_dir).test_metrics()
+    if not metrics or "per_label" not in metrics:  # files from before metrics had CIs are not used for the card
+        return None
+    recorded = metrics.get("weights_digest")
+    return metrics if (recorded == digest if recorded else metrics.get("checkpoint") == which) else None
 
 
 def _metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
     if not metrics:
         return None
-    keys = ("split", "checkpoint", "macro_auroc", "macro_auroc_ci", "macro_labels", "macro_auprc", "macro_ece",
+    keys = ("split", "checkpoint", "step", "weights_digest", "macro_auroc", "macro_auroc_ci", "macro_labels", "macro_auprc", "macro_ece",
             "num_samples", "num_patients", "eval_policy")
     return {k: metrics.get(k) for k in keys}
 
 
-def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dict]) -> str:
+def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dict], unscored: str = "") -> str:
     from vkd_dist.metrics import format_table
 
     prov, pre, arch = config["provenance"], config["preprocessing"], config["architecture"]
@@ -252,12 +279,13 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
         "## Metrics",
     ]
     if metrics:
-        lines += ["", "```", format_table(metrics), "```", "",
+        lines += ["", f"Measured for these weights: {metrics.get('checkpoint')} at step {metrics.get('step', '?')}"
+                  + (f", weights digest `{metrics['weights_digest']}`." if metrics.get("weights_digest") else "."),
+                  "", "```", format_table(metrics), "```", "",
                   "95 % CIs: percentile bootstrap over patients. Macro figures average the labels listed in "
                   "`macro_labels` (those with both classes on the split)."]
     else:
-        lines += [f"Not evaluated for this checkpoint: run `vkd-eval --run RUN --checkpoint {prov['checkpoint']}` "
-                  "and export with `--metrics FILE`."]
+        lines += [f"Not evaluated for these weights. {unscored}".rstrip()]
     lines += [
         "",
         "## Intended use and limits",
@@ -277,7 +305,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-export", description=__doc__,
                                      formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("run", help="run directory of a training run")
-    parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (as vkd-eval)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="best | last | final | PATH (as vkd-eval); default: the export RUN/test_metrics.json "
+                             "scored (best when it equals final), else best")
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--metrics", help="a vkd-eval JSON for the model card (default: RUN/test_metrics.json "
                                           "when it was computed from this checkpoint)")
@@ -285,12 +315,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vkd_dist.evaluate import check_checkpoint, check_run_dir
 
     try:
-        check_checkpoint(check_run_dir(args.run, "RUN"), args.checkpoint)  # vkd-eval's checks and messages
-        out = export_run(args.run, args.out, args.checkpoint, args.metrics)
+        which, why = (args.checkpoint, "") if args.checkpoint else default_checkpoint(check_run_dir(args.run, "RUN"))
+        check_checkpoint(check_run_dir(args.run, "RUN"), which)  # vkd-eval's checks and messages
+        out = export_run(args.run, args.out, which, args.metrics)
     except (FileNotFoundError, ValueError) as exc:
         print(f"vkd-export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({CONFIG_FILE}, {WEIGHTS_FILE}, {CARD_FILE})")
+    metrics = json.loads((out / CONFIG_FILE).read_text())["provenance"]["test_metrics"]
+    print(f"wrote {out} ({CONFIG_FILE}, {WEIGHTS_FILE}, {CARD_FILE}) from {which}" + (f" ({why})" if why else "")
+          + (f"; model card: macro AUROC {metrics['macro_auroc']:.4f} on {metrics['split']}" if metrics
+             else f"; no metrics for these weights: see {out / CARD_FILE}, Metrics"))
     return 0
 
 

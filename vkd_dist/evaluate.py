@@ -161,6 +161,20 @@ def check_checkpoint(run_dir: Path, which: str) -> Path:
         raise FileNotFoundError(f"--checkpoint {which}: {exc}; the run has: {', '.join(has) or 'none'}") from None
 
 
+def run_dataset(run: Path, data: Optional[str] = None, flag: str = "--data") -> DatasetInfo:
+    """The data set `flag` names, else the one the run was trained on (its config.yaml's data.path); a missing one
+    is said with what was looked for and how to point elsewhere."""
+    from vkd_dist.data.schema import read_dataset
+
+    path = Path(data or RunDir(run).config().data.path)
+    if not (path / "dataset.json").is_file():
+        given = f"{flag} {data}" if data else f"data.path={path} from {RunDir(run).config_file}"
+        where = "" if path.is_absolute() else f", relative to the current directory {Path.cwd()}"
+        raise FileNotFoundError(f"no data set at {path.expanduser().resolve() / 'dataset.json'} ({given}{where}); "
+                                f"pass {flag} DIR with the converted shards (a directory holding dataset.json)")
+    return read_dataset(path)
+
+
 def _has_weights(run_dir: Path, which: str) -> bool:
     try:
         weights.find_weights(run_dir, which)
@@ -198,9 +212,8 @@ def _run(args) -> int:
     from vkd_dist.data.schema import read_dataset
 
     run = check_run_dir(args.run, "--run")  # each argument is checked before any model is built
-    check_checkpoint(run, args.checkpoint)
-    run_cfg = RunDir(run).config()
-    info = read_dataset(args.data or run_cfg.data.path)
+    weights_path = check_checkpoint(run, args.checkpoint)
+    info = run_dataset(run, args.data)
     RunDir(run).check_labels(info.labels, info.root)
     check_split_name(f"--split {args.split!r}", args.split, info)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -214,7 +227,8 @@ def _run(args) -> int:
     preds: list[Predictions] = []
     rep = evaluate(model, cfg, info, args.split, tokenizer, accelerator, checkpoint_name=args.checkpoint,
                    predictions=preds)
-    rep.update(run=str(args.run), data=str(info.root))
+    rep.update(run=str(args.run), data=str(info.root), step=weights.weights_step(weights_path),
+               weights_digest=weights.digest(model.deploy_state_dict()))  # as test_metrics.json: vkd-export matches
     if accelerator.is_main_process:
         print(format_table(rep))
         if args.out:

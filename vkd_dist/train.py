@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from vkd_dist import RawDefaultsHelpFormatter
-from vkd_dist.actions import Tick, finish, periodic_actions, run_deferred
+from vkd_dist.actions import Tick, closing_summary, finish, periodic_actions, run_deferred
 from vkd_dist.config import Config, ConfigError
 from vkd_dist.configure import load_config
 from vkd_dist.run import BatchStream, Run, TrainResult, build_run
@@ -41,8 +41,9 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     run.model.train()
     while state.step < max_steps:
         terms, grad_norm = train_step(run)
+        run.window.add(terms, grad_norm)
         run.log.advance(1)
-        tick = Tick(state.step, terms, grad_norm, final=state.step == max_steps, stopping=stop.agreed(run.accelerator))
+        tick = Tick(state.step, final=state.step == max_steps, stopping=stop.agreed(run.accelerator))
         due = [action for action in actions if action.due(tick)]
         if tick.stopping:  # the checkpoint first: what a stop does not need waits for the resumed attempt
             state.deferred = [type(a).__name__ for a in due if not a.on_stop]
@@ -58,6 +59,8 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     result.step = state.step
     if not result.preempted:
         finish(run, result, stop)
+    if not result.preempted:  # finish may itself be stopped
+        run.log.info(closing_summary(run, result))
     run.log.close()
     if run.ledger is not None:
         run.ledger.close()
