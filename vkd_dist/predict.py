@@ -104,8 +104,10 @@ def check_model_dir(model: str) -> Path:
     if not path.is_dir():
         raise ModelDirError(f"--model {model}: no such directory")
     if RunDir(path).is_run() and not (path / CONFIG_FILE).is_file():
+        from vkd_dist.commands import command
+
         raise ModelDirError(f"--model {model}: a training run directory, not a model; export it first with "
-                            f"vkd-export {model} --out DIR")
+                            f"{command('vkd-export', model, '--out', 'DIR')}")
     return path
 
 
