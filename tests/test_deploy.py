@@ -12,13 +12,14 @@ from PIL import Image
 
 from conftest import tiny_overrides
 from test_dicom import _dataset, _jpeg_bytes, _jpeg_dataset, _save, _values_12bit
+from vkd_dist.classifier import VKDImageClassifier
 from vkd_dist.compare import main as compare_main
 from vkd_dist.configure import load_config
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.manifest import convert_manifest
-from vkd_dist.deploy import ModelDirError, VKDImageClassifier
 from vkd_dist.deploy import main as export_main
 from vkd_dist.evaluate import main as eval_main
+from vkd_dist.model_dir import ModelDirError
 from vkd_dist.predict import main as predict_main
 from vkd_dist.train import train
 

@@ -162,7 +162,8 @@ def test_a_run_is_read_from_any_directory(first_run, tmp_path, capsys):
             json.loads((run / "test_metrics.json").read_text())["weights_digest"]
         assert eval_main(["--run", str(run), "--data", "missing"]) == 2
     err = capsys.readouterr().err
-    assert f"no data set at {elsewhere / 'missing' / 'dataset.json'} (--data missing" in err and "pass --data DIR" in err
+    assert f"no data set at {elsewhere / 'missing' / 'dataset.json'} (--data missing" in err
+    assert "pass --data DIR" in err
 
     old = tmp_path / "old-run"  # a run recorded before paths were made absolute
     shutil.copytree(run, old, symlinks=True)

@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from accelerate.utils import gather_object
 
 from vkd_dist import checkpoint, weights

@@ -7,7 +7,6 @@ import os
 import sys
 
 from vkd_dist import DefaultsHelpFormatter
-from vkd_dist.data.shards import Timer, summary_line
 from vkd_dist.fileio import restrict_access
 from vkd_dist.labels import SOURCE_EVAL_POLICY, describe_policy
 
@@ -46,6 +45,7 @@ def _add_synthetic(sub) -> None:
 
 
 def _run_synthetic(args) -> int:
+    from vkd_dist.data.shards import Timer, summary_line  # webdataset: imported once a command runs
     from vkd_dist.data.synthetic import build_synthetic
 
     with Timer() as t:

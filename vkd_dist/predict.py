@@ -15,16 +15,18 @@ import glob
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.data.images import ImageError, is_image_file
-from vkd_dist.deploy import CONFIG_FILE, ModelDirError, VKDImageClassifier
+from vkd_dist.model_dir import CONFIG_FILE, ModelDirError
 from vkd_dist.run_dir import RunDir
+
+if TYPE_CHECKING:  # the model stack is imported where used: `vkd-predict --help` answers before torch loads
+    from vkd_dist.classifier import VKDImageClassifier
 
 
 def expand_inputs(specs: Sequence[str]) -> list[str]:
@@ -120,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="average K samples of the prior and add a <label>_std column per label")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = decode in the main thread)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when a GPU is visible, else cpu")
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or globs")
     args = parser.parse_args(argv)
     if args.mc is not None and args.mc < 2:
@@ -132,8 +134,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("vkd-predict: error: no input images (give files, folders or globs; folders are searched for "
               ".png .jpg .jpeg .dcm .dicom)", file=sys.stderr)
         return 2
+    import torch
+
+    from vkd_dist.classifier import VKDImageClassifier
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model = VKDImageClassifier.from_pretrained(check_model_dir(args.model), args.device)
+        model = VKDImageClassifier.from_pretrained(check_model_dir(args.model), device)
     except ModelDirError as exc:
         print(f"vkd-predict: error: {exc}", file=sys.stderr)
         return 2
