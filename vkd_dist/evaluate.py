@@ -268,7 +268,8 @@ def _run(args) -> int:
         if args.plots:
             from vkd_dist.plots import save_plots
 
-            for path in save_plots(preds[0], info.labels, args.plots):
+            title = f"{args.run}: checkpoint {args.checkpoint} (step {rep['step']}), split {args.split}"
+            for path in save_plots(preds[0], info.labels, args.plots, title):
                 print(f"wrote {path}")
     return 0
 

@@ -53,7 +53,8 @@ class RunLogger:
                 self.writer.add_pr_curve(f"{prefix}_pr/{name}", pred.targets[m, i], pred.probs[m, i], step)
         from vkd_dist.plots import roc_figure
 
-        self.writer.add_figure(f"{prefix}/roc", roc_figure(pred, report["labels"]), step)
+        title = f"{self.cfg.run_dir}: {report.get('checkpoint', '')} (step {step}), split {report.get('split', '')}"
+        self.writer.add_figure(f"{prefix}/roc", roc_figure(pred, report["labels"], title=title), step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         if self.writer is not None:
