@@ -201,7 +201,7 @@ def test_bad_inputs_become_rows_and_the_rest_is_predicted(hospital, tmp_path, ca
     args = ["--model", str(model_dir), "--out", str(out), "--mc", "4"]
     assert predict_main([*args, good, str(truncated), str(tmp_path / "empty.dcm"), str(missing)]) == 0
     got = _read(out)
-    assert list(got[0]) == ["path", *LABELS, *(f"{n}_std" for n in LABELS), "error"]
+    assert list(got[0]) == ["path", *LABELS, *(f"{n}_std" for n in LABELS), "unlike_training", "error"]
     assert [r["path"] for r in got] == [good, str(truncated), str(tmp_path / "empty.dcm"), str(missing)]
     assert got[0]["error"] == "" and float(got[0]["COVID-19_std"]) > 0
     assert got[1]["error"].startswith("truncated_image") and got[1]["COVID-19"] == ""

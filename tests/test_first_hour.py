@@ -3,6 +3,7 @@ was written where and the next commands; those commands work as printed; the exp
 measured for its weights; a run is read from any directory; a missing data set is said with the way out."""
 
 import contextlib
+import csv
 import json
 import os
 import shlex
@@ -15,8 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG
+from vkd_dist.data.schema import read_dataset
 from vkd_dist.deploy import main as export_main
 from vkd_dist.evaluate import main as eval_main
+from vkd_dist.ood import split_images
 from vkd_dist.predict import main as predict_main
 from vkd_dist.tracking import LossWindow
 from vkd_dist.train import main as train_main
@@ -99,7 +102,7 @@ def test_logged_losses_are_window_means_and_tensorboard_has_the_same(first_run):
     assert window.means() == {}  # the next window starts empty
 
 
-def test_the_printed_export_has_the_metrics_of_its_weights(first_run, tmp_path):
+def test_the_printed_export_has_the_metrics_of_its_weights(first_run, tmp_path, tiny_data, capsys):
     home, run, log = first_run
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert metrics["step"] == 6 and metrics["weights_digest"].startswith("sha256:")
@@ -110,9 +113,15 @@ def test_the_printed_export_has_the_metrics_of_its_weights(first_run, tmp_path):
         assert f"macro AUROC {metrics['macro_auroc']:.4f}" in card and "Not evaluated" not in card
         assert json.loads((model / "config.json").read_text())["provenance"]["weights_digest"] == \
             metrics["weights_digest"]
-        image = tmp_path / "scan.png"
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(image)
-        assert run_printed(log, "vkd-predict", YOUR_IMAGES_OR_FOLDERS=str(image)) == 0
+        noise = tmp_path / "noise.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(noise)
+        scan = tmp_path / "scan.png"  # a test-split image, never seen at export (the reference is val)
+        Image.fromarray(next(split_images(read_dataset(tiny_data).shards("test"), 64))).save(scan)
+        assert run_printed(log, "vkd-predict", YOUR_IMAGES_OR_FOLDERS=str(tmp_path)) == 0
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(open(home / "predictions.csv"))}
+        assert rows["scan.png"]["unlike_training"] == "" and rows["scan.png"]["error"] == ""
+        assert "edge" in rows["noise.png"]["unlike_training"]
+        assert "1 of 2 image(s) are unlike the training data" in capsys.readouterr().err
         assert run_printed(log, "vkd-eval") == 0
         assert (run / "plots" / "reliability.png").is_file()
 
@@ -174,3 +183,17 @@ def test_a_run_is_read_from_any_directory(first_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"data.path=data_cache/somewhere from {old / 'config.yaml'}, relative to the current directory " \
            f"{elsewhere}" in err and "pass --data DIR" in err
+
+
+def test_the_out_of_distribution_rule():
+    from vkd_dist.ood import reference, unlike
+
+    rng = np.random.default_rng(0)
+    smooth = [np.clip(np.add.outer(np.arange(64), np.arange(64)) + rng.normal(100, 3, (64, 64)), 0, 255)
+              .astype(np.uint8) for _ in range(50)]
+    ref = reference(smooth, "val")
+    assert ref["num_images"] == 50 and set(ref["ranges"]) == {"mean", "std", "edge"}
+    assert unlike(smooth[0], ref) == "" and unlike(smooth[0], None) == ""
+    assert unlike(np.zeros((64, 64), np.uint8), ref).startswith("mean 0.0 < ")  # blank: dark and flat
+    assert "edge" in unlike(rng.integers(0, 255, (64, 64), dtype=np.uint8), ref)
+    assert reference([], "val") is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -72,6 +73,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
                   "step": weights.weights_step(weights_path), "objective": cfg.objective.name, "data": cfg.data.path,
                   "source": (dataset_meta or {}).get("source"), "eval_policy": (dataset_meta or {}).get("eval_policy")}
     config = classifier_config(cfg, labels, dataset_meta, provenance)
+    config["ood"] = _ood_reference(cfg) if dataset_meta is not None else None
     model = VKDImageClassifier(config)
     state = weights.load_weights(weights_path)
     deploy = {k: v for k, v in state.items() if k in model.state_dict()}
@@ -81,6 +83,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
     provenance.update(weights_digest=digest, test_metrics=_metrics_summary(metrics))
     card = model_card(config, dataset_meta, metrics, "" if metrics else _unscored_advice(run_dir, which))
     return model.save_pretrained(out_dir, card)
+
+
+def _ood_reference(cfg: Config) -> Optional[dict]:
+    """The image statistics of the run's validation images, which vkd-predict compares its inputs with
+    (vkd_dist/ood.py); None when the shards cannot be read."""
+    from vkd_dist import ood
+    from vkd_dist.data.schema import read_dataset
+
+    try:
+        info = read_dataset(cfg.data.path)
+        images = ood.split_images(info.shards(cfg.data.val_split), cfg.data.image_size)
+        return ood.reference(images, f"{cfg.data.val_split} split of {info.root}")
+    except (OSError, ValueError, KeyError, tarfile.TarError):
+        return None
 
 
 def default_checkpoint(run_dir: str | Path) -> tuple[str, str]:

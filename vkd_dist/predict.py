@@ -2,7 +2,9 @@
 
 PATH may be files, folders (searched recursively for .png, .jpg, .jpeg, .dcm, .dicom and suffix-less DICOM
 files) and globs. Every input gets one CSV row, in input order: `path`, one probability column per label,
-`<label>_std` columns with `--mc K`, and a last `error` column, empty on success. A file that cannot be read
+`<label>_std` columns with `--mc K`, an `unlike_training` column (why the image is unlike the training data, by
+the image statistics the export recorded: vkd_dist/ood.py; empty when it is like it), and a last `error`
+column, empty on success. A file that cannot be read
 (missing, truncated, a DICOM without pixel data, ...) gets a row whose `error` says why; the others are still
 predicted. The exit status is 0 when at least one row has probabilities, 1 when none has, 2 for bad usage.
 """
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.data.images import ImageError, is_image_file
 from vkd_dist.model_dir import CONFIG_FILE, ModelDirError
+from vkd_dist.ood import unlike
 from vkd_dist.run_dir import RunDir
 
 if TYPE_CHECKING:  # the model stack is imported where used: `vkd-predict --help` answers before torch loads
@@ -79,23 +82,35 @@ def _probability_cells(model: VKDImageClassifier, images: list[np.ndarray], mc: 
 
 def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: int = 32, mc: Optional[int] = None,
                   workers: int = 0, progress: bool = False) -> tuple[int, int]:
-    """Write the CSV to the open file `out`; returns (rows with probabilities, rows with an error)."""
+    """Write the CSV to the open file `out`; returns (rows with probabilities, rows with an error). An image unlike
+    the training data (vkd_dist/ood.py, against the statistics the export recorded) says why in `unlike_training`,
+    and a warning counts them."""
+    unusual: list[tuple[str, str]] = []
     labels = model.labels
     writer = csv.writer(out)
-    writer.writerow(["path", *labels, *([f"{n}_std" for n in labels] if mc else []), "error"])
+    writer.writerow(["path", *labels, *([f"{n}_std" for n in labels] if mc else []), "unlike_training", "error"])
     ok = failed = 0
+    reference = model.config.get("ood")
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
     for batch in _batches(model, paths, batch_size, workers):
         cells = iter(_probability_cells(model, [image for _, image, _ in batch if image is not None], mc))
         for path, image, error in batch:
             if image is None:
-                writer.writerow([path, *([""] * len(labels) * (2 if mc else 1)), error])
+                writer.writerow([path, *([""] * len(labels) * (2 if mc else 1)), "", error])
                 failed += 1
                 continue
-            writer.writerow([path, *next(cells), ""])
+            why = unlike(image, reference)
+            writer.writerow([path, *next(cells), why, ""])
             ok += 1
+            if why:
+                unusual.append((path, why))
         bar.update(len(batch))
     bar.close()
+    if unusual:
+        print(f"vkd-predict: warning: {len(unusual)} of {ok} image(s) are unlike the training data (image statistics "
+              f"outside the ranges of {reference['num_images']} images of the {reference['source']}; see the "
+              f"unlike_training column), e.g. {unusual[0][0]}: "
+              f"{unusual[0][1]}", file=sys.stderr)
     return ok, failed
 
 
