@@ -106,7 +106,7 @@ def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: 
                 unusual.append((path, why))
         bar.update(len(batch))
     bar.close()
-    if unusual:
+    if unusual and reference:
         print(f"vkd-predict: warning: {len(unusual)} of {ok} image(s) are unlike the training data (image statistics "
               f"outside the ranges of {reference['num_images']} images of the {reference['source']}; see the "
               f"unlike_training column), e.g. {unusual[0][0]}: "

@@ -87,7 +87,7 @@ class LossWindow:
     """Each loss term's (and the gradient norm's) mean over the steps since the last train line: what the console
     and TensorBoard show, so a line is not one batch's noise. Summed on the device: no host wait per step."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
         self.steps = 0
 
