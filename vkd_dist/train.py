@@ -64,7 +64,7 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     result.step = state.step
     if not result.preempted:
         finish(run, result, stop)
-    if not result.preempted:  # finish may itself be stopped
+    if not result.preempted and run.accelerator.is_main_process:  # finish may itself be stopped
         run.log.info(closing_summary(run, result))
     run.log.close()
     if run.ledger is not None:
