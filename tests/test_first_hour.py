@@ -45,7 +45,7 @@ def first_run(tmp_path_factory, tiny_data):
     log = home / "train.log"
     with cwd(home), open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         rc = train_main(["--config", str(TINY_CONFIG), f"data.path={os.path.relpath(tiny_data, home)}",
-                         "run_dir=runs/first", "logging.progress=true", "train.eval_every=2"])
+                         "run_dir=runs/first", "logging.progress=true"])
     assert rc == 0, log.read_text()[-2000:]
     return home, home / "runs" / "first", log.read_text()
 
