@@ -8,7 +8,14 @@ VENV=${VKD_VENV:-.venv}
 EXTRAS=${VKD_EXTRAS:-dev,bench,fast,pretrained,labeller}
 stamp="$VENV/.vkd-setup-stamp"
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)-$EXTRAS
+# The console scripts live in $VENV/bin, which is not on PATH until the environment is activated: say so, last.
+tools() {
+  echo "The tools (vkd-train, vkd-data, vkd-eval, vkd-export, vkd-predict, vkd-compare, vkd-slurm, accelerate) are in $VENV/bin:"
+  echo "  source $VENV/bin/activate    # puts them on PATH in this shell: vkd-export runs/default --out model"
+  echo "  or call them by path:        $VENV/bin/vkd-export runs/default --out model"
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import vkd_dist" 2>/dev/null; then
+  tools
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -41,3 +48,4 @@ if not path.exists():
 PY
 echo "$want" > "$stamp"
 echo "vkd_dist set up in $VENV"
+tools

@@ -169,10 +169,12 @@ def test_wrong_run(missing, tiny_data, tmp_path, capsys):
 
 
 def test_predict_with_a_run_instead_of_a_model(exported_run, tmp_path, capsys):
+    from vkd_dist.commands import command  # the tool as it runs from here: by name on PATH, else by its path
+
     image = tmp_path / "x.png"  # never looked at: the model directory is refused first
     assert predict_main(["--model", str(exported_run), str(image)]) == 2
     assert one_line(capsys) == (f"vkd-predict: error: --model {exported_run}: a training run directory, not a model; "
-                                f"export it first with vkd-export {exported_run} --out DIR")
+                                f"export it first with {command('vkd-export', exported_run, '--out', 'DIR')}")
     assert predict_main(["--model", str(tmp_path / "nope"), str(image)]) == 2
     assert one_line(capsys) == f"vkd-predict: error: --model {tmp_path / 'nope'}: no such directory"
 

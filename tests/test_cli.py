@@ -178,3 +178,20 @@ def test_vkd_train_help_keeps_its_preformatted_description(capsys, monkeypatch):
     assert issubclass(seen[0], argparse.RawDescriptionHelpFormatter)
     for line in train.__doc__.strip().splitlines()[:2]:
         assert line in text  # RawDescription: the docstring's lines are kept as written
+
+
+# ------------------------------------------------------------------------------------------------ every tool
+def test_every_help_answers_before_the_heavy_libraries_load():
+    """`--help` of each console script imports none of torch, accelerate, transformers, timm, scikit-learn or
+    webdataset (seconds each on a loaded machine): the tools parse their arguments first."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    heavy = ("torch", "accelerate", "transformers", "timm", "sklearn", "webdataset", "deepspeed")
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        code = (f"import sys\nfrom {module} import {func}\ntry:\n    {func}(['--help'])\nexcept SystemExit as e:\n"
+                f"    assert e.code == 0, e.code\nprint(sorted(m for m in {heavy!r} if m in sys.modules))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        assert proc.stdout.strip().splitlines()[-1] == "[]", f"{name} --help imports {proc.stdout.splitlines()[-1]}"

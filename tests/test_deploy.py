@@ -12,13 +12,14 @@ from PIL import Image
 
 from conftest import tiny_overrides
 from test_dicom import _dataset, _jpeg_bytes, _jpeg_dataset, _save, _values_12bit
+from vkd_dist.classifier import VKDImageClassifier
 from vkd_dist.compare import main as compare_main
 from vkd_dist.configure import load_config
 from vkd_dist.data.sources import ConvertOptions
 from vkd_dist.data.sources.manifest import convert_manifest
-from vkd_dist.deploy import ModelDirError, VKDImageClassifier
 from vkd_dist.deploy import main as export_main
 from vkd_dist.evaluate import main as eval_main
+from vkd_dist.model_dir import ModelDirError
 from vkd_dist.predict import main as predict_main
 from vkd_dist.train import train
 
@@ -158,7 +159,8 @@ def test_exported_model_needs_nothing_from_its_run(hospital, tmp_path):
         shutil.move(str(away / "run"), str(run))
         shutil.move(str(away / "shards"), str(data))
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "Not evaluated for this checkpoint" in card  # test_metrics.json describes final/, not best/
+    same = json.loads((run / "best" / "meta.json").read_text())["step"] == 4  # best/ holds final/'s weights
+    assert ("Not evaluated for these weights" in card) != same  # test_metrics.json describes final/'s weights
 
 
 def test_dicom_inputs_give_the_png_probabilities(hospital, tmp_path):
@@ -199,7 +201,7 @@ def test_bad_inputs_become_rows_and_the_rest_is_predicted(hospital, tmp_path, ca
     args = ["--model", str(model_dir), "--out", str(out), "--mc", "4"]
     assert predict_main([*args, good, str(truncated), str(tmp_path / "empty.dcm"), str(missing)]) == 0
     got = _read(out)
-    assert list(got[0]) == ["path", *LABELS, *(f"{n}_std" for n in LABELS), "error"]
+    assert list(got[0]) == ["path", *LABELS, *(f"{n}_std" for n in LABELS), "unlike_training", "error"]
     assert [r["path"] for r in got] == [good, str(truncated), str(tmp_path / "empty.dcm"), str(missing)]
     assert got[0]["error"] == "" and float(got[0]["COVID-19_std"]) > 0
     assert got[1]["error"].startswith("truncated_image") and got[1]["COVID-19"] == ""

@@ -32,7 +32,7 @@ def submitit_narrowed_env(gpus: int, local: int) -> dict[str, str]:
 
 def dry_run_tasks(capsys, tmp_path, gpus: int, strategy: str) -> list[dict[str, str]]:
     rc = main(["--nodes", str(NODES), "--gpus-per-node", str(gpus), "--strategy", strategy, "--dry-run",
-               f"run_dir={tmp_path / 'run'}"])
+               "--allow-small-model", f"run_dir={tmp_path / 'run'}"])
     assert rc == 0
     tasks = []
     for line in capsys.readouterr().out.splitlines():

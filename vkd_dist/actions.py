@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from accelerate.utils import gather_object
 
 from vkd_dist import checkpoint, weights
+from vkd_dist.commands import command, shown_path
 from vkd_dist.data.tokens import remove_token_tables
 from vkd_dist.distributed import param_digests
 from vkd_dist.evaluate import Interrupted, evaluate
@@ -29,8 +29,6 @@ class Tick:
     """What the actions see after a step."""
 
     step: int
-    terms: dict[str, torch.Tensor]
-    grad_norm: Optional[torch.Tensor]
     final: bool  # the run's last step
     stopping: bool  # every rank agreed to stop (preemption): checkpoint now
 
@@ -50,20 +48,27 @@ class Periodic:
 
 
 class LogTerms(Periodic):
+    """A train line: each loss term's mean over the steps since the last line (run.window), the same values to
+    TensorBoard. Says once, at the start, what the figures are."""
+
     def __init__(self, run: Run, result: TrainResult):
         super().__init__(run, result)
         self.every = run.cfg.logging.log_every
+        run.log.info(f"train lines every {self.every} steps: loss terms and grad_norm are means over those steps; "
+                     f"bce and prior_bce are summed over a study's {len(run.info.labels)} labels and averaged over "
+                     "studies (nats per study); samples_per_s and data_wait_frac over the same steps")
 
     def __call__(self, tick: Tick) -> None:
         run = self.run
-        terms = {k: float(v) for k, v in tick.terms.items()}
+        terms = run.window.means()
+        if not terms:  # no step since the last line (a deferred action's tick)
+            return
         run.log.advance(0, loss=terms["loss"])
         scalars = {**terms, "lr": run.optimizer.param_groups[0]["lr"], **run.meter.summary(),
                    "skipped_samples": sum(run.skipped_by_worker.values())}
-        if tick.grad_norm is not None:
-            scalars["grad_norm"] = float(tick.grad_norm)
         run.log.scalars(tick.step, scalars, "train/")
-        run.log.info(f"step {tick.step:>6} " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+        run.log.info(f"step {tick.step:>6}/{run.cfg.train.max_steps} "
+                     + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
 
 
 class Validate(Periodic):
@@ -126,7 +131,7 @@ def run_deferred(run: Run, actions: list[Periodic]) -> None:
     """What a stop deferred past its checkpoint (a validation), run first by the resumed attempt."""
     for action in actions:
         if type(action).__name__ in run.state.deferred:
-            action(Tick(run.state.step, {}, None, final=False, stopping=False))
+            action(Tick(run.state.step, final=False, stopping=False))
     run.state.deferred = []
 
 
@@ -167,6 +172,37 @@ def finish(run: Run, result: TrainResult, stop: Optional[StopRequest] = None) ->
     run.log.hparams({"objective": cfg.objective.name, "lr": cfg.optim.lr, "beta": cfg.objective.beta,
                      "latent_dim": cfg.model.latent_dim, "seed": cfg.train.seed, "max_steps": cfg.train.max_steps},
                     summary)
-    if run.accelerator.is_main_process:
+    if run.accelerator.is_main_process:  # which weights the figures describe: vkd-export matches them by digest
+        result.test.update(step=step, weights_digest=weights.digest(weights.load_weights(
+            run.dir.export_weights("final"))))
         run.dir.test_metrics_file.write_text(json.dumps(result.test, indent=2))
         run.log.info(f"test split ({cfg.data.test_split}), image-only inference:\n" + format_table(result.test))
+
+
+def closing_summary(run: Run, result: TrainResult) -> str:
+    """The run's last lines: what it wrote where, and the commands to run next (spelled to run as printed)."""
+    cfg, run_dir = run.cfg, run.dir
+    shown = shown_path(run_dir.path)
+    best_meta = run_dir.export_meta("best")
+    best_step = json.loads(best_meta.read_text()).get("step") if best_meta.is_file() else None
+    best = (f"the best val {cfg.train.select_metric} ({run.state.best_value:.4f}) at step {best_step}"
+            if best_step is not None and isinstance(run.state.best_value, float) else "not written (no validation)")
+    test = result.test
+    scored = (f"test split of final/ (step {result.step}): macro AUROC {test['macro_auroc']:.4f} "
+              f"[{test['macro_auroc_ci'][0]:.3f}, {test['macro_auroc_ci'][1]:.3f}]"
+              if test and test.get("macro_auroc_ci") else "not written (train.test_at_end=false)" if not test
+              else f"test split of final/ (step {result.step})")
+    model = f"{shown}-model"
+    return "\n".join([
+        f"finished: step {result.step} of {cfg.train.max_steps}; run directory {shown}",
+        f"  best/               image-only model, {best}",
+        f"  final/              image-only model at step {result.step}",
+        f"  test_metrics.json   {scored}",
+        *([f"  tensorboard/        {command('tensorboard', '--logdir', f'{shown}/tensorboard')}"]
+          if cfg.logging.tensorboard else []),
+        "next:",
+        f"  {command('vkd-export', shown, '--out', model)}",
+        "      (exports the checkpoint test_metrics.json scored, with its metrics in the model card)",
+        f"  {command('vkd-predict', '--model', model, '--out', 'predictions.csv')} YOUR_IMAGES_OR_FOLDERS",
+        f"  {command('vkd-eval', '--run', shown, '--checkpoint', 'best', '--plots', f'{shown}/plots')}",
+    ])

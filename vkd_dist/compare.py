@@ -21,16 +21,19 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from vkd_dist import RawDefaultsHelpFormatter, stats
-from vkd_dist.metrics import Predictions, macro_label_set
+from vkd_dist import RawDefaultsHelpFormatter
+
+if TYPE_CHECKING:  # imported where used: `vkd-compare --help` answers before torch and scikit-learn load
+    from vkd_dist.metrics import Predictions
 
 
 def _predictions(run: str, info, split: str, which: str, batch_size: Optional[int]) -> Predictions:
     from vkd_dist.evaluate import load_exported, predict_split
+    from vkd_dist.metrics import Predictions
     from vkd_dist.run_dir import RunDir
 
     RunDir(run).check_labels(info.labels, info.root)
@@ -72,7 +75,9 @@ def _listed(value):
 
 def compare(a_runs: Sequence[str], b_runs: Sequence[str], data: str, split: str = "test", which: str = "best",
             n_boot: int = 1000, seed: int = 0, batch_size: Optional[int] = None) -> dict:
+    from vkd_dist import stats
     from vkd_dist.data.schema import read_dataset
+    from vkd_dist.metrics import macro_label_set
 
     info = read_dataset(data)
     info.split(split)
@@ -173,9 +178,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", help="write the comparison JSON here")
     args = parser.parse_args(argv)
     try:
-        from vkd_dist.run_dir import RunDir
+        from vkd_dist.evaluate import check_run_dir, run_dataset
 
-        data = args.data or RunDir(args.a[0]).config().data.path
+        # the first run's data set unless --data names one; a missing one said with where it was looked for
+        data = args.data or str(run_dataset(check_run_dir(args.a[0], "--a")).root)
         result = compare(args.a, args.b, data, args.split, args.checkpoint, args.bootstrap, args.seed,
                          args.batch_size)
     except (FileNotFoundError, KeyError, ValueError) as exc:

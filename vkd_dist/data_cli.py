@@ -7,7 +7,6 @@ import os
 import sys
 
 from vkd_dist import DefaultsHelpFormatter
-from vkd_dist.data.shards import Timer, summary_line
 from vkd_dist.fileio import restrict_access
 from vkd_dist.labels import SOURCE_EVAL_POLICY, describe_policy
 
@@ -62,6 +61,7 @@ KNOBS = ("num_train", "num_val", "num_test", "image_size", "seed", "lesion_contr
 
 
 def _run_synthetic(args) -> int:
+    from vkd_dist.data.shards import Timer, summary_line  # webdataset: imported once a command runs
     from vkd_dist.data.testbed import build_corpus, rates_line
 
     with Timer() as t:

@@ -1,12 +1,7 @@
-"""A model that leaves its run: `vkd-export RUN [--checkpoint best|final|last|PATH] --out DIR` and the
-self-contained `VKDImageClassifier` it writes.
-
-DIR holds `config.json` (architecture, label names, preprocessing, inference mode, provenance),
-`model.safetensors` (the image path only, fp32) and `README.md` (a short model card).
-`VKDImageClassifier.from_pretrained(DIR)` needs nothing else: no run directory, tokenizer, text stack, shards,
-ImageNet weights file or network. Preprocessing is the converters' own (`vkd_dist/data/images.py`
-`load_image` at the data set's image size and resize mode, then the trainer's resize to the model's input
-size), so a file predicted from disk gets exactly the pixels its converted shard sample had.
+"""A model that leaves its run: `vkd-export RUN [--checkpoint best|final|last|PATH] --out DIR` writes the run's
+image path as a self-contained model directory (vkd_dist/model_dir.py says what it holds), loaded by
+`vkd_dist.classifier.VKDImageClassifier.from_pretrained(DIR)`. The model card carries the test metrics measured
+for the exported weights (matched by their digest), and says how to get them where there are none.
 """
 
 from __future__ import annotations
@@ -14,122 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-
 from vkd_dist import RawDefaultsHelpFormatter
-from vkd_dist.models.encoders import ImageEncoder
-from vkd_dist.models.vkd import VKDModel
+from vkd_dist.model_dir import CARD_FILE, CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model stack is imported where used: `vkd-export --help` answers before torch loads
     from vkd_dist.config import Config
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "README.md"
-FORMAT = "vkd_dist.image_classifier"
-FORMAT_VERSION = 1
-
-
-class ModelDirError(ValueError):
-    """A model directory that cannot be loaded; the message names the file."""
-
-
-class VKDImageClassifier(VKDModel):
-    """The deployed image path of a VKD (or baseline) run: image encoder -> prior p(z|x) -> classifier (on z, or
-    on [z, image features] with architecture.image_head=separate; model dirs from before the key are shared)."""
-
-    def __init__(self, config: dict):
-        arch = config["architecture"]
-        encoder = ImageEncoder(arch["image_encoder"], config["preprocessing"]["image_size"], arch["in_chans"],
-                               None, arch.get("image_encoder_kwargs") or {})
-        norm = config["preprocessing"]["normalisation"]
-        encoder.mean.fill_(norm["mean"])  # the statistics the run used, whatever timm's defaults become
-        encoder.std.fill_(norm["std"])
-        super().__init__(encoder, None, latent_dim=arch["latent_dim"], hidden_dim=arch["hidden_dim"],
-                         dropout=arch.get("dropout", 0.0), num_labels=len(config["labels"]),
-                         image_head=arch.get("image_head", "shared"))
-        self.config = config
-        self.labels: tuple[str, ...] = tuple(config["labels"])
-        self.eval()
-
-    # -- files --------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device="cpu") -> VKDImageClassifier:
-        model_dir = Path(model_dir)
-        cfg_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
-        if not cfg_path.is_file():
-            raise ModelDirError(f"{cfg_path}: not found; {model_dir} is not a vkd-export model directory")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelDirError(f"{cfg_path}: not valid JSON ({exc})") from exc
-        if config.get("format") != FORMAT:
-            raise ModelDirError(f"{cfg_path}: format {config.get('format')!r}, expected {FORMAT!r}")
-        for key in ("labels", "architecture", "preprocessing"):
-            if key not in config:
-                raise ModelDirError(f"{cfg_path}: missing key {key!r}")
-        if not weights_path.is_file():
-            raise ModelDirError(f"{weights_path}: not found")
-        model = cls(config)
-        try:
-            state = load_file(str(weights_path))
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise ModelDirError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
-        _load_exactly(model, state, weights_path)
-        return model.to(device)
-
-    def save_pretrained(self, out_dir: str | Path, card: Optional[str] = None) -> Path:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-        (out_dir / CONFIG_FILE).write_text(json.dumps(self.config, indent=2))
-        if card is not None:
-            (out_dir / CARD_FILE).write_text(card)
-        return out_dir
-
-    # -- inference ----------------------------------------------------------------------------------------
-    def load_image(self, path: str | Path) -> np.ndarray:
-        """A file (PNG, JPEG, DICOM) -> uint8 [S, S], exactly as the converters and the loader prepared it.
-        Raises vkd_dist.data.images.ImageError for a file that cannot be used."""
-        from vkd_dist.data.images import load_image
-        from vkd_dist.data.pipeline import fit
-
-        pre = self.config["preprocessing"]
-        return fit(load_image(path, pre["source_size"], pre["resize"]), pre["image_size"])
-
-    @torch.no_grad()
-    def predict_images(self, images: np.ndarray, mc_samples: Optional[int] = None
-                       ) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """uint8 [B, S, S] -> (probabilities [B, L], spread [B, L] or None). `mc_samples` K averages K prior
-        samples and gives their standard deviation; otherwise the configured inference mode."""
-        device = next(self.parameters()).device
-        x = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))[:, None].to(device)
-        mode = "mc" if mc_samples else self.config["inference"]["mode"]
-        probs, std = self.predict(x, mode, mc_samples or self.config["inference"]["num_samples"])
-        return probs.cpu().numpy(), None if std is None else std.cpu().numpy()
-
-
-def _load_exactly(model: torch.nn.Module, state: dict, path: Path) -> None:
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    if missing or extra:
-        raise ModelDirError(f"{path}: tensors do not match config.json's architecture ("
-                            + (f"missing {len(missing)}, e.g. {missing[0]!r}" if missing else "")
-                            + ("; " if missing and extra else "")
-                            + (f"unexpected {len(extra)}, e.g. {extra[0]!r}" if extra else "") + ")")
-    bad = next((k for k in want if tuple(want[k].shape) != tuple(state[k].shape)), None)
-    if bad is not None:
-        raise ModelDirError(f"{path}: tensor {bad!r} has shape {tuple(state[bad].shape)}, config.json's "
-                            f"architecture needs {tuple(want[bad].shape)}")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
 
 
 # -- export from a run -------------------------------------------------------------------------------------
@@ -137,6 +26,8 @@ def classifier_config(cfg: Config, labels: Sequence[str], dataset_meta: Optional
     """config.json for a run's image path. `dataset_meta` (its dataset.json) gives the converters' image size and
     resize mode; without it the model's input size and `crop` are assumed, and the file says so."""
     m = cfg.model
+    from vkd_dist.models.encoders import ImageEncoder
+
     probe = ImageEncoder(m.image_encoder, cfg.data.image_size, m.in_chans, None, m.image_encoder_kwargs)
     params = (dataset_meta or {}).get("params", {})
     return {
@@ -165,6 +56,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
                metrics_path: Optional[str | Path] = None) -> Path:
     """Write RUN's image model (checkpoint `which`) as a self-contained directory; returns it."""
     from vkd_dist import weights
+    from vkd_dist.classifier import VKDImageClassifier, load_exactly
     from vkd_dist.objectives import TEXT, get_objective
     from vkd_dist.run_dir import RunDir
 
@@ -177,50 +69,94 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best",
     weights_path = weights.find_weights(run_dir, which)
     dataset_json = Path(cfg.data.path) / "dataset.json"
     dataset_meta = json.loads(dataset_json.read_text()) if dataset_json.is_file() else None
-    export_meta_path = weights_path.parent / "meta.json"
-    export_meta = json.loads(export_meta_path.read_text()) if export_meta_path.is_file() else {}
-    metrics = _metrics_for(run_dir, which, metrics_path)
     provenance = {"run": str(run_dir.resolve()), "checkpoint": which, "weights": str(weights_path),
-                  "step": export_meta.get("step"), "objective": cfg.objective.name, "data": cfg.data.path,
-                  "source": (dataset_meta or {}).get("source"), "eval_policy": (dataset_meta or {}).get("eval_policy"),
-                  "test_metrics": _metrics_summary(metrics)}
+                  "step": weights.weights_step(weights_path), "objective": cfg.objective.name, "data": cfg.data.path,
+                  "source": (dataset_meta or {}).get("source"), "eval_policy": (dataset_meta or {}).get("eval_policy")}
     config = classifier_config(cfg, labels, dataset_meta, provenance)
+    config["ood"] = _ood_reference(cfg) if dataset_meta is not None else None
     model = VKDImageClassifier(config)
     state = weights.load_weights(weights_path)
     deploy = {k: v for k, v in state.items() if k in model.state_dict()}
-    _load_exactly(model, deploy, weights_path)
-    card = model_card(config, dataset_meta, metrics)
+    load_exactly(model, deploy, weights_path)
+    digest = weights.digest(deploy)
+    metrics = _metrics_for(run_dir, which, digest, metrics_path)
+    provenance.update(weights_digest=digest, test_metrics=_metrics_summary(metrics))
+    card = model_card(config, dataset_meta, metrics, "" if metrics else _unscored_advice(run_dir, which))
     return model.save_pretrained(out_dir, card)
 
 
-def _metrics_for(run_dir: Path, which: str, metrics_path) -> Optional[dict]:
-    """The metrics that describe this checkpoint: --metrics FILE, or RUN/test_metrics.json when it was computed
-    from the same checkpoint (it is computed from final/)."""
+def _ood_reference(cfg: Config) -> Optional[dict]:
+    """The image statistics of the run's validation images, which vkd-predict compares its inputs with
+    (vkd_dist/ood.py); None when the shards cannot be read."""
+    from vkd_dist import ood
+    from vkd_dist.data.schema import read_dataset
+
+    try:
+        info = read_dataset(cfg.data.path)
+        images = ood.split_images(info.shards(cfg.data.val_split), cfg.data.image_size)
+        return ood.reference(images, f"{cfg.data.val_split} split of {info.root}")
+    except (OSError, ValueError, KeyError, tarfile.TarError):
+        return None
+
+
+def default_checkpoint(run_dir: str | Path) -> tuple[str, str]:
+    """vkd-export's checkpoint when none is named, and why: the export RUN/test_metrics.json scored (best/ when
+    it holds the same weights as final/), else best/."""
+    from vkd_dist.weights import scored_export
+
+    scored = scored_export(run_dir)
+    if scored is not None:
+        return scored, f"{scored}/: the weights RUN/test_metrics.json scored"
+    return "best", "best/: RUN/test_metrics.json scored neither best/ nor final/ (or is absent)"
+
+
+def _unscored_advice(run_dir: Path, which: str) -> str:
+    """What to run to get metrics for an export that has none: score it with vkd-eval, or export the scored one."""
+    from vkd_dist.commands import command, shown_path
+    from vkd_dist.weights import scored_export
+
+    run, scored = shown_path(run_dir), scored_export(run_dir)
+    metrics = f"{run}/{which}-test-metrics.json" if "/" not in which else "metrics.json"
+    score = command("vkd-eval", "--run", run, "--checkpoint", which, "--out", metrics)
+    export = command("vkd-export", run, "--checkpoint", which, "--metrics", metrics, "--out", "DIR")
+    lines = [f"Score these weights: `{score}`, then export with `{export}`."]
+    if scored is not None and scored != which:
+        lines.append(f"RUN/test_metrics.json scored {scored}/: "
+                     f"`{command('vkd-export', run, '--checkpoint', scored, '--out', 'DIR')}` exports that model with "
+                     "its metrics.")
+    return " ".join(lines)
+
+
+def _metrics_for(run_dir: Path, which: str, digest: str, metrics_path) -> Optional[dict]:
+    """The metrics that describe the exported weights (`digest`): --metrics FILE (refused when it records other
+    weights), or RUN/test_metrics.json when it scored these weights (by its digest; by the checkpoint's name for
+    a file written before metrics recorded one)."""
     if metrics_path:
         metrics = json.loads(Path(metrics_path).read_text())
         if "per_label" not in metrics:
             raise ValueError(f"--metrics {metrics_path}: not a vkd-eval metrics JSON (no 'per_label')")
+        if metrics.get("weights_digest") not in (None, digest):
+            raise ValueError(f"--metrics {metrics_path}: scored other weights (checkpoint {metrics.get('checkpoint')}, "
+                             f"step {metrics.get('step')}) than the exported {which} ({digest[:19]}...)")
         return metrics
     from vkd_dist.run_dir import RunDir
 
-    path = RunDir(run_dir).test_metrics_file
-    if path.is_file():
-        metrics = json.loads(path.read_text())
-        # Files from before metrics named their checkpoint (and had CIs) are not used for the card.
-        if metrics.get("checkpoint") == which and "per_label" in metrics:
-            return metrics
-    return None
+    metrics = RunDir(run_dir).test_metrics()
+    if not metrics or "per_label" not in metrics:  # files from before metrics had CIs are not used for the card
+        return None
+    recorded = metrics.get("weights_digest")
+    return metrics if (recorded == digest if recorded else metrics.get("checkpoint") == which) else None
 
 
 def _metrics_summary(metrics: Optional[dict]) -> Optional[dict]:
     if not metrics:
         return None
-    keys = ("split", "checkpoint", "macro_auroc", "macro_auroc_ci", "macro_labels", "macro_auprc", "macro_ece",
-            "num_samples", "num_patients", "eval_policy")
+    keys = ("split", "checkpoint", "step", "weights_digest", "macro_auroc", "macro_auroc_ci", "macro_labels",
+            "macro_auprc", "macro_ece", "num_samples", "num_patients", "eval_policy")
     return {k: metrics.get(k) for k in keys}
 
 
-def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dict]) -> str:
+def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dict], unscored: str = "") -> str:
     from vkd_dist.metrics import format_table
 
     prov, pre, arch = config["provenance"], config["preprocessing"], config["architecture"]
@@ -252,12 +188,13 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
         "## Metrics",
     ]
     if metrics:
-        lines += ["", "```", format_table(metrics), "```", "",
+        lines += ["", f"Measured for these weights: {metrics.get('checkpoint')} at step {metrics.get('step', '?')}"
+                  + (f", weights digest `{metrics['weights_digest']}`." if metrics.get("weights_digest") else "."),
+                  "", "```", format_table(metrics), "```", "",
                   "95 % CIs: percentile bootstrap over patients. Macro figures average the labels listed in "
                   "`macro_labels` (those with both classes on the split)."]
     else:
-        lines += [f"Not evaluated for this checkpoint: run `vkd-eval --run RUN --checkpoint {prov['checkpoint']}` "
-                  "and export with `--metrics FILE`."]
+        lines += [f"Not evaluated for these weights. {unscored}".rstrip()]
     lines += [
         "",
         "## Intended use and limits",
@@ -267,7 +204,8 @@ def model_card(config: dict, dataset_meta: Optional[dict], metrics: Optional[dic
         "- Labels mined from reports are noisy; metrics inherit that noise.",
         "- Probabilities may be miscalibrated on new data (see ECE); recalibrate before using thresholds.",
         "",
-        "Load: `VKDImageClassifier.from_pretrained(DIR)`; predict files: `vkd-predict --model DIR PATH...`.",
+        "Load: `from vkd_dist.classifier import VKDImageClassifier; VKDImageClassifier.from_pretrained(DIR)`; "
+        "predict files: `vkd-predict --model DIR PATH...`.",
         "",
     ]
     return "\n".join(lines)
@@ -277,7 +215,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-export", description=__doc__,
                                      formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("run", help="run directory of a training run")
-    parser.add_argument("--checkpoint", default="best", help="best | last | final | PATH (as vkd-eval)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="best | last | final | PATH (as vkd-eval); default: the export RUN/test_metrics.json "
+                             "scored (best when it equals final), else best")
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--metrics", help="a vkd-eval JSON for the model card (default: RUN/test_metrics.json "
                                           "when it was computed from this checkpoint)")
@@ -285,12 +225,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vkd_dist.evaluate import check_checkpoint, check_run_dir
 
     try:
-        check_checkpoint(check_run_dir(args.run, "RUN"), args.checkpoint)  # vkd-eval's checks and messages
-        out = export_run(args.run, args.out, args.checkpoint, args.metrics)
+        which, why = (args.checkpoint, "") if args.checkpoint else default_checkpoint(check_run_dir(args.run, "RUN"))
+        check_checkpoint(check_run_dir(args.run, "RUN"), which)  # vkd-eval's checks and messages
+        out = export_run(args.run, args.out, which, args.metrics)
     except (FileNotFoundError, ValueError) as exc:
         print(f"vkd-export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({CONFIG_FILE}, {WEIGHTS_FILE}, {CARD_FILE})")
+    metrics = json.loads((out / CONFIG_FILE).read_text())["provenance"]["test_metrics"]
+    print(f"wrote {out} ({CONFIG_FILE}, {WEIGHTS_FILE}, {CARD_FILE}) from {which}" + (f" ({why})" if why else "")
+          + (f"; model card: macro AUROC {metrics['macro_auroc']:.4f} on {metrics['split']}" if metrics
+             else f"; no metrics for these weights: see {out / CARD_FILE}, Metrics"))
     return 0
 
 

@@ -11,18 +11,17 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from vkd_dist import RawDefaultsHelpFormatter, weights
-from vkd_dist.config import Config, did_you_mean
-from vkd_dist.data.pipeline import eval_loader
-from vkd_dist.data.schema import DatasetInfo
-from vkd_dist.metrics import Predictions, format_table, report
-from vkd_dist.objectives import TEXT, get_objective, objective_names
-from vkd_dist.prepare import check_split_name, teacher_run_dir, tokenizer_dir
+from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.run_dir import RunDir
+
+if TYPE_CHECKING:  # the rest is imported where used: `vkd-eval --help` answers before torch loads
+    import torch
+
+    from vkd_dist.config import Config
+    from vkd_dist.data.schema import DatasetInfo
+    from vkd_dist.metrics import Predictions
 
 CHECKPOINTS = ("best", "last", "final")
 
@@ -31,11 +30,23 @@ class Interrupted(Exception):
     """An evaluation stopped part-way because every rank agreed to stop (a preemption notice)."""
 
 
-@torch.no_grad()
 def predict_split(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accelerator,
                   max_batches: Optional[int] = None, interrupt: Optional[Callable[[], bool]] = None) -> Predictions:
     """The predictions of every sample of `split` (each rank predicts its share; gathered on all ranks).
     `interrupt` (collective, asked before each batch) ends it early with `Interrupted`."""
+    import torch
+
+    with torch.no_grad():
+        return _predictions(model, cfg, info, split, tokenizer, accelerator, max_batches, interrupt)
+
+
+def _predictions(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accelerator,
+                 max_batches: Optional[int], interrupt: Optional[Callable[[], bool]]) -> Predictions:
+    import torch
+
+    from vkd_dist.data.pipeline import eval_loader
+    from vkd_dist.metrics import Predictions
+
     net = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     rank = accelerator.process_index if accelerator is not None else 0
@@ -76,6 +87,8 @@ def _predict(net, cfg: Config, batch) -> tuple[torch.Tensor, Optional[torch.Tens
 
 
 def _empty_batch(cfg: Config, tokenizer, device, num_labels: int):
+    import torch
+
     from vkd_dist.data.pipeline import Batch
 
     size = cfg.data.image_size
@@ -95,6 +108,8 @@ def evaluate(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accel
              predictions: Optional[list] = None, interrupt: Optional[Callable[[], bool]] = None) -> dict:
     """Metrics of `split` under the data set's evaluation policy, naming the checkpoint they describe. Pass a
     list as `predictions` to receive the Predictions too."""
+    from vkd_dist.metrics import report
+
     pred = predict_split(model, cfg, info, split, tokenizer, accelerator, max_batches, interrupt)
     if predictions is not None:
         predictions.append(pred)
@@ -106,8 +121,11 @@ def evaluate(model, cfg: Config, info: DatasetInfo, split: str, tokenizer, accel
 
 def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[str] = None, device="cpu"):
     """(model, cfg, tokenizer) from a run's exported weights; image-only unless the run was text_only."""
+    from vkd_dist import weights
     from vkd_dist.build import build_model
     from vkd_dist.data.tokens import load_tokenizer
+    from vkd_dist.objectives import TEXT, get_objective
+    from vkd_dist.prepare import tokenizer_dir
 
     cfg = RunDir(run_dir).config()
     objective = objective or cfg.objective.name
@@ -125,6 +143,9 @@ def load_exported(run_dir: str | Path, which: str = "best", objective: Optional[
 
 def load_teacher(cfg: Config, device):
     """The frozen teacher of an objective that needs one (kd): a run whose inference reads the report."""
+    from vkd_dist.objectives import TEXT, get_objective, objective_names
+    from vkd_dist.prepare import teacher_run_dir
+
     teacher = teacher_run_dir(cfg)
     teacher_objective = teacher.config().objective.name
     if get_objective(teacher_objective).inference != TEXT:
@@ -151,6 +172,9 @@ def check_run_dir(run: str, given: str) -> Path:
 def check_checkpoint(run_dir: Path, which: str) -> Path:
     """--checkpoint of vkd-eval and vkd-export (best | last | final | PATH) -> its weights file, before anything
     is loaded; naming the checkpoints the run has when the one asked for is not there."""
+    from vkd_dist import weights
+    from vkd_dist.config import did_you_mean
+
     if which not in CHECKPOINTS and not Path(which).exists():
         raise ValueError(f"--checkpoint {which!r} is not allowed (allowed: {', '.join(CHECKPOINTS)} or an existing "
                          f"path{did_you_mean(which, CHECKPOINTS)})")
@@ -161,7 +185,23 @@ def check_checkpoint(run_dir: Path, which: str) -> Path:
         raise FileNotFoundError(f"--checkpoint {which}: {exc}; the run has: {', '.join(has) or 'none'}") from None
 
 
+def run_dataset(run: Path, data: Optional[str] = None, flag: str = "--data") -> DatasetInfo:
+    """The data set `flag` names, else the one the run was trained on (its config.yaml's data.path); a missing one
+    is said with what was looked for and how to point elsewhere."""
+    from vkd_dist.data.schema import read_dataset
+
+    path = Path(data or RunDir(run).config().data.path)
+    if not (path / "dataset.json").is_file():
+        given = f"{flag} {data}" if data else f"data.path={path} from {RunDir(run).config_file}"
+        where = "" if path.is_absolute() else f", relative to the current directory {Path.cwd()}"
+        raise FileNotFoundError(f"no data set at {path.expanduser().resolve() / 'dataset.json'} ({given}{where}); "
+                                f"pass {flag} DIR with the converted shards (a directory holding dataset.json)")
+    return read_dataset(path)
+
+
 def _has_weights(run_dir: Path, which: str) -> bool:
+    from vkd_dist import weights
+
     try:
         weights.find_weights(run_dir, which)
     except FileNotFoundError:
@@ -193,14 +233,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args) -> int:
+    import torch
     from accelerate import Accelerator
 
-    from vkd_dist.data.schema import read_dataset
+    from vkd_dist import weights
+    from vkd_dist.metrics import format_table
+    from vkd_dist.prepare import check_split_name
 
     run = check_run_dir(args.run, "--run")  # each argument is checked before any model is built
-    check_checkpoint(run, args.checkpoint)
-    run_cfg = RunDir(run).config()
-    info = read_dataset(args.data or run_cfg.data.path)
+    weights_path = check_checkpoint(run, args.checkpoint)
+    info = run_dataset(run, args.data)
     RunDir(run).check_labels(info.labels, info.root)
     check_split_name(f"--split {args.split!r}", args.split, info)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -214,7 +256,8 @@ def _run(args) -> int:
     preds: list[Predictions] = []
     rep = evaluate(model, cfg, info, args.split, tokenizer, accelerator, checkpoint_name=args.checkpoint,
                    predictions=preds)
-    rep.update(run=str(args.run), data=str(info.root))
+    rep.update(run=str(args.run), data=str(info.root), step=weights.weights_step(weights_path),
+               weights_digest=weights.digest(model.deploy_state_dict()))  # as test_metrics.json: vkd-export matches
     if accelerator.is_main_process:
         print(format_table(rep))
         if args.out:
@@ -225,7 +268,8 @@ def _run(args) -> int:
         if args.plots:
             from vkd_dist.plots import save_plots
 
-            for path in save_plots(preds[0], info.labels, args.plots):
+            title = f"{args.run}: checkpoint {args.checkpoint} (step {rep['step']}), split {args.split}"
+            for path in save_plots(preds[0], info.labels, args.plots, title):
                 print(f"wrote {path}")
     return 0
 

@@ -2,7 +2,9 @@
 
 PATH may be files, folders (searched recursively for .png, .jpg, .jpeg, .dcm, .dicom and suffix-less DICOM
 files) and globs. Every input gets one CSV row, in input order: `path`, one probability column per label,
-`<label>_std` columns with `--mc K`, and a last `error` column, empty on success. A file that cannot be read
+`<label>_std` columns with `--mc K`, an `unlike_training` column (why the image is unlike the training data, by
+the image statistics the export recorded: vkd_dist/ood.py; empty when it is like it), and a last `error`
+column, empty on success. A file that cannot be read
 (missing, truncated, a DICOM without pixel data, ...) gets a row whose `error` says why; the others are still
 predicted. The exit status is 0 when at least one row has probabilities, 1 when none has, 2 for bad usage.
 """
@@ -15,16 +17,19 @@ import glob
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from vkd_dist import RawDefaultsHelpFormatter
 from vkd_dist.data.images import ImageError, is_image_file
-from vkd_dist.deploy import CONFIG_FILE, ModelDirError, VKDImageClassifier
+from vkd_dist.model_dir import CONFIG_FILE, ModelDirError
+from vkd_dist.ood import unlike
 from vkd_dist.run_dir import RunDir
+
+if TYPE_CHECKING:  # the model stack is imported where used: `vkd-predict --help` answers before torch loads
+    from vkd_dist.classifier import VKDImageClassifier
 
 
 def expand_inputs(specs: Sequence[str]) -> list[str]:
@@ -77,23 +82,35 @@ def _probability_cells(model: VKDImageClassifier, images: list[np.ndarray], mc: 
 
 def predict_files(model: VKDImageClassifier, paths: list[str], out, batch_size: int = 32, mc: Optional[int] = None,
                   workers: int = 0, progress: bool = False) -> tuple[int, int]:
-    """Write the CSV to the open file `out`; returns (rows with probabilities, rows with an error)."""
+    """Write the CSV to the open file `out`; returns (rows with probabilities, rows with an error). An image unlike
+    the training data (vkd_dist/ood.py, against the statistics the export recorded) says why in `unlike_training`,
+    and a warning counts them."""
+    unusual: list[tuple[str, str]] = []
     labels = model.labels
     writer = csv.writer(out)
-    writer.writerow(["path", *labels, *([f"{n}_std" for n in labels] if mc else []), "error"])
+    writer.writerow(["path", *labels, *([f"{n}_std" for n in labels] if mc else []), "unlike_training", "error"])
     ok = failed = 0
+    reference = model.config.get("ood")
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
     for batch in _batches(model, paths, batch_size, workers):
         cells = iter(_probability_cells(model, [image for _, image, _ in batch if image is not None], mc))
         for path, image, error in batch:
             if image is None:
-                writer.writerow([path, *([""] * len(labels) * (2 if mc else 1)), error])
+                writer.writerow([path, *([""] * len(labels) * (2 if mc else 1)), "", error])
                 failed += 1
                 continue
-            writer.writerow([path, *next(cells), ""])
+            why = unlike(image, reference)
+            writer.writerow([path, *next(cells), why, ""])
             ok += 1
+            if why:
+                unusual.append((path, why))
         bar.update(len(batch))
     bar.close()
+    if unusual and reference:
+        print(f"vkd-predict: warning: {len(unusual)} of {ok} image(s) are unlike the training data (image statistics "
+              f"outside the ranges of {reference['num_images']} images of the {reference['source']}; see the "
+              f"unlike_training column), e.g. {unusual[0][0]}: "
+              f"{unusual[0][1]}", file=sys.stderr)
     return ok, failed
 
 
@@ -104,8 +121,10 @@ def check_model_dir(model: str) -> Path:
     if not path.is_dir():
         raise ModelDirError(f"--model {model}: no such directory")
     if RunDir(path).is_run() and not (path / CONFIG_FILE).is_file():
+        from vkd_dist.commands import command
+
         raise ModelDirError(f"--model {model}: a training run directory, not a model; export it first with "
-                            f"vkd-export {model} --out DIR")
+                            f"{command('vkd-export', model, '--out', 'DIR')}")
     return path
 
 
@@ -118,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="average K samples of the prior and add a <label>_std column per label")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="decoding threads (0 = decode in the main thread)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto: cuda when a GPU is visible, else cpu")
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or globs")
     args = parser.parse_args(argv)
     if args.mc is not None and args.mc < 2:
@@ -130,8 +149,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("vkd-predict: error: no input images (give files, folders or globs; folders are searched for "
               ".png .jpg .jpeg .dcm .dicom)", file=sys.stderr)
         return 2
+    import torch
+
+    from vkd_dist.classifier import VKDImageClassifier
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model = VKDImageClassifier.from_pretrained(check_model_dir(args.model), args.device)
+        model = VKDImageClassifier.from_pretrained(check_model_dir(args.model), device)
     except ModelDirError as exc:
         print(f"vkd-predict: error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ another model shape) are here too, each before the work it guards."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,28 @@ def prepare_run(cfg: Config, accelerator=None, tokens: bool = True) -> Prepared:
     info = ensure_dataset(cfg, accelerator)
     record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
     if accelerator is None or accelerator.is_main_process:
-        save_config(cfg, RunDir(cfg.run_dir).config_file)
+        save_config(with_absolute_paths(cfg), RunDir(cfg.run_dir).config_file)
     tokenizer = resolve_tokenizer(cfg, info, accelerator)
     table = token_table(cfg, info, tokenizer, accelerator) if tokens else None
     warn_unscorable(info, cfg.data.val_split, notes.append)
     return Prepared(info, tokenizer, table, notes)
+
+
+# Paths a finished run is read by again (vkd-eval, vkd-export, a kd student, text_init): recorded absolute in its
+# config.yaml, so that the run can be read from any directory.
+RECORDED_PATHS = ("data.path", "data.text_features", "objective.kd_teacher", "objective.text_init", "model.tokenizer")
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of `cfg` whose RECORDED_PATHS are absolute: data.path always (it is a directory, here or to be
+    built), the others when they name something that exists (model.tokenizer may be a hub name)."""
+    out = copy.deepcopy(cfg)
+    for key in RECORDED_PATHS:
+        section, name = key.split(".")
+        value = getattr(getattr(out, section), name)
+        if value and (key == "data.path" or Path(value).expanduser().exists()):
+            setattr(getattr(out, section), name, str(Path(value).expanduser().resolve()))
+    return out
 
 
 def _main_process_first(accelerator) -> contextlib.AbstractContextManager:

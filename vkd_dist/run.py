@@ -33,7 +33,7 @@ from vkd_dist.optim import build_optimization
 from vkd_dist.prepare import prepare_run
 from vkd_dist.run_dir import RunDir
 from vkd_dist.text_init import init_text_path
-from vkd_dist.tracking import RunLogger, Throughput
+from vkd_dist.tracking import LossWindow, RunLogger, Throughput
 from vkd_dist.world_size import keep_global_batch
 
 
@@ -97,6 +97,7 @@ class Run:
     state: TrainState
     batches: Iterator[tuple[int, int, Batch]] = field(init=False)
     meter: Throughput = field(default_factory=Throughput)
+    window: LossWindow = field(default_factory=LossWindow)  # the loss terms since the last train line
     skipped_by_worker: dict = field(default_factory=dict)  # data workers' counts of skipped corrupt samples
     ledger: Optional[SampleLedger] = None  # logging.sample_ledger
 

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from vkd_dist.config import Config
 
 SLURM_CHECK_PERIOD_S = 30  # slurmctld's PERIODIC_TIMEOUT: it sends --signal up to this much early
+# Below this many image-encoder parameters a config is a CPU demo (the embedded default's test_resnet has 0.37M,
+# configs/tiny.yaml's ViT 0.06M; the smallest real backbones, e.g. mobilenetv3_small_100, have 1.5M).
+SMALL_MODEL_PARAMS = 1_000_000
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -136,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shell line run in the sbatch script before srun (e.g. 'module load cuda'); repeatable")
     p.add_argument("--master-port", type=int, default=None, help="default: derived from the job id")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and training command only")
+    p.add_argument("--allow-small-model", action="store_true",
+                   help=f"send a CPU-sized config (an image encoder under {SMALL_MODEL_PARAMS / 1e6:g}M parameters, "
+                        "e.g. the embedded default or configs/tiny.yaml) to GPU nodes anyway; refused otherwise")
     p.add_argument("--wait", action="store_true", help="follow the job, print its final metrics; non-zero on failure")
     p.add_argument("--wait-timeout", type=float, default=None, help="seconds --wait follows the job (default: forever)")
     p.add_argument("overrides", nargs="*", help="training config overrides key=value")
@@ -195,6 +201,7 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
         pinned.append(f"data.path={Path(cfg.data.path).resolve()}")
     if args.cpu:
         pinned.append("dist.backend=gloo")
+    overrides = pin(overrides, pinned)
     gpus = 0 if args.cpu else (args.gpus_per_node if args.gpus_per_node is not None else 1)
     tasks = args.tasks_per_node or (gpus if gpus > 0 else 1)
     if gpus and tasks != gpus:
@@ -210,10 +217,49 @@ def spec_from_args(args: argparse.Namespace) -> LaunchSpec:
         nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=gpus,
         cpus_per_task=args.cpus_per_task or (1 if args.cpu else 8), mem_gb=args.mem_gb, partition=args.partition,
         timeout_min=timeout_min, strategy=strategy.name,
-        offload_optimizer=cfg.dist.offload_optimizer, config=config, overrides=overrides + pinned,
+        offload_optimizer=cfg.dist.offload_optimizer, config=config, overrides=overrides,
         job_name=args.job_name or f"vkd-{Path(run_dir).name}", cluster=args.cluster, cpu=args.cpu,
         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s, sbatch=_parse_kv(args.sbatch, "--sbatch"),
         setup=list(args.setup), master_port=args.master_port, run_dir=run_dir, resume=resume)
+
+
+def pin(overrides: list[str], pinned: list[str]) -> list[str]:
+    """The overrides with each pinned key's value replaced by its pinned one: every key once, in the job and in
+    the printed command."""
+    keys = {item.partition("=")[0] for item in pinned}
+    return [item for item in overrides if item.partition("=")[0].strip() not in keys] + pinned
+
+
+def cpu_sized(cfg: Config) -> Optional[str]:
+    """Why `cfg` is a CPU demo rather than a GPU job (None when it is not): its image encoder's size, counted on
+    the meta device (no memory, no weights read)."""
+    import torch
+
+    from vkd_dist.models.encoders import ImageEncoder
+
+    m = cfg.model
+    with torch.device("meta"):
+        encoder = ImageEncoder(m.image_encoder, cfg.data.image_size, m.in_chans, None, m.image_encoder_kwargs)
+    params = sum(p.numel() for p in encoder.parameters())
+    if params >= SMALL_MODEL_PARAMS:
+        return None
+    return (f"the image encoder {m.image_encoder}{' ' + str(m.image_encoder_kwargs) if m.image_encoder_kwargs else ''}"
+            f" has {params / 1e6:.2f}M parameters (under {SMALL_MODEL_PARAMS / 1e6:g}M: a CPU-sized config"
+            f"{', data.build_synthetic: the synthetic demo corpus' if cfg.data.build_synthetic else ''})")
+
+
+def refuse_cpu_sized(spec: LaunchSpec, allow: bool) -> Optional[str]:
+    """The message that refuses a CPU-sized config on GPU nodes of a SLURM cluster (None: nothing to refuse)."""
+    from vkd_dist.configure import load_config
+
+    if spec.cpu or spec.cluster != "slurm" or allow:
+        return None
+    why = cpu_sized(load_config(spec.config, spec.overrides))
+    if why is None:
+        return None
+    return (f"slurm launcher: refusing to send a CPU-sized config to {spec.nodes} GPU node(s) x "
+            f"{spec.gpus_per_node} GPU(s) for {spec.timeout_min} min: {why}. Give a GPU-sized --config (see "
+            "configs/recipes/), --cpu for CPU nodes, or --allow-small-model to send it anyway")
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -404,7 +450,8 @@ def training_command(spec: LaunchSpec) -> str:
     """The equivalent plain command one task runs (for --dry-run and for reading logs)."""
     env = " ".join(f"{k}={v}" for k, v in accelerate_env(spec.strategy, spec.offload_optimizer).items())
     args = [sys.executable, "-m", "vkd_dist.train"] + (["--config", spec.config] if spec.config else [])
-    args += spec.overrides + ([] if spec.resume else ["resume=latest"])
+    resumes = any(item.partition("=")[0] == "resume" for item in spec.overrides)
+    args += spec.overrides + ([] if resumes else ["resume=latest"])
     world = spec.nodes * spec.tasks_per_node
     command = " ".join(shlex.quote(a) for a in args)
     requeued = "; a requeued attempt with resume=latest" if spec.resume else ""
@@ -468,8 +515,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         spec = spec_from_args(args)
+        refused = refuse_cpu_sized(spec, args.allow_small_model)
     except ConfigError as exc:
         print(f"slurm launcher: config error: {exc}", file=sys.stderr)
+        return 2
+    if refused:
+        print(refused, file=sys.stderr)
         return 2
     if args.dry_run:
         print("# ---- sbatch script (submitit writes it to RUN/submitit/<job id>_submission.sh)")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-import torch
-
 
 class StopRequest:
     """Set by SIGTERM/SIGUSR1/SIGUSR2 (SLURM's preemption and time-limit signals); agreed on by all ranks at
@@ -41,6 +39,8 @@ class StopRequest:
         # destroyed, aborts in gloo's destructor ("terminate called without an active exception").
         if self._group is None and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
+        import torch
+
         flag = torch.tensor([1.0 if self.requested else 0.0])
         dist.all_reduce(flag, group=self._group)
         return bool(flag.item() > 0)

@@ -1,11 +1,12 @@
-"""Run logging: TensorBoard scalars/hparams under the run directory, console lines and a progress bar on
-rank 0 only. Report text is never logged (reports are patient data)."""
+"""Run logging: TensorBoard scalars/hparams under the run directory, console lines on rank 0 only, and a
+progress bar only when stderr is a terminal (a SLURM log, a pipe or a file reads as a log: one line per event, no
+redraws). Report text is never logged (reports are patient data)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(RunDir(cfg.run_dir).tensorboard_dir))
-        if cfg.logging.progress:
+        if cfg.logging.progress and sys.stderr.isatty():
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr)
 
@@ -52,7 +53,8 @@ class RunLogger:
                 self.writer.add_pr_curve(f"{prefix}_pr/{name}", pred.targets[m, i], pred.probs[m, i], step)
         from vkd_dist.plots import roc_figure
 
-        self.writer.add_figure(f"{prefix}/roc", roc_figure(pred, report["labels"]), step)
+        title = f"{self.cfg.run_dir}: {report.get('checkpoint', '')} (step {step}), split {report.get('split', '')}"
+        self.writer.add_figure(f"{prefix}/roc", roc_figure(pred, report["labels"], title=title), step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         if self.writer is not None:
@@ -79,6 +81,27 @@ class RunLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+class LossWindow:
+    """Each loss term's (and the gradient norm's) mean over the steps since the last train line: what the console
+    and TensorBoard show, so a line is not one batch's noise. Summed on the device: no host wait per step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.steps = 0
+
+    def add(self, terms: dict[str, Any], grad_norm: Optional[Any] = None) -> None:
+        extra = {"grad_norm": grad_norm} if grad_norm is not None else {}
+        for key, value in {**terms, **extra}.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """The means since the last call (empty when no step was added); starts the next window."""
+        out = {key: float(value) / self.steps for key, value in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return out
 
 
 class Throughput:

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from vkd_dist import RawDefaultsHelpFormatter
-from vkd_dist.actions import Tick, finish, periodic_actions, run_deferred
-from vkd_dist.config import Config, ConfigError
-from vkd_dist.configure import load_config
-from vkd_dist.run import BatchStream, Run, TrainResult, build_run
-from vkd_dist.step import train_step
 from vkd_dist.stop import StopRequest
 
-__all__ = ["StopRequest", "TrainResult", "main", "train"]
+if TYPE_CHECKING:  # imported where used: `vkd-train --help` answers before torch and accelerate load
+    from vkd_dist.config import Config
+    from vkd_dist.run import BatchStream, Run, TrainResult
+
+__all__ = ["StopRequest", "main", "train"]
 
 
 def train(cfg: Config, stop: Optional[StopRequest] = None, stream: Optional[BatchStream] = None) -> TrainResult:
     """Run (or resume) training as configured. SIGTERM/SIGUSR1/SIGUSR2 stop it at the next step boundary with
     a checkpoint (result.preempted); pass `stop` to control that from outside, `stream` to feed other batches
     than the configured split's (see vkd_dist.run.BatchStream)."""
+    from vkd_dist.run import build_run
+
     stop = stop or StopRequest(install=True)
     try:
         return loop(build_run(cfg, stream), stop)
@@ -34,6 +35,10 @@ def train(cfg: Config, stop: Optional[StopRequest] = None, stream: Optional[Batc
 
 
 def loop(run: Run, stop: StopRequest) -> TrainResult:
+    from vkd_dist.actions import Tick, closing_summary, finish, periodic_actions, run_deferred
+    from vkd_dist.run import TrainResult
+    from vkd_dist.step import train_step
+
     state, max_steps = run.state, run.cfg.train.max_steps
     result = TrainResult(step=state.step, run_dir=run.cfg.run_dir)
     actions = periodic_actions(run, result)
@@ -41,8 +46,9 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     run.model.train()
     while state.step < max_steps:
         terms, grad_norm = train_step(run)
+        run.window.add(terms, grad_norm)
         run.log.advance(1)
-        tick = Tick(state.step, terms, grad_norm, final=state.step == max_steps, stopping=stop.agreed(run.accelerator))
+        tick = Tick(state.step, final=state.step == max_steps, stopping=stop.agreed(run.accelerator))
         due = [action for action in actions if action.due(tick)]
         if tick.stopping:  # the checkpoint first: what a stop does not need waits for the resumed attempt
             state.deferred = [type(a).__name__ for a in due if not a.on_stop]
@@ -58,6 +64,8 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     result.step = state.step
     if not result.preempted:
         finish(run, result, stop)
+    if not result.preempted and run.accelerator.is_main_process:  # finish may itself be stopped
+        run.log.info(closing_summary(run, result))
     run.log.close()
     if run.ledger is not None:
         run.ledger.close()
@@ -77,6 +85,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Optional[str], list[st
 
 def main(argv: Optional[list[str]] = None) -> int:
     config_path, overrides = parse_args(argv)
+    from vkd_dist.config import ConfigError
+    from vkd_dist.configure import load_config
+
     try:
         cfg = load_config(config_path, overrides)
         result = train(cfg)

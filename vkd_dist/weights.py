@@ -11,6 +11,7 @@ ZeRO, FSDP2's torch.distributed.checkpoint files) consolidates them once into
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vkd_dist.checkpoint import CKPT_DIR, CONSOLIDATED, MANIFEST_FILE, STATE_FILE, _sha256, latest, verify
 from vkd_dist.fileio import atomic_write_text, fsync_path, publish_dir, share_like_parent, stage_version
-from vkd_dist.run_dir import EXPORT_FILE, RunDir
+from vkd_dist.run_dir import EXPORT_FILE, EXPORTS, RunDir
 
 ZERO_TAG = "pytorch_model"  # Accelerate's DeepSpeed checkpoint tag (its MODEL_NAME), a folder of the checkpoint
 FSDP_DCP_DIR = "pytorch_model_fsdp_0"  # Accelerate's FSDP SHARDED_STATE_DICT folder (torch.distributed.checkpoint)
@@ -146,3 +147,38 @@ def _read_dcp(dcp_dir: Path) -> dict[str, Any]:
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a set of tensors (names, dtypes, shapes and values; not the file that holds them): equal for
+    best/ and final/ when they hold the same weights, and for an export and the run it came from."""
+    from safetensors.torch import save
+
+    ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
+    return "sha256:" + hashlib.sha256(save(ordered)).hexdigest()
+
+
+def scored_export(run_dir: str | Path) -> Optional[str]:
+    """The export (best, else final) whose weights RUN/test_metrics.json describes, by their digest (by the
+    checkpoint's name for a file written before metrics had one); None when it describes neither or is absent."""
+    run = RunDir(run_dir)
+    metrics = run.test_metrics() or {}
+    wanted = metrics.get("weights_digest")
+    for which in EXPORTS:
+        path = run.export_weights(which)
+        if not path.is_file():
+            continue
+        if (digest(load_weights(path)) == wanted) if wanted else metrics.get("checkpoint") == which:
+            return which
+    return None
+
+
+def weights_step(path: str | Path) -> Optional[int]:
+    """The training step of a weights file: its export's meta.json, or its checkpoint's train state."""
+    folder = Path(path).parent
+    for name in ("meta.json", STATE_FILE):
+        try:
+            return json.loads((folder / name).read_text()).get("step")
+        except (OSError, ValueError):
+            continue
+    return None
