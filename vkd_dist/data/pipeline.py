@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vkd_dist.data.faults import CORRUPT, SkipLedger
-from vkd_dist.data.rest import Layout, RestPlan, deal, plan_items, rest_epoch, shard_order, shuffled, take
+from vkd_dist.data.rest import Layout, RestPlan, rest_epoch, rest_plan, shard_order, shuffled, take
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import TokenTable, fast_backend
 from vkd_dist.labels import LABELS, LabelPolicy, encode_labels
@@ -271,6 +271,12 @@ class _TrainSamples:
 T = TypeVar("T")
 
 
+class Shared(Protocol):
+    """fn() computed once for every rank (TrainStream.resume)."""
+
+    def __call__(self, fn: Callable[[], T]) -> T: ...
+
+
 def _computed_here(fn: Callable[[], T]) -> T:
     return fn()
 
@@ -312,15 +318,16 @@ class TrainStream:
 
     def resume(self, epoch: int, skip: int, offsets_by_rank: Optional[Sequence] = None,
                reads_by_rank: Optional[Sequence] = None, saved_layout: Optional[dict] = None,
-               shared: Callable[[Callable[[], T]], T] = _computed_here) -> tuple[int, int, Optional[str]]:
+               shared: Shared = _computed_here) -> tuple[int, int, Optional[str]]:
         """Position the stream where a checkpoint left it, at (epoch, skip batches); returns where to start
         (epoch, skip) and a line to log when the layout changed. On the saved layout, each worker starts at this
         rank's saved raw offset (`offsets_by_rank`; without it, at whole rounds of batches, exact only when no
         sample was skipped). On another (processes, workers, batch size), the unread rest of the epoch is dealt
         to this layout's slots and read exactly once (vkd_dist/data/rest.py); the next epoch is this layout's.
 
-        `shared(fn)` returns fn() computed once for every rank (the main process replays the shards' headers, the
-        others receive what it found: pipeline's caller passes a broadcast); by default, computed here."""
+        `shared(fn)` returns fn() computed once for every rank: the main process replays the shards' headers and
+        deals the rest, every rank receives the same plan (run.build_run passes a broadcast from rank 0), so ranks
+        cannot disagree on it; by default, computed here."""
         row = offsets_by_rank[self.rank] if offsets_by_rank is not None and self.rank < len(offsets_by_rank) else None
         if saved_layout is None:  # a checkpoint written before layouts were saved: the old, same-layout resume
             if skip >= self.batches_per_epoch:  # at the epoch's end: its offsets say nothing of the next one
@@ -331,13 +338,13 @@ class TrainStream:
         here = replace(self.layout_, epoch=saved.epoch)
         if saved.same_slots(here):
             if saved.rest_of is not None:  # interrupted again inside a rest epoch, resumed on its layout
-                self.rest.plan = deal(shared(partial(plan_items, saved, self.urls)), saved)
+                self.rest.plan = shared(partial(rest_plan, saved, self.urls))
             self._resume = (epoch, list(row)) if row is not None else None
             return epoch, skip, None
         if reads_by_rank is None:
             raise ValueError("the checkpoint saved a data layout without the reads of its workers")
-        layout, items, unread = shared(partial(rest_epoch, saved, reads_by_rank, here, self.urls))
-        plan = deal(items, layout)
+        plan, unread = shared(partial(rest_epoch, saved, reads_by_rank, here, self.urls))
+        layout = plan.layout
         was = f"{saved.world} process(es) x {saved.workers} worker(s), batch {saved.batch_size}"
         now = f"{here.world} x {here.workers}, batch {here.batch_size}"
         if plan.num_samples == 0:

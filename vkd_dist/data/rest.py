@@ -31,7 +31,7 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -58,7 +58,7 @@ class Layout:
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # rest_of as it is: no deep copy of reads
 
     @classmethod
     def from_dict(cls, saved: dict) -> Layout:
@@ -115,7 +115,7 @@ def shard_members(url: str) -> tuple[tuple[str, ...], bool]:
                         elif info.offset_data + info.size > end:
                             return tuple(names), False
                         names.append(info.name)
-                    tar.members = []  # a shard of 10^5 members need not keep them
+                    tar.members = []  # type: ignore[attr-defined]  # a shard of 10^5 members need not keep them
     except (OSError, tarfile.TarError):
         return tuple(names), False
     return tuple(names), True
@@ -213,13 +213,18 @@ def deal(items: Sequence[tuple[str, str]], layout: Layout) -> RestPlan:
     k = batches_per_rank(len(items), world, layout.batch_size)
     bounds = [len(items) * r // world for r in range(world + 1)]
     plan = RestPlan(layout)
+    cut: dict[int, list[tuple[list[int], list[tuple[int, int]]]]] = {}  # chunk length -> per worker: sizes, spans
     for rank in range(world if k else 0):
-        chunk = items[bounds[rank]:bounds[rank + 1]]
-        edges = [len(chunk) * j // k for j in range(k + 1)]
-        for j in range(k):
-            wid = j % workers
-            plan.slots.setdefault((rank, wid), []).extend(chunk[edges[j]:edges[j + 1]])
-            plan.sizes.setdefault((rank, wid), []).append(edges[j + 1] - edges[j])
+        chunk = list(items[bounds[rank]:bounds[rank + 1]])
+        if len(chunk) not in cut:  # two lengths at most: the same cut for every rank of a length
+            edges = (np.arange(k + 1) * len(chunk) // k).tolist()
+            cut[len(chunk)] = [([edges[j + 1] - edges[j] for j in range(wid, k, workers)],
+                                [(edges[j], edges[j + 1]) for j in range(wid, k, workers)])
+                               for wid in range(min(workers, k))]  # batch j to worker j % workers
+        for wid, (sizes, spans) in enumerate(cut[len(chunk)]):
+            plan.sizes[(rank, wid)] = list(sizes)
+            plan.slots[(rank, wid)] = chunk if workers == 1 else list(itertools.chain.from_iterable(
+                chunk[a:b] for a, b in spans))
     return plan
 
 
@@ -280,9 +285,9 @@ def rest_plan(layout: Layout, urls: Sequence[str]) -> RestPlan:
 
 
 def rest_epoch(saved: Layout, reads: Sequence[Sequence[int]], here: Layout,
-               urls: Sequence[str]) -> tuple[Layout, list[tuple[str, str]], int]:
-    """The rest epoch that reads on `here`'s slots what `saved`'s left unread: its layout, the items it deals
-    (`deal`) and how many of them are that rest."""
+               urls: Sequence[str]) -> tuple[RestPlan, int]:
+    """The plan that reads on `here`'s slots what `saved`'s left unread, and how many of its samples are that rest
+    (the others, `with_next`, the next epoch's)."""
     rest = unread(saved, reads, urls)
     layout = rest_layout(saved, reads, here, len(rest))
-    return layout, plan_items(layout, urls, rest), len(rest)
+    return deal(plan_items(layout, urls, rest), layout), len(rest)
