@@ -272,6 +272,24 @@ def test_resume_after_skipped_samples_gives_exactly_the_same_batches(corrupt_dat
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_a_checkpoint_without_a_layout_at_an_epochs_end_starts_the_next_epoch_from_its_start(tiny_data, tokenizer,
+                                                                                            workers):
+    """A checkpoint written before layouts were saved, at the end of an epoch: its offsets are that epoch's ends.
+    The next epoch is read as an uninterrupted run reads it, not from those offsets (a whole quota skipped, the
+    unshuffled tail read)."""
+    info, cfg = read_dataset(tiny_data), _cfg(num_workers=workers)
+    stream = lambda: train_loader(info, "train", cfg, tokenizer, seed=3)  # noqa: E731
+    uninterrupted = stream()
+    list(uninterrupted.epoch(1))
+    expected = [b.keys for b in uninterrupted.epoch(2)]
+    first = stream()
+    list(first.epoch(1))
+    resumed = stream()
+    assert resumed.resume(1, first.batches_per_epoch, [first.offsets]) == (2, 0, None)
+    assert [b.keys for b in resumed.epoch(2)] == expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_a_systematic_decode_error_stops_the_stream_with_what_and_where(tiny_data, tokenizer, tmp_path, workers):
     """Every image undecodable (a wrong setting, a broken converter): the stream stops within max_skip_frac x 200
     reads instead of cycling for ever, and the error reaches the main process from the loader's workers."""
@@ -384,3 +402,37 @@ def test_the_rest_of_an_epoch_is_read_exactly_once_on_another_layout(tiny_data, 
     assert seen == expected, (sum(seen.values()), sum(expected.values()))
     nxt = resumed[0].layout(2)
     assert nxt.rest_of is None and nxt.world == hops[-1][0]
+
+
+@pytest.mark.parametrize("before, after, left", [
+    ((2, 0, 8), (1, 0, 8), 0),  # a checkpoint at the epoch's end: nothing unread
+    ((1, 0, 1), (2, 2, 1), 1),  # one sample left for two processes: read with the next epoch
+    ((1, 0, 1), (2, 0, 1), 57),  # batch size 1, a rest that does not divide over the processes
+    ((1, 0, 2), (4, 0, 2), 2),  # fewer samples than processes
+], ids=["at-the-end", "one-left", "odd-at-batch-1", "fewer-than-processes"])
+def test_small_and_uneven_rests_are_read_exactly_once_on_another_layout(tiny_data, tokenizer, before, after, left):
+    """The rests that cannot be dealt as whole batches of batch_size on every rank: read once in all, in equal
+    steps on every rank; a rest smaller than the processes is read with the next epoch, and that epoch once too."""
+    info = read_dataset(tiny_data)
+
+    def streams(world, workers, batch):
+        cfg = _cfg(num_workers=workers, batch_size=batch)
+        return [train_loader(info, "train", cfg, tokenizer, rank=r, world=world, seed=5) for r in range(world)]
+
+    first = streams(*before)
+    reference, _, _ = _consume(first, 1, 0)
+    expected = Counter(k for rank in reference for k in rank)
+    steps = (sum(map(len, reference)) - left) // (before[0] * before[2])
+    taken, _, saved = _consume(streams(*before), 1, 0, count=steps)
+    seen = Counter(k for rank in taken for k in rank)
+    resumed = streams(*after)
+    starts = {r.resume(1, steps, *saved) for r in resumed}
+    (epoch, skip, line), = starts
+    assert skip == 0 and (epoch == 1) == (left >= after[0]) and line
+    if epoch == 2:  # nothing left, or read with epoch 2: that epoch, as the new layout deals it, is owed too
+        nxt, _, _ = _consume(streams(*after), 2, 0)
+        expected.update(k for rank in nxt for k in rank)
+    rest, batches, _ = _consume(resumed, epoch, 0)
+    assert len(set(batches)) == 1, batches
+    seen.update(k for rank in rest for k in rank)
+    assert seen == expected, (sum(seen.values()), sum(expected.values()))

@@ -103,3 +103,46 @@ def test_zero2_resume_on_another_number_of_processes_is_refused_in_one_line(tiny
     line = next(ln for ln in refused.stderr.splitlines() if "config error" in ln)
     assert "written by 2 process(es) under deepspeed_zero2" in line and "resume on 2 process(es)" in line
     assert json.loads((run / "checkpoints" / "step-00000002" / "train_state.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow  # three trainer launches, ~60-120 s on 2 loaded cores
+@pytest.mark.distributed
+def test_one_to_two_processes_at_batch_size_1_reads_every_key_once_with_an_odd_rest_and_with_one_left(tiny_data,
+                                                                                                       tmp_path):
+    """1 process x grad_accum 2 at batch size 1 over epochs of 21 samples, saved at step 7 (7 samples unread) and
+    step 10 (1 unread), each resumed on 2 processes: the odd rest is dealt in 3 equal steps (one batch of 2), the
+    single sample is read with epoch 1; the ledger holds every key of those epochs once, every step once."""
+    import shutil
+
+    first = tmp_path / "first"
+    launch("ddp.yaml", 1, _overrides(tiny_data, first, **{
+        "data.batch_size": 1, "data.samples_per_epoch": 21, "optim.grad_accum": 2, "train.max_steps": 10,
+        "train.ckpt_every": 7, "train.keep_last": 5, "train.test_at_end": "false"}))
+    shards = read_dataset(tiny_data).shards("train")
+    for step, left, steps in ((7, 7, 11), (10, 1, 22)):
+        run = tmp_path / f"from-{step}"
+        shutil.copytree(first, run)
+        for newer in (run / "checkpoints").glob("step-*"):
+            if int(newer.name.split("-")[1]) > step:
+                shutil.rmtree(newer)
+        saved = json.loads((run / "checkpoints" / f"step-{step:08d}" / "train_state.json").read_text())
+        assert len(unread(Layout.from_dict(saved["data_layout"]), saved["data_reads"], shards)) == left
+        resumed = launch("ddp.yaml", 2, _overrides(tiny_data, run, **{
+            "data.batch_size": 1, "data.samples_per_epoch": 21, "optim.grad_accum": 2, "train.max_steps": steps,
+            "resume": "latest", "train.test_at_end": "false"}))
+        out = resumed.stdout + resumed.stderr
+        assert "optim.grad_accum 2 -> 1 keeps the global batch at 2 samples per step" in out
+        rows = [row for path in ledger_files(run) for row in read_ledger(path)]
+        expected = _epoch_zero(tiny_data, saved["data_layout"])
+        read = Counter(key for epoch, _, key in rows if epoch == 0)
+        if left == 1:  # read with epoch 1: that epoch, as 2 processes deal it, is owed too
+            assert "is too small to give each of 2 processes one: it is read with epoch 1" in out
+            last = json.loads((run / "checkpoints" / f"step-{steps:08d}" / "train_state.json").read_text())
+            second = Layout.from_dict({**last["data_layout"], "epoch": 1, "rest_of": None})
+            expected.update(key for _, key in unread(second, [[0]] * 2, shards))
+            read.update(key for epoch, _, key in rows if epoch == 1)
+        else:
+            assert "the unread rest of epoch 0 (7 samples, read so far by 1 process(es) x 1 worker(s), batch 1) is " \
+                   "dealt to 2 x 1, batch 1: 3 batches per process; batches of up to 2 samples" in out
+        assert read == expected  # every key of the epoch(s) once: none twice, none left out
+        assert sorted({s for _, s, _ in rows}) == list(range(1, steps + 1))  # no step dropped or repeated

@@ -90,6 +90,7 @@ def _add_label(sub) -> None:
 
 def _run_label(args) -> int:
     from vkd_dist.data.relabel import label_corpus
+    from vkd_dist.data.shards import Timer, summary_line
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     with Timer() as t:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -203,7 +204,8 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         # exact even when samples were skipped: each worker's raw position
         if isinstance(stream, (TrainStream, ComposedStream)):
             state.epoch, state.batch_in_epoch, moved = stream.resume(
-                state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout)
+                state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout,
+                shared=partial(checkpoint._on_main, accelerator))  # the shards' headers read once, on rank 0
     state.world_size, state.grad_accum = accelerator.num_processes, cfg.optim.grad_accum
     ledger = open_ledger(cfg.run_dir, accelerator, state.step) if cfg.logging.sample_ledger else None
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)

@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vkd_dist.data.faults import CORRUPT, SkipLedger
-from vkd_dist.data.rest import Layout, RestPlan, plan_rest, rest_plan, shard_order, shuffled, take
+from vkd_dist.data.rest import Layout, RestPlan, rest_epoch, rest_plan, shard_order, shuffled, take
 from vkd_dist.data.schema import IMAGE_KEYS, DatasetInfo, decode_image
 from vkd_dist.data.tokens import TokenTable, fast_backend
 from vkd_dist.labels import LABELS, LabelPolicy, encode_labels
@@ -270,6 +270,19 @@ class _TrainSamples:
         yield from decoded(itertools.islice(src, skip, None), self.size, self.ledger, skip)
 
 
+T = TypeVar("T")
+
+
+class Shared(Protocol):
+    """fn() computed once for every rank (TrainStream.resume)."""
+
+    def __call__(self, fn: Callable[[], T]) -> T: ...
+
+
+def _computed_here(fn: Callable[[], T]) -> T:
+    return fn()
+
+
 def _loader(pipeline, num_workers: int) -> torch.utils.data.DataLoader:
     # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run's
     # dropout and latent samples would drift from an uninterrupted run's.
@@ -294,7 +307,7 @@ class TrainStream:
     # Per worker: the raw samples it had read through the last batch taken (TrainState.data_reads): what a resume
     # on another layout replays.
     reads: list = field(default_factory=list)
-    _resume: Optional[list] = None
+    _resume: Optional[tuple[int, list]] = None  # (epoch, this rank's saved raw offset per worker) for `epoch`
 
     @property
     def workers(self) -> int:
@@ -306,38 +319,50 @@ class TrainStream:
         return plan.layout if plan is not None else replace(self.layout_, epoch=epoch)
 
     def resume(self, epoch: int, skip: int, offsets_by_rank: Optional[Sequence] = None,
-               reads_by_rank: Optional[Sequence] = None, saved_layout: Optional[dict] = None
-               ) -> tuple[int, int, Optional[str]]:
+               reads_by_rank: Optional[Sequence] = None, saved_layout: Optional[dict] = None,
+               shared: Shared = _computed_here) -> tuple[int, int, Optional[str]]:
         """Position the stream where a checkpoint left it, at (epoch, skip batches); returns where to start
         (epoch, skip) and a line to log when the layout changed. On the saved layout, each worker starts at this
         rank's saved raw offset (`offsets_by_rank`; without it, at whole rounds of batches, exact only when no
         sample was skipped). On another (processes, workers, batch size), the unread rest of the epoch is dealt
-        to this layout's slots and read exactly once (vkd_dist/data/rest.py); the next epoch is this layout's."""
+        to this layout's slots and read exactly once (vkd_dist/data/rest.py); the next epoch is this layout's.
+
+        `shared(fn)` returns fn() computed once for every rank: the main process replays the shards' headers and
+        deals the rest, every rank receives the same plan (run.build_run passes a broadcast from rank 0), so ranks
+        cannot disagree on it; by default, computed here."""
         row = offsets_by_rank[self.rank] if offsets_by_rank is not None and self.rank < len(offsets_by_rank) else None
         if saved_layout is None:  # a checkpoint written before layouts were saved: the old, same-layout resume
-            self._resume = list(row) if row is not None and len(row) == self.workers else None
-            if skip >= self.batches_per_epoch:
+            if skip >= self.batches_per_epoch:  # at the epoch's end: its offsets say nothing of the next one
                 return epoch + 1, 0, None
+            self._resume = (epoch, list(row)) if row is not None and len(row) == self.workers else None
             return epoch, skip, None
         saved = Layout.from_dict(saved_layout)
         here = replace(self.layout_, epoch=saved.epoch)
         if saved.same_slots(here):
             if saved.rest_of is not None:  # interrupted again inside a rest epoch, resumed on its layout
-                self.rest.plan = rest_plan(saved, self.urls)
-            self._resume = list(row) if row is not None else None
+                self.rest.plan = shared(partial(rest_plan, saved, self.urls))
+            self._resume = (epoch, list(row)) if row is not None else None
             return epoch, skip, None
         if reads_by_rank is None:
             raise ValueError("the checkpoint saved a data layout without the reads of its workers")
-        layout = replace(here, rest_of={"layout": saved.to_dict(), "reads": [list(r) for r in reads_by_rank]})
-        plan = plan_rest(saved, reads_by_rank, self.urls, layout)
+        plan, unread = shared(partial(rest_epoch, saved, reads_by_rank, here, self.urls))
+        layout = plan.layout
         was = f"{saved.world} process(es) x {saved.workers} worker(s), batch {saved.batch_size}"
         now = f"{here.world} x {here.workers}, batch {here.batch_size}"
         if plan.num_samples == 0:
-            return epoch + 1, 0, f"data: epoch {epoch} was read to its end on {was}; epoch {epoch + 1} on {now}"
+            return saved.epoch + 1, 0, (f"data: epoch {saved.epoch} was read to its end on {was}; epoch "
+                                        f"{saved.epoch + 1} on {now}")
         self.rest.plan = plan
-        return epoch, 0, (f"data: the unread rest of epoch {epoch} ({plan.num_samples} samples, read so far by "
-                          f"{was}) is dealt to {now}: {plan.batches_per_rank} batches per process, each sample "
-                          "once; the next epoch is dealt afresh")
+        largest = max(max(sizes) for sizes in plan.sizes.values())
+        over = f"; batches of up to {largest} samples" if largest > here.batch_size else ""
+        if layout.epoch > saved.epoch:  # fewer unread samples than processes: read with the next epoch
+            return layout.epoch, 0, (
+                f"data: the unread rest of epoch {saved.epoch} ({unread} samples, read so far by {was}) is too small "
+                f"to give each of {here.world} processes one: it is read with epoch {layout.epoch}, dealt to {now} "
+                f"({plan.num_samples} samples, {plan.batches_per_rank} batches per process{over}), each sample once")
+        return saved.epoch, 0, (f"data: the unread rest of epoch {saved.epoch} ({plan.num_samples} samples, read so "
+                                f"far by {was}) is dealt to {now}: {plan.batches_per_rank} batches per process{over}, "
+                                "each sample once; the next epoch is dealt afresh")
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
         """One epoch's batches, after the first `skip_batches` (already consumed by a resumed run).
@@ -345,7 +370,8 @@ class TrainStream:
         DataLoader takes batches from the workers in turn, starting with worker 0, so workers skip the raw
         samples of whole rounds cheaply before decoding and the last partial round is decoded and dropped here."""
         whole = skip_batches // self.workers * self.workers
-        starts = self._resume or [sum(self.rest.batch_sizes(epoch, self.layout_, self.rank, w)[:whole // self.workers])
+        saved = self._resume[1] if self._resume is not None and self._resume[0] == epoch else None
+        starts = saved or [sum(self.rest.batch_sizes(epoch, self.layout_, self.rank, w)[:whole // self.workers])
                                   for w in range(self.workers)]
         self._resume = None
         self.position.set(epoch, whole, starts)

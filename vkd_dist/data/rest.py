@@ -8,24 +8,36 @@ Resumed on another, the old slots' unread samples are replayed from the shards' 
 read or decoded), and dealt to the new slots (`RestPlan`): each new rank gets the same number of batches, every
 unread sample is read once, none that was consumed is read again. The next epoch starts on the new layout.
 
+Dealing (`deal`): every rank makes the same number of batches, none empty, their sizes within one of each other
+and at most the batch size, so one step means the same on every rank and nothing runs out of memory. Two rests
+cannot be dealt that way, and each has the one answer that reads every sample once in equal steps:
+- fewer samples than processes (a rank would get nothing): the rest is read together with the next epoch, as one
+  rest epoch numbered like the next (`rest_of["with_next"]`); the epoch after it is the new layout's own;
+- at batch size 1, a rest that does not divide over the processes: the ranks with one sample more than the others
+  make one batch of 2 (equal steps and every sample once leave no other way).
+An empty rest (a checkpoint at the epoch's end) deals nothing: the next epoch starts on the new layout.
+
 A rest epoch is itself a layout (`Layout.rest_of`): resumed mid-way on a third layout, its own rest is replayed
-the same way. The cost is one pass over the tar headers of the shards, once, at such a resume.
+the same way. The replay reads the shards' tar headers only, seeking over every member's data
+(`shard_members`), once per resume: the main process computes it and every rank receives it (`shared` in
+pipeline.TrainStream.resume).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any, Optional
 
 import numpy as np
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 
 @dataclass(frozen=True)
@@ -46,7 +58,7 @@ class Layout:
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # rest_of as it is: no deep copy of reads
 
     @classmethod
     def from_dict(cls, saved: dict) -> Layout:
@@ -75,23 +87,67 @@ def shuffled(src: Iterator[Any], quota: int, buffer: int, seed: int, epoch: int,
                            src)
 
 
+SKIP_META = r"__[^/]*__($|/)"  # webdataset's tar_file_iterator: members it never yields
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: tarfile's "r|*" opens them, seeking cannot
+
+
 @lru_cache(maxsize=4096)
-def shard_keys(url: str) -> tuple[str, ...]:
-    """The sample keys of a tar shard in the order webdataset yields them, read from the member names only."""
+def shard_members(url: str) -> tuple[tuple[str, ...], bool]:
+    """The names of the members webdataset's tar reader yields from a shard, in order, and whether it reaches the
+    shard's end (else its last sample stays open into the next shard, as webdataset's grouping does after an
+    error). Read from the tar headers only: each member's data is seeked over, never read.
+
+    As the reader (tar_file_iterator, stream mode): it yields the regular files that are not metadata, reading
+    each one's data; a member whose data the file cuts short fails there, and that ends the shard (the next
+    header cannot be reached), as does any header tarfile cannot read. A compressed shard cannot be seeked: its
+    members are read through."""
     names: list[str] = []
-
-    def record(fname: str) -> bool:
-        names.append(fname)
-        return False  # never read the member's data
-
     try:
-        with open(url, "rb") as fh:
-            for _ in tar_file_iterator(fh, select_files=record):
-                pass
-    except (OSError, tarfile.TarError):  # an unreadable shard: the samples before the damage, as the reader sees
-        pass
-    members = ({"fname": name, "data": b"", "__url__": url} for name in names)
-    return tuple(sample["__key__"] for sample in group_by_keys(members))
+        with open(url, "rb", buffering=0) as fh:  # unbuffered: a 512-byte header costs 512 bytes, not a block
+            streamed = fh.read(6).startswith(COMPRESSED)
+            end = fh.seek(0, 2)
+            fh.seek(0)
+            with tarfile.open(fileobj=fh, mode="r|*" if streamed else "r:") as tar:
+                for info in iter(tar.next, None):
+                    if _yielded(info):
+                        if streamed:
+                            tar.extractfile(info).read()  # type: ignore[union-attr]  # raises if cut short
+                        elif info.offset_data + info.size > end:
+                            return tuple(names), False
+                        names.append(info.name)
+                    tar.members = []  # type: ignore[attr-defined]  # a shard of 10^5 members need not keep them
+    except (OSError, tarfile.TarError):
+        return tuple(names), False
+    return tuple(names), True
+
+
+def _yielded(info: tarfile.TarInfo) -> bool:
+    name = info.name
+    return (info.isreg() and name is not None
+            and not ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix))
+            and not re.match(SKIP_META, name))
+
+
+def _duplicate_member(exc: Exception) -> bool:
+    """group_by_keys' handler: a second member of the same name in a sample is dropped, as the reader's handler
+    drops it (faults.SkipLedger.shard_failed); anything else is a bug."""
+    if isinstance(exc, ValueError):
+        return True
+    raise exc
+
+
+def samples_of(urls: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(url, key) of each sample webdataset's reader yields from `urls` read one after another (one
+    tarfile_to_samples stream: a shard that ends in an error leaves its last sample open to the next one)."""
+    def members() -> Iterator[dict]:
+        for url in urls:
+            names, whole = shard_members(url)
+            yield from ({"fname": name, "data": b"", "__url__": url} for name in names)
+            if whole:
+                yield {}  # tar_file_expander's end-of-shard marker
+
+    for sample in group_by_keys(members(), handler=_duplicate_member):
+        yield sample["__url__"], sample["__key__"]
 
 
 @dataclass
@@ -135,23 +191,40 @@ def take(samples: Iterable[Any], wanted: Counter, url_key: Callable[[Any], tuple
             yield sample
 
 
+def batches_per_rank(samples: int, world: int, batch_size: int) -> int:
+    """How many batches each rank makes of `samples` (at least one per rank, or none at all) dealt over `world`
+    ranks: as few as the largest share needs at `batch_size`, but never more than the smallest share holds (a
+    batch is never empty). The two bounds cross only at batch size 1 with an uneven share: then the larger shares
+    make one batch of 2 (equal steps and every sample read once leave no other way)."""
+    if samples < world:
+        if samples:
+            raise ValueError(f"{samples} sample(s) cannot give each of {world} processes a batch: read them with "
+                             "the next epoch (rest_layout)")
+        return 0
+    smallest, largest = samples // world, -(-samples // world)
+    return min(smallest, -(-largest // batch_size))
+
+
 def deal(items: Sequence[tuple[str, str]], layout: Layout) -> RestPlan:
-    """Contiguous chunks of `items` to ranks (sizes within one of each other); each rank's chunk in `k` batches
-    (the same k on every rank, sizes within one of each other), the batches dealt to workers in turn."""
+    """Contiguous chunks of `items` to ranks (sizes within one of each other); each rank's chunk in the same
+    number of batches (`batches_per_rank`; sizes within one of each other across every rank), the batches dealt
+    to workers in turn."""
     world, workers = layout.world, layout.workers
+    k = batches_per_rank(len(items), world, layout.batch_size)
     bounds = [len(items) * r // world for r in range(world + 1)]
-    k = -(-len(items) // (world * layout.batch_size))  # batches per rank: ceil(the largest chunk / batch size)
     plan = RestPlan(layout)
-    for rank in range(world):
-        chunk = items[bounds[rank]:bounds[rank + 1]]
-        if len(chunk) < k:
-            raise ValueError(f"the rest of epoch {layout.epoch} ({len(items)} samples) is too small to give each of "
-                             f"{world} processes {k} batches")
-        edges = [len(chunk) * j // k for j in range(k + 1)]
-        for j in range(k):
-            wid = j % workers
-            plan.slots.setdefault((rank, wid), []).extend(chunk[edges[j]:edges[j + 1]])
-            plan.sizes.setdefault((rank, wid), []).append(edges[j + 1] - edges[j])
+    cut: dict[int, list[tuple[list[int], list[tuple[int, int]]]]] = {}  # chunk length -> per worker: sizes, spans
+    for rank in range(world if k else 0):
+        chunk = list(items[bounds[rank]:bounds[rank + 1]])
+        if len(chunk) not in cut:  # two lengths at most: the same cut for every rank of a length
+            edges = (np.arange(k + 1) * len(chunk) // k).tolist()
+            cut[len(chunk)] = [([edges[j + 1] - edges[j] for j in range(wid, k, workers)],
+                                [(edges[j], edges[j + 1]) for j in range(wid, k, workers)])
+                               for wid in range(min(workers, k))]  # batch j to worker j % workers
+        for wid, (sizes, spans) in enumerate(cut[len(chunk)]):
+            plan.sizes[(rank, wid)] = list(sizes)
+            plan.slots[(rank, wid)] = chunk if workers == 1 else list(itertools.chain.from_iterable(
+                chunk[a:b] for a, b in spans))
     return plan
 
 
@@ -160,23 +233,22 @@ def slot_order(layout: Layout, urls: Sequence[str], rank: int, wid: int,
     """The (url, key) pairs slot (rank, wid) of `layout` reads in its epoch, in order (its quota only). For a rest
     epoch, `plan` is its plan (`rest_plan(layout)`), computed here when not given."""
     if layout.rest_of is None:
-        def raw() -> Iterator[tuple[str, str]]:
-            for i in shard_order(len(urls), layout.seed, layout.epoch, rank, wid, layout.world, layout.workers):
-                yield from ((urls[i], key) for key in shard_keys(urls[i]))
+        order = shard_order(len(urls), layout.seed, layout.epoch, rank, wid, layout.world, layout.workers)
+        raw = samples_of(urls[i] for i in order)
         quota = layout.per_worker * layout.batch_size
     else:
         plan = plan or rest_plan(layout, urls)
-
-        def raw() -> Iterator[tuple[str, str]]:
-            every = ((url, key) for url in plan.urls(rank, wid) for key in shard_keys(url))
-            yield from take(every, plan.wanted(rank, wid), lambda uk: uk)
+        raw = take(samples_of(plan.urls(rank, wid)), plan.wanted(rank, wid), lambda uk: uk)
         quota = len(plan.slots.get((rank, wid), []))
-    order = shuffled(raw(), quota, layout.shuffle_buffer, layout.seed, layout.epoch, rank, wid)
-    return list(itertools.islice(order, quota))
+    shuffled_raw = shuffled(raw, quota, layout.shuffle_buffer, layout.seed, layout.epoch, rank, wid)
+    return list(itertools.islice(shuffled_raw, quota))
 
 
 def unread(layout: Layout, reads: Sequence[Sequence[int]], urls: Sequence[str]) -> list[tuple[str, str]]:
     """What the slots of `layout` had still to read in its epoch, having consumed `reads[rank][wid]` raw samples."""
+    if len(reads) != layout.world or any(len(row) != layout.workers for row in reads):
+        raise ValueError(f"the checkpoint's data position has {len(reads)} rank rows for {layout.world} processes x "
+                         f"{layout.workers} workers: it does not describe its own layout")
     plan = rest_plan(layout, urls) if layout.rest_of is not None else None  # once for every slot
     rest: list[tuple[str, str]] = []
     for rank in range(layout.world):
@@ -185,14 +257,37 @@ def unread(layout: Layout, reads: Sequence[Sequence[int]], urls: Sequence[str]) 
     return rest
 
 
-def rest_plan(layout: Layout, urls: Sequence[str]) -> RestPlan:
-    """The plan of a rest epoch's layout: the rest of the epoch it was made from, dealt to its slots."""
+def rest_layout(saved: Layout, reads: Sequence[Sequence[int]], here: Layout, rest: int) -> Layout:
+    """The layout that reads the `rest` samples `saved`'s slots left unread (having read `reads`) on `here`'s
+    slots: a rest epoch numbered like `saved`'s, or, when the rest is too small to give every process a sample,
+    numbered like the next one and reading that epoch too (`with_next`; see the module's docstring)."""
+    made_from = {"layout": saved.to_dict(), "reads": [[int(n) for n in row] for row in reads]}
+    if 0 < rest < here.world:
+        return replace(here, epoch=saved.epoch + 1, rest_of={**made_from, "with_next": True})
+    return replace(here, epoch=saved.epoch, rest_of=made_from)
+
+
+def plan_items(layout: Layout, urls: Sequence[str], rest: Optional[list] = None) -> list[tuple[str, str]]:
+    """What a rest epoch's layout deals, in order: the rest of the epoch it was made from (`rest`, when already
+    replayed), then, `with_next`, every sample of the next epoch as `layout`'s own slots would read it."""
     assert layout.rest_of is not None
-    return plan_rest(Layout.from_dict(layout.rest_of["layout"]), layout.rest_of["reads"], urls, layout)
+    made_from = layout.rest_of
+    items = rest if rest is not None else unread(Layout.from_dict(made_from["layout"]), made_from["reads"], urls)
+    if made_from.get("with_next"):
+        untouched = [[0] * layout.workers for _ in range(layout.world)]
+        items = items + unread(replace(layout, rest_of=None), untouched, urls)
+    return items
 
 
-def plan_rest(old: Layout, reads: Sequence[Sequence[int]], urls: Sequence[str], new: Layout) -> RestPlan:
-    if len(reads) != old.world or any(len(row) != old.workers for row in reads):
-        raise ValueError(f"the checkpoint's data position has {len(reads)} rank rows for {old.world} processes x "
-                         f"{old.workers} workers: it does not describe its own layout")
-    return deal(unread(old, reads, urls), new)
+def rest_plan(layout: Layout, urls: Sequence[str]) -> RestPlan:
+    """The plan of a rest epoch's layout, replayed from the shards."""
+    return deal(plan_items(layout, urls), layout)
+
+
+def rest_epoch(saved: Layout, reads: Sequence[Sequence[int]], here: Layout,
+               urls: Sequence[str]) -> tuple[RestPlan, int]:
+    """The plan that reads on `here`'s slots what `saved`'s left unread, and how many of its samples are that rest
+    (the others, `with_next`, the next epoch's)."""
+    rest = unread(saved, reads, urls)
+    layout = rest_layout(saved, reads, here, len(rest))
+    return deal(plan_items(layout, urls, rest), layout), len(rest)
