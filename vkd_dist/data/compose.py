@@ -35,7 +35,7 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from vkd_dist.config import ConfigError
-from vkd_dist.data.pipeline import Batch, TrainStream, train_loader
+from vkd_dist.data.pipeline import Batch, Shared, TrainStream, computed_here, train_loader
 from vkd_dist.data.rest import Layout
 
 if TYPE_CHECKING:
@@ -183,9 +183,10 @@ class ComposedStream:
             self.unlabelled_at, self._unlabelled = [self.unlabelled_at[0] + 1, 0], None
 
     def resume(self, epoch: int, skip: int, offsets_by_rank: Optional[list] = None,
-               reads_by_rank: Optional[list] = None, saved_layout: Optional[dict] = None
-               ) -> tuple[int, int, Optional[str]]:
-        """Each stream where the checkpoint left it, on the layout it was saved with (see the module docstring)."""
+               reads_by_rank: Optional[list] = None, saved_layout: Optional[dict] = None,
+               shared: Shared = computed_here) -> tuple[int, int, Optional[str]]:
+        """Each stream where the checkpoint left it, on the layout it was saved with (see the module docstring);
+        `shared` as TrainStream.resume takes it."""
         saved = (saved_layout or {}).get("composed")
         if saved is None or set(saved) - {"unlabelled_at"} != set(self.streams):
             raise ConfigError(f"resume: the checkpoint's data position is not that of a stream composed of "
@@ -200,7 +201,7 @@ class ComposedStream:
                                   f"resumes on the layout it was saved with ({_slots(was)}); this one is "
                                   f"{_slots(stream.layout_)}: set them back, or start a new run_dir")
             row = _part(offsets_by_rank, part)
-            stream.resume(*at[part], row, _part(reads_by_rank, part), saved[part])
+            stream.resume(*at[part], row, _part(reads_by_rank, part), saved[part], shared=shared)
         return epoch, skip, None
 
 

@@ -279,7 +279,7 @@ class Shared(Protocol):
     def __call__(self, fn: Callable[[], T]) -> T: ...
 
 
-def _computed_here(fn: Callable[[], T]) -> T:
+def computed_here(fn: Callable[[], T]) -> T:  # one process: computed where it is asked
     return fn()
 
 
@@ -320,7 +320,7 @@ class TrainStream:
 
     def resume(self, epoch: int, skip: int, offsets_by_rank: Optional[Sequence] = None,
                reads_by_rank: Optional[Sequence] = None, saved_layout: Optional[dict] = None,
-               shared: Shared = _computed_here) -> tuple[int, int, Optional[str]]:
+               shared: Shared = computed_here) -> tuple[int, int, Optional[str]]:
         """Position the stream where a checkpoint left it, at (epoch, skip batches); returns where to start
         (epoch, skip) and a line to log when the layout changed. On the saved layout, each worker starts at this
         rank's saved raw offset (`offsets_by_rank`; without it, at whole rounds of batches, exact only when no
