@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from vkd_dist import checkpoint, fileio, weights
+from vkd_dist import checkpoint, fileio, ledger, lines, weights
 from vkd_dist.configure import load_config
 from vkd_dist.fileio import free_port
 from vkd_dist.train import train
@@ -200,7 +200,7 @@ def _saved(run: Path, step: int) -> Path:
 
 
 ROLLED_BACK = (r"rolled back to step-00000300: step-00000400 moved to checkpoints/abandoned-00000300-\d{8}T\d{6}Z "
-               r"\(kept; never deleted by retention\)")
+               r"with the sample-ledger rows after step 300 \(kept; never deleted by retention\)")
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
@@ -212,8 +212,7 @@ def test_a_rollback_keeps_the_abandoned_line_aside_and_the_new_line_survives_ret
     accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
     _saved(tmp_path, 300), _saved(tmp_path, 400)
     ckpt = checkpoint.resolve(tmp_path, str(root / STEP(300)), accelerator)
-    message = checkpoint.set_aside_newer(tmp_path, ckpt, accelerator)
-    print(message)
+    message = lines.continue_line(tmp_path, ckpt, accelerator).note
     assert message is not None and re.fullmatch(ROLLED_BACK, message), message
     saved = checkpoint.save(accelerator, tmp_path, 350, {}, keep_last=keep_last)
     assert saved.is_dir() and checkpoint.verify(saved) is None
@@ -222,7 +221,7 @@ def test_a_rollback_keeps_the_abandoned_line_aside_and_the_new_line_survives_ret
     checkpoint.save(accelerator, tmp_path, 360, {}, keep_last=keep_last)
     (abandoned,) = root.glob(f"{checkpoint.ABANDONED}*")  # one per rollback, never touched by retention
     assert [p.name for p in abandoned.iterdir()] == [STEP(400)] and checkpoint.verify(abandoned / STEP(400)) is None
-    assert checkpoint.set_aside_newer(tmp_path, root / STEP(360), accelerator) is None  # nothing newer: no message
+    assert lines.continue_line(tmp_path, root / STEP(360), accelerator).note is None  # nothing newer: no message
 
 
 def test_a_fallback_from_a_bad_newest_checkpoint_moves_it_aside_and_keeps_the_good_ones(tmp_path):
@@ -237,7 +236,7 @@ def test_a_fallback_from_a_bad_newest_checkpoint_moves_it_aside_and_keeps_the_go
     with pytest.warns(RuntimeWarning, match=f"checkpoint {STEP(400)} skipped"):
         ckpt = checkpoint.resolve(tmp_path, "latest", accelerator)
     assert ckpt == root / STEP(300)
-    message = checkpoint.set_aside_newer(tmp_path, ckpt, accelerator)
+    message = lines.continue_line(tmp_path, ckpt, accelerator).note
     assert message is not None and re.fullmatch(ROLLED_BACK, message), message
     checkpoint.save(accelerator, tmp_path, 350, {}, keep_last=1)
     assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [STEP(350)]
@@ -299,7 +298,7 @@ def test_every_rank_hashes_a_share_at_save_and_resume_and_all_agree(tmp_path):
     rank's share is reported alike on both ranks, the first in the manifest's order."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, "hashing", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -368,7 +367,7 @@ def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_alike(tiny_data, t
     the next collective) and step 2 stays the newest checkpoint."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, str(tiny_data), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent)])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]

@@ -51,6 +51,7 @@ CHECKS: tuple[Check, ...] = (
     structural.check_teacher_path,
     text_init.check_config,  # objective.text_init
     structural.check_text_layers,
+    structural.check_overwrite,  # overwrite with resume
     pretrained.check_config,  # model.image_weights, model.text_encoder
     structural.check_paths,  # model.tokenizer, resume, run_dir, data.path, data.text_features
 )
