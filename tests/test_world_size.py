@@ -173,7 +173,7 @@ def test_a_second_resume_keeps_the_global_batch_in_every_step_of_the_ledger(tiny
     first = launch("ddp.yaml", 1, _overrides(tiny_data, run, **{"train.max_steps": 3, "resume": "latest", **common}))
     assert "optim.grad_accum 1 -> 2 keeps the global batch at 16 samples per step" in first.stdout + first.stderr
     launch("ddp.yaml", 1, _overrides(tiny_data, run, **{"train.max_steps": 4, "resume": "latest", **common}))
-    saved = json.loads((run / "checkpoints" / "step-00000004" / "train_state.json").read_text())
-    assert (saved["world_size"], saved["grad_accum"], saved["global_batch"]) == (1, 2, 16)
     per_step = Counter(step for path in ledger_files(run) for _, step, _ in read_ledger(path))
     assert per_step == {1: 16, 2: 16, 3: 16, 4: 16}
+    saved = json.loads((run / "checkpoints" / "step-00000004" / "train_state.json").read_text())
+    assert (saved["world_size"], saved["grad_accum"], saved["global_batch"]) == (1, 2, 16)

@@ -93,14 +93,6 @@ def latest(run_dir: str | Path) -> Optional[Path]:
     return dirs[-1] if dirs else None
 
 
-def candidate(run_dir: str | Path, which: Optional[str]) -> Optional[Path]:
-    """The checkpoint `resume=which` most likely loads, unverified: what the checks before any work read (which
-    run's config, which world size). Verifying it (hashing) is `resolve`'s job, once, when the run loads it."""
-    if which in (None, ""):
-        return None
-    return latest(run_dir) if which == "latest" else Path(which)
-
-
 # --------------------------------------------------------------------------- the manifest
 def _files(ckpt: Path) -> dict[str, Path]:
     return {p.relative_to(ckpt).as_posix(): p for p in sorted(ckpt.rglob("*"))
@@ -341,9 +333,11 @@ def _commit(tmp: Path, final: Path, files: dict[str, dict]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
+def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: int,
+         also: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective: every rank must call. Returns the final checkpoint directory; raises CheckpointError on every
-    rank when any rank could not write its part (the previous checkpoints are then untouched)."""
+    rank when any rank could not write its part (the previous checkpoints are then untouched). `also(dir)`: more
+    files every rank writes into it beside Accelerate's state (listed and hashed with them)."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -351,7 +345,8 @@ def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: in
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    _agreed(accelerator, final, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    _agreed(accelerator, final, lambda: (accelerator.save_state(str(tmp), safe_serialization=True),
+                                         also(tmp) if also is not None else None))
     # One process per node flushes what every rank on the node wrote (page caches are per node).
     _agreed(accelerator, final, lambda: fsync_tree(tmp), here=accelerator.is_local_main_process)
     sizes = _agreed(accelerator, final, lambda: _write_state(tmp, {**state, "step": step}),

@@ -155,12 +155,13 @@ def _continue(run: RunDir, ckpt: Path) -> LineChange:
         said.append(f"{kept} moved to {RunDir.CHECKPOINTS}/{aside.name} with the sample-ledger rows after step {fork} "
                     "(kept; never deleted by retention)")
     if from_aside:
-        aside = RunDir(ckpt.parent)
-        back = _move_line(aside, run, lambda n: fork < n <= step)
-        if not any(aside.path.iterdir()):
-            aside.path.rmdir()
-        said.append(f"{', '.join(back)} brought back from {RunDir.CHECKPOINTS}/{aside.path.name}")
+        line = RunDir(ckpt.parent)
+        back = _move_line(line, run, lambda n: fork < n <= step)
+        if not any(line.path.iterdir()):
+            line.path.rmdir()
+        said.append(f"{', '.join(back)} brought back from {RunDir.CHECKPOINTS}/{line.path.name}")
         ckpt = root / ckpt.name
     fsync_path(root)
     best = _export_step(run, "best")
-    return LineChange(ckpt, f"rolled back to {ckpt.name}: {'; '.join(said)}", best_kept=best is not None and best <= step)
+    note = f"rolled back to {ckpt.name}: {'; '.join(said)}"
+    return LineChange(ckpt, note, best_kept=best is not None and best <= step)

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from vkd_dist import resume
+from vkd_dist import rank_buffers, resume
 from vkd_dist.build import build_model
 from vkd_dist.config import Config
 from vkd_dist.data.augment import BatchAugment
@@ -78,6 +78,7 @@ class TrainResult:
     test: Optional[dict] = None
     run_dir: str = ""
     checkpoints: list = field(default_factory=list)
+    resumed_from: Optional[str] = None  # the checkpoint the run loaded (verified), None for a fresh start
 
 
 @dataclass
@@ -98,14 +99,17 @@ class Run:
     meter: Throughput = field(default_factory=Throughput)
     skipped_by_worker: dict = field(default_factory=dict)  # data workers' counts of skipped corrupt samples
     ledger: Optional[SampleLedger] = None  # logging.sample_ledger
+    resumed_from: Optional[str] = None  # the checkpoint loaded (verified)
+    own_buffers: bool = False  # each rank resumed its own buffers (vkd_dist/rank_buffers.py): they are not synced
 
     def __post_init__(self) -> None:
         self.batches = epochs(self.stream, self.state.epoch, self.state.batch_in_epoch)
         # Any non-finite loss since the last check, kept on the device: reading it makes the host wait.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
         self.checked_step = self.state.step
-        # Buffers are equal on every rank at step 0 (the same initial weights) and in a checkpoint (saved synced).
-        self.synced_step = self.state.step
+        # Buffers are equal on every rank at step 0 (the same initial weights) and in a checkpoint (saved synced),
+        # unless each rank resumed its own.
+        self.synced_step = -1 if self.own_buffers else self.state.step
 
     @property
     def run_dir(self) -> Path:
@@ -193,9 +197,10 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
                               accelerator.num_processes, cfg.train.seed, prepared.tokens)
     state = TrainState(best_metric=cfg.train.select_metric)
     ckpt, saved, notes, best_kept = resume.restore(accelerator, cfg, decision)
-    moved = None
-    if saved is not None:
+    moved, own_buffers = None, False
+    if ckpt is not None and saved is not None:
         state = TrainState.from_saved(saved, cfg.train.select_metric)
+        own_buffers = rank_buffers.restore(accelerator, model, ckpt, state.world_size)
         if not best_kept:  # the continued line's best/ was replaced by the other line's: its next validation exports
             state.best_value = None
         if isinstance(stream, TrainStream):  # exact even when samples were skipped: each worker's raw position
@@ -220,4 +225,4 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         log.info(note)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
     return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, schedule, stream, augment, log,
-               state, ledger=ledger)
+               state, ledger=ledger, resumed_from=str(ckpt) if ckpt is not None else None, own_buffers=own_buffers)
