@@ -324,10 +324,10 @@ class TrainJob:
         summary = {"step": result.step, "preempted": result.preempted, "val": result.val, "test": result.test,
                    "run_dir": result.run_dir, "checkpoints": result.checkpoints, "job_id": job.job_id,
                    "restarts": restarts}
+        ended = {"job_id": job.job_id, "restarts": restarts, "step": result.step, "resumed_from": result.resumed_from}
         if not result.preempted:
             if rank == 0:
-                _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="completed", step=result.step,
-                                 resumed_from=result.resumed_from)
+                _update_job_file(run_dir, status="completed", **ended)
             return summary
 
         # -- preempted: one consistent checkpoint exists; requeue (rank 0) and leave without a result ---------
@@ -335,20 +335,20 @@ class TrainJob:
         if rank != 0:
             sys.exit(0)  # SystemExit: submitit writes no result file for this task
         if not on_slurm:
-            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="preempted", step=result.step)
+            _update_job_file(run_dir, status="preempted", **ended)
             print(f"[vkd-slurm] preempted at step {result.step}; not on SLURM, so no requeue: rerun the same "
                   "command with resume=latest to resume", flush=True)
             return summary
         if not requeue_signal:
-            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="terminated", step=result.step)
+            _update_job_file(run_dir, status="terminated", **ended)
             raise RuntimeError(f"job {job.job_id} got SIGTERM (cancelled, or preempted with PreemptMode=REQUEUE, "
                                f"which requeues by itself); checkpointed at step {result.step}, not requeued")
         if restarts >= self.max_requeues:
-            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="requeue-limit", step=result.step)
+            _update_job_file(run_dir, status="requeue-limit", **ended)
             raise RuntimeError(f"job {job.job_id} was preempted/timed out at step {result.step} and has already been "
                                f"requeued {restarts} time(s) (max_requeues={self.max_requeues}); checkpoint kept: "
                                f"{_continue_hint(asked)}")
-        _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="requeued", step=result.step)
+        _update_job_file(run_dir, status="requeued", **ended)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue terminates this job: finish the call first
         proc = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
@@ -417,7 +417,7 @@ def training_command(spec: LaunchSpec) -> str:
     args += spec.overrides + ([] if spec.resume else ["resume=latest"])
     world = spec.nodes * spec.tasks_per_node
     command = " ".join(shlex.quote(a) for a in args)
-    requeued = "; a requeued attempt with resume=latest" if spec.resume else ""
+    requeued = "; a requeued attempt with resume=latest once an attempt has loaded PATH" if spec.resume else ""
     return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with RANK/LOCAL_RANK/WORLD_SIZE="
             f"{world}/MASTER_ADDR=<first node>/MASTER_PORT from submitit{requeued}:\n{env} {command}")
 
