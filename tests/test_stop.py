@@ -36,7 +36,7 @@ def test_two_ranks_stop_together_when_one_is_signalled(tmp_path):
 
 
 def _bn_run(data: Path, run: Path, mode: str) -> None:
-    """One 2-process torchrun of the trainer (BatchNorm image encoder, 6 steps, no evaluation or checkpoint before
+    """One 2-process torchrun of the trainer (BatchNorm image encoder, 12 steps, no evaluation or checkpoint before
     the last step): `whole`, `stop` (every rank stops after step 3) or `resume` (resume=latest)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, "bn", str(data), str(run), mode]
@@ -46,7 +46,7 @@ def _bn_run(data: Path, run: Path, mode: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.slow  # three 2-process runs, ~60 s
+@pytest.mark.slow  # three 2-process runs, ~90 s
 def test_a_stop_between_sync_steps_leaves_training_as_it_was(tiny_data, tmp_path):
     """A stop at a step with no validation or checkpoint synced the ranks' BatchNorm buffers where an uninterrupted
     run does not (DDP then broadcast rank 0's, now the mean): the resumed run drifted from the uninterrupted one.
@@ -85,6 +85,7 @@ def _bn_rank(data: str, run: str, mode: str) -> None:  # one rank under torchrun
 
     cfg = load_config(overrides=tiny_overrides(Path(data), Path(run), **{
         "model.image_encoder": "test_resnet", "model.image_encoder_kwargs": "{}", "train.test_at_end": False,
+        "train.max_steps": 12, "data.batch_size": 4,
         **({"resume": "latest"} if mode == "resume" else {})}))
     result = train(cfg, stop=StopAfter(3) if mode == "stop" else StopRequest(install=False))
     assert result.preempted == (mode == "stop")
