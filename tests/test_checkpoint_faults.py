@@ -407,6 +407,7 @@ if __name__ == "__main__":  # DATA OUT, or: hashing OUT
 
 
 # --------------------------------------------------------------------------------------------- a used run_dir
+@pytest.mark.slow  # three short trainings
 def test_a_new_run_in_a_used_run_dir_is_refused_or_keeps_both_runs(tiny_data, tmp_path, capsys):
     """A run without resume= in a run_dir that holds another run used to save into it beside the other run's
     checkpoints (retention then deleted the new ones, `latest` stayed the old run's) and leave its test metrics

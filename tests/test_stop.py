@@ -46,7 +46,7 @@ def _bn_run(data: Path, run: Path, mode: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.slow  # three 2-process runs, ~90 s
+@pytest.mark.slow  # three 2-process trainer runs
 def test_a_stop_between_sync_steps_leaves_training_as_it_was(tiny_data, tmp_path):
     """A stop at a step with no validation or checkpoint synced the ranks' BatchNorm buffers where an uninterrupted
     run does not (DDP then broadcast rank 0's, now the mean): the resumed run drifted from the uninterrupted one.

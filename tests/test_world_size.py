@@ -164,6 +164,7 @@ def test_the_global_batch_message_says_what_happened():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # three trainer launches
 def test_a_second_resume_keeps_the_global_batch_in_every_step_of_the_ledger(tiny_data, tmp_path):
     """2 processes x grad_accum 1 -> 1 process (grad_accum 2) -> 1 process again, end to end: every step of the
     ledger holds 16 samples (the second resume used to go back to grad_accum 1: 8 a step)."""
