@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ def _launch(b: Bench, name: str, nproc: int, stage: int | None, steps: int, log_
     script = ["-m", "benchmarks._trainer_runs", "--out", str(res_dir), "--in-memory", "4", "--config", b.args.config]
     start = time.perf_counter()
     for _ in range(2):  # one retry: a gloo/DeepSpeed start-up race on a loaded machine is not a figure
+        shutil.rmtree(res_dir / "run", ignore_errors=True)  # a new run each time: a used run_dir is refused
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                     "--master_port", str(free_port())]
         proc = subprocess.run(torchrun + script + overrides, cwd=REPO, env=env, capture_output=True, text=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
+from vkd_dist import checkpoint
 from vkd_dist.config import ConfigError, save_config
 from vkd_dist.configure import load_config
 from vkd_dist.deploy import main as export_main
@@ -96,12 +97,14 @@ def test_run_dir_without_permission(tiny_data, tmp_path, capsys):
 # --------------------------------------------------------------------------- resume onto another config
 @pytest.fixture
 def saved_run(tiny_data, tmp_path) -> Path:
-    """A run as training leaves it, as far as a resume looks before loading: config.yaml and a checkpoint."""
+    """A run as training leaves it, as far as a resume looks before loading: config.yaml and a checkpoint that
+    verifies."""
     run = tmp_path / "run"
     save_config(load_config(overrides=tiny_overrides(tiny_data, run)), run / "config.yaml")
     step = run / "checkpoints" / "step-00000006"
     step.mkdir(parents=True)
     (step / "train_state.json").write_text(json.dumps({"step": 6}))
+    checkpoint.write_manifest(step)  # verified before its config is compared
     return run
 
 
@@ -119,13 +122,16 @@ def test_resume_that_changes_the_model_shape(saved_run, tiny_data, capsys):
 def test_resume_may_change_the_length_logging_workers_and_cadence(saved_run, tiny_data):
     check_resume_config(load_config(overrides=tiny_overrides(tiny_data, saved_run, resume="latest", **{
         "train.max_steps": 20, "logging.log_every": 5, "data.num_workers": 1, "train.eval_every": 4,
-        "train.ckpt_every": 4, "model.gradient_checkpointing": True})))
+        "train.ckpt_every": 4, "model.gradient_checkpointing": True})), checkpoint.latest(saved_run))
 
 
 def test_resume_of_a_directory_that_is_not_a_checkpoint(saved_run, tiny_data):
     not_ckpt = saved_run / "checkpoints"
     with pytest.raises(ConfigError, match=re.escape(f"resume={not_ckpt}: {not_ckpt}: not a checkpoint")):
-        check_resume_config(load_config(overrides=tiny_overrides(tiny_data, saved_run, resume=str(not_ckpt))))
+        checkpoint.resolve(saved_run, str(not_ckpt))
+    with pytest.raises(ConfigError, match=re.escape(f"resume={not_ckpt}: {not_ckpt}: not a checkpoint")):
+        check_resume_config(load_config(overrides=tiny_overrides(tiny_data, saved_run, resume=str(not_ckpt))),
+                            not_ckpt)
 
 
 # --------------------------------------------------------------------------- vkd-eval, vkd-export, vkd-predict

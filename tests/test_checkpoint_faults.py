@@ -15,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-from vkd_dist import checkpoint, fileio, weights
+from conftest import REPO, tiny_overrides
+from vkd_dist import checkpoint, fileio, ledger, lines, weights
 from vkd_dist.configure import load_config
 from vkd_dist.fileio import free_port
 from vkd_dist.train import train
 
+TESTS_AND_REPO = os.pathsep.join([str(REPO / "tests"), str(REPO)])  # the ranks import this checkout's vkd_dist
 STEP = "step-{:08d}".format
 
 
@@ -200,7 +201,7 @@ def _saved(run: Path, step: int) -> Path:
 
 
 ROLLED_BACK = (r"rolled back to step-00000300: step-00000400 moved to checkpoints/abandoned-00000300-\d{8}T\d{6}Z "
-               r"\(kept; never deleted by retention\)")
+               r"with the sample-ledger rows after step 300 \(kept; never deleted by retention\)")
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
@@ -212,8 +213,7 @@ def test_a_rollback_keeps_the_abandoned_line_aside_and_the_new_line_survives_ret
     accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
     _saved(tmp_path, 300), _saved(tmp_path, 400)
     ckpt = checkpoint.resolve(tmp_path, str(root / STEP(300)), accelerator)
-    message = checkpoint.set_aside_newer(tmp_path, ckpt, accelerator)
-    print(message)
+    message = lines.continue_line(tmp_path, ckpt, accelerator).note
     assert message is not None and re.fullmatch(ROLLED_BACK, message), message
     saved = checkpoint.save(accelerator, tmp_path, 350, {}, keep_last=keep_last)
     assert saved.is_dir() and checkpoint.verify(saved) is None
@@ -222,7 +222,7 @@ def test_a_rollback_keeps_the_abandoned_line_aside_and_the_new_line_survives_ret
     checkpoint.save(accelerator, tmp_path, 360, {}, keep_last=keep_last)
     (abandoned,) = root.glob(f"{checkpoint.ABANDONED}*")  # one per rollback, never touched by retention
     assert [p.name for p in abandoned.iterdir()] == [STEP(400)] and checkpoint.verify(abandoned / STEP(400)) is None
-    assert checkpoint.set_aside_newer(tmp_path, root / STEP(360), accelerator) is None  # nothing newer: no message
+    assert lines.continue_line(tmp_path, root / STEP(360), accelerator).note is None  # nothing newer: no message
 
 
 def test_a_fallback_from_a_bad_newest_checkpoint_moves_it_aside_and_keeps_the_good_ones(tmp_path):
@@ -237,7 +237,7 @@ def test_a_fallback_from_a_bad_newest_checkpoint_moves_it_aside_and_keeps_the_go
     with pytest.warns(RuntimeWarning, match=f"checkpoint {STEP(400)} skipped"):
         ckpt = checkpoint.resolve(tmp_path, "latest", accelerator)
     assert ckpt == root / STEP(300)
-    message = checkpoint.set_aside_newer(tmp_path, ckpt, accelerator)
+    message = lines.continue_line(tmp_path, ckpt, accelerator).note
     assert message is not None and re.fullmatch(ROLLED_BACK, message), message
     checkpoint.save(accelerator, tmp_path, 350, {}, keep_last=1)
     assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [STEP(350)]
@@ -299,7 +299,7 @@ def test_every_rank_hashes_a_share_at_save_and_resume_and_all_agree(tmp_path):
     rank's share is reported alike on both ranks, the first in the manifest's order."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, "hashing", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_AND_REPO}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -368,7 +368,7 @@ def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_alike(tiny_data, t
     the next collective) and step 2 stays the newest checkpoint."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            __file__, str(tiny_data), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_AND_REPO}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
@@ -404,3 +404,104 @@ if __name__ == "__main__":  # DATA OUT, or: hashing OUT
         _rank_hashing(sys.argv[2])
     else:
         _rank_enospc(sys.argv[1], sys.argv[2])
+
+
+# --------------------------------------------------------------------------------------------- a used run_dir
+@pytest.mark.slow  # three short trainings
+def test_a_new_run_in_a_used_run_dir_is_refused_or_keeps_both_runs(tiny_data, tmp_path, capsys):
+    """A run without resume= in a run_dir that holds another run used to save into it beside the other run's
+    checkpoints (retention then deleted the new ones, `latest` stayed the old run's) and leave its test metrics
+    beside the new model. It is refused in one line; overwrite=true moves the old run aside whole."""
+    from vkd_dist.train import main as train_main
+
+    run = tmp_path / "run"
+    over = tiny_overrides(tiny_data, run, **{"train.max_steps": 2, "train.ckpt_every": 1, "train.keep_last": 2})
+    assert train_main([*over, "resume=latest"]) == 0
+    assert "resume=latest: no checkpoint in" in capsys.readouterr().out  # said, in one line: a fresh start
+    first = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert train_main(over) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vkd-train: config error: run_dir={run} holds another run (config.yaml, checkpoints/, best/, "
+                   "final/, test_metrics.json): continue it with resume=latest, or train into a new run_dir "
+                   "(overwrite=true moves the old run aside, kept)"]
+    assert {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()} == first
+    assert train_main([*over, "overwrite=true", "train.seed=1", "train.max_steps=1", "optim.warmup_steps=0"]) == 0
+    (old,) = tmp_path.glob("run.previous-*")
+    assert f"overwrite=true: the run that was in {run} moved to {old} (kept)" in capsys.readouterr().out
+    assert {p.relative_to(old).as_posix(): p.read_bytes() for p in old.rglob("*") if p.is_file()} == first
+    assert [p.name for p in checkpoint._step_dirs(run)] == [STEP(1)]  # the new run's own, beside nothing else
+    assert json.loads((run / "final" / "meta.json").read_text())["step"] == 1
+    assert "overwrite: false" in (run / "config.yaml").read_text()  # a rerun of its config.yaml never overwrites
+
+
+# --------------------------------------------------------------------------------------------- lines
+def _ledger(run: Path, steps: range, ranks: int = 2) -> None:
+    """Rows as the ranks append them: two keys a step each."""
+    for rank in range(ranks):
+        path = run / "ledger" / f"rank-{rank}.csv"
+        rows = ledger.read_ledger(path) if path.is_file() else []
+        ledger._write(path, [*rows, *((0, s, f"k{rank}-{s}-{i}") for s in steps for i in range(2))])
+
+
+def _export(run: Path, which: str, step: int) -> None:
+    staged = fileio.stage_version(run / which)
+    (staged / "meta.json").write_text(json.dumps({"step": step}))
+    fileio.publish_dir(staged, run / which)
+
+
+def _steps_of(run: Path) -> list[int]:
+    return sorted({step for path in ledger.ledger_files(run) for _, step, _ in ledger.read_ledger(path)})
+
+
+def test_a_rollback_keeps_everything_of_the_abandoned_line_and_undoing_it_sets_the_other_aside(tmp_path):
+    """Line A ran to step 400 (best/ at 350, final/ and test metrics at 400); resume=step-200 used to truncate the
+    ledger past 200 and leave A's best/ as the run's; resuming A's step-300 again (after the new line B saved 250)
+    used to set nothing aside, so step-250 stayed in the line and the ledger mixed the two lines."""
+    from accelerate import Accelerator
+
+    accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
+    for step in (200, 300, 400):
+        _saved(tmp_path, step)
+    _ledger(tmp_path, range(1, 401))
+    _export(tmp_path, "best", 350), _export(tmp_path, "final", 400)
+    (tmp_path / "test_metrics.json").write_text('{"macro_auroc": 0.7}')
+
+    back = checkpoint.resolve(tmp_path, str(root / STEP(200)), accelerator)
+    change = lines.continue_line(tmp_path, back, accelerator)
+    (a,) = root.glob(f"{checkpoint.ABANDONED}00000200-*")
+    assert change.note == (f"rolled back to {STEP(200)}: {STEP(300)}, {STEP(400)}, best/, final/ moved to "
+                           f"checkpoints/{a.name} with the sample-ledger rows after step 200 (kept; never deleted by "
+                           "retention)")
+    assert change.ckpt == root / STEP(200) and not change.best_kept  # A's best/ is not the continued line's
+    assert sorted(p.name for p in a.glob("step-*")) == [STEP(300), STEP(400)]
+    assert _steps_of(tmp_path) == list(range(1, 201)) and _steps_of(a) == list(range(201, 401))
+    assert json.loads((a / "best" / "meta.json").read_text())["step"] == 350 and (a / "test_metrics.json").is_file()
+    assert not (tmp_path / "best").exists() and not (tmp_path / "final").exists()
+    assert not (tmp_path / "test_metrics.json").exists()
+
+    checkpoint.save(accelerator, tmp_path, 250, {}, keep_last=2)  # line B
+    _ledger(tmp_path, range(201, 261))  # and rows of steps past its last checkpoint (a crash)
+    _export(tmp_path, "best", 250)
+
+    undo = lines.continue_line(tmp_path, checkpoint.resolve(tmp_path, str(a / STEP(300)), accelerator), accelerator)
+    (b,) = [p for p in root.glob(f"{checkpoint.ABANDONED}00000200-*") if p != a]
+    assert undo.ckpt == root / STEP(300) and checkpoint.verify(undo.ckpt) is None
+    assert undo.note == (f"rolled back to {STEP(300)}: {STEP(250)}, best/ moved to checkpoints/{b.name} with the "
+                         f"sample-ledger rows after step 200 (kept; never deleted by retention); {STEP(300)} brought "
+                         f"back from checkpoints/{a.name}")
+    assert [p.name for p in checkpoint._step_dirs(tmp_path)] == [STEP(200), STEP(300)]
+    assert checkpoint.resolve(tmp_path, "latest", accelerator) == root / STEP(300)  # a crash now continues A
+    assert _steps_of(tmp_path) == list(range(1, 301))  # A's rows: none of B's
+    assert _steps_of(b) == list(range(201, 261)) and json.loads((b / "best" / "meta.json").read_text())["step"] == 250
+    assert sorted(p.name for p in a.glob("step-*")) == [STEP(400)] and _steps_of(a) == list(range(301, 401))
+    assert not undo.best_kept and (a / "best").exists()  # A's best/ came at 350, after the step continued
+
+
+def test_after_a_rollback_best_stays_when_it_came_from_the_line_continued(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator, root = Accelerator(cpu=True), tmp_path / checkpoint.CKPT_DIR
+    _saved(tmp_path, 200), _saved(tmp_path, 400)
+    _export(tmp_path, "best", 100)
+    change = lines.continue_line(tmp_path, root / STEP(200), accelerator)
+    assert change.best_kept and json.loads((tmp_path / "best" / "meta.json").read_text())["step"] == 100

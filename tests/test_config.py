@@ -82,8 +82,8 @@ def test_bad_config_is_one_line_naming_the_key_and_what_is_allowed(override, mes
 @pytest.mark.parametrize("override, message", [
     ("train.lr=0.01", "unknown key train.lr (train allows: bootstrap_resamples, "),
     ("train.lr=0.01", "; lr is a key of optim (optim.lr))"),
-    ("lr=0.01", "unknown key lr (top level allows: data, dist, logging, model, objective, optim, resume, run_dir, "
-                "train; lr is a key of optim (optim.lr))"),
+    ("lr=0.01", "unknown key lr (top level allows: data, dist, logging, model, objective, optim, overwrite, resume, "
+                "run_dir, train; lr is a key of optim (optim.lr))"),
     ("data.seed=1", "; seed is a key of data.synthetic (data.synthetic.seed) and train (train.seed))"),
     ("train.run_dir=x", "; run_dir is a key of the top level (run_dir))"),
     ("model.synthetic.num_train=8", "; synthetic is a key of data (data.synthetic))"),

@@ -36,7 +36,7 @@ def test_a_stop_on_an_evaluation_step_checkpoints_before_validating(tiny_data, t
     real_evaluate, real_save = actions.evaluate, actions.checkpoint.save
     monkeypatch.setattr(actions, "evaluate", lambda *a, **k: order.append(("val", k.get("checkpoint_name")))
                         or real_evaluate(*a, **k))
-    monkeypatch.setattr(actions.checkpoint, "save", lambda acc, run_dir, step, *a: order.append(("save", step))
+    monkeypatch.setattr(actions.checkpoint, "save", lambda acc, run_dir, step, *a, **k: order.append(("save", step))
                         or real_save(acc, run_dir, step, *a))
 
     whole = train(_cfg(tiny_data, tmp_path / "whole"))

@@ -105,15 +105,15 @@ def test_notice_outside_training_is_recorded_in_the_job_file(tmp_path, monkeypat
     assert len(json.loads((run / "slurm_job.json").read_text())["attempts"]) == 1
 
 
-@pytest.mark.parametrize("requested,restarts,has_checkpoint,expected", [
-    (None, 0, False, "latest"), (None, 2, True, "latest"), ("latest", 0, True, "latest"),
-    ("/old/run/checkpoints/step-00000300", 0, True, "/old/run/checkpoints/step-00000300"),  # issue 20: was latest
-    ("/old/run/checkpoints/step-00000300", 1, True, "latest"),  # a requeue continues its own run
-    ("/old/run/checkpoints/step-00000300", 1, False, "/old/run/checkpoints/step-00000300"),  # nothing saved yet
+@pytest.mark.parametrize("requested,restarts,made,expected", [
+    (None, 0, False, "latest"), (None, 2, False, "latest"), ("latest", 0, False, "latest"),
+    ("/old/run/checkpoints/step-00000300", 0, False, "/old/run/checkpoints/step-00000300"),  # issue 20: was latest
+    ("/old/run/checkpoints/step-00000300", 1, True, "latest"),  # loaded by an earlier attempt: continue that line
+    ("/old/run/checkpoints/step-00000300", 1, False, "/old/run/checkpoints/step-00000300"),  # not loaded yet
 ])
-def test_an_explicit_resume_holds_on_the_first_attempt_and_a_requeue_takes_latest(requested, restarts,
-                                                                                  has_checkpoint, expected):
-    assert attempt_resume(requested, restarts, has_checkpoint) == expected
+def test_an_explicit_resume_holds_until_an_attempt_loaded_it_then_a_requeue_takes_latest(requested, restarts, made,
+                                                                                          expected):
+    assert attempt_resume(requested, restarts, made) == expected
 
 
 def test_restart_count_tells_the_attempts_apart():
@@ -132,15 +132,10 @@ def _fake_checkpoint(path: Path, complete: bool = True) -> Path:
     return path
 
 
-@pytest.mark.filterwarnings("ignore:resume=latest:RuntimeWarning")  # step-20 skipped: the point of the test
-@pytest.mark.parametrize("restarts,explicit,trains_with,records", [
-    (0, True, "explicit", "explicit"), (1, True, "latest", "good"), (0, False, "latest", "good")])
-def test_the_job_resumes_as_asked_and_records_the_verified_checkpoint(tmp_path, monkeypatch, restarts, explicit,
-                                                                       trains_with, records):
-    """TrainJob on one task, without a cluster or training: the run has a good step-10 and a newer step-20 whose
-    save never finished (no manifest). The first attempt trains from an explicit resume=PATH; a requeue, or a job
-    without one, from 'latest'. slurm_job.json records the checkpoint that resume verifies to: PATH, or step-10,
-    not the unverified newest step-20."""
+def _job_attempt(tmp_path, monkeypatch, overrides: list[str], restarts: int, preempted: bool = False,
+                 max_requeues: int = 5):
+    """TrainJob on one task, without a cluster or training: the `resume` it trains with, its slurm_job.json, and
+    what it raised (None)."""
     import signal
     import types
 
@@ -148,29 +143,70 @@ def test_the_job_resumes_as_asked_and_records_the_verified_checkpoint(tmp_path, 
 
     import vkd_dist.slurm as slurm
     import vkd_dist.train
+    from vkd_dist import checkpoint
 
     run = tmp_path / "run"
-    good = _fake_checkpoint(run / "checkpoints" / "step-00000010")
-    _fake_checkpoint(run / "checkpoints" / "step-00000020", complete=False)
-    other = _fake_checkpoint(tmp_path / "other" / "checkpoints" / "step-00000007")
     monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
-    monkeypatch.setattr(slurm, "_stop_request", lambda: types.SimpleNamespace(signals=[]))
-    monkeypatch.setattr(submitit, "JobEnvironment", lambda: types.SimpleNamespace(cluster="local", job_id="42"))
+    monkeypatch.setattr(slurm, "_stop_request", lambda: types.SimpleNamespace(signals=[signal.SIGUSR2]))
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: types.SimpleNamespace(cluster="slurm", job_id="42"))
     monkeypatch.setattr(slurm, "export_distributed_env", lambda *_: {"RANK": "0", "WORLD_SIZE": "1",
                                                                       "MASTER_ADDR": "host", "MASTER_PORT": "1"})
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # the job ignores late notices: not in pytest
+    hashed: list = []
+    monkeypatch.setattr(checkpoint, "_sha256", lambda path: hashed.append(path) or "0")
     seen = []
 
     def train(cfg, stop):
-        seen.append(cfg.resume)
-        return types.SimpleNamespace(step=30, preempted=False, val=None, test=None, run_dir=str(run), checkpoints=[])
+        seen.append((cfg.resume, list(hashed)))
+        return types.SimpleNamespace(step=30, preempted=preempted, val=None, test=None, run_dir=str(run),
+                                     checkpoints=[], resumed_from="the checkpoint train() verified")
 
     monkeypatch.setattr(vkd_dist.train, "train", train)
-    job = TrainJob(None, [f"run_dir={run}", "optim.warmup_steps=0", *([f"resume={other}"] if explicit else [])])
-    job()
-    assert seen == [str(other) if trains_with == "explicit" else "latest"]
-    attempt = json.loads((run / "slurm_job.json").read_text())["attempts"][0]
-    assert attempt["resume_from"] == str(other if records == "explicit" else good)
+    error = None
+    try:
+        TrainJob(None, [f"run_dir={run}", "optim.warmup_steps=0", *overrides], max_requeues=max_requeues)()
+    except RuntimeError as exc:
+        error = str(exc)
+    return seen, json.loads((run / "slurm_job.json").read_text()), error
+
+
+@pytest.mark.parametrize("restarts,explicit,trains_with", [(0, True, "explicit"), (1, True, "latest"),
+                                                          (0, False, "latest")])
+def test_the_job_resumes_as_asked_and_leaves_the_hashing_to_training(tmp_path, monkeypatch, restarts, explicit,
+                                                                     trains_with):
+    """The run has a good step-10 and a newer step-20 whose save never finished. The first attempt trains from an
+    explicit resume=PATH; a requeue after an attempt loaded it (RUN/resumed.json), or a job without one, from
+    'latest'. Rank 0 used to verify the checkpoint alone before training (hashing every file, so the ranks'
+    shared hashing in train() found it cached and never ran): nothing is hashed before train(), which records
+    what it loaded."""
+    run = tmp_path / "run"
+    _fake_checkpoint(run / "checkpoints" / "step-00000010")
+    _fake_checkpoint(run / "checkpoints" / "step-00000020", complete=False)
+    other = _fake_checkpoint(tmp_path / "other" / "checkpoints" / "step-00000007")
+    if restarts:
+        (run / "resumed.json").write_text(json.dumps({"asked": str(other), "slurm_job": "42"}))
+    seen, record, _ = _job_attempt(tmp_path, monkeypatch, [f"resume={other}"] if explicit else [], restarts)
+    assert seen == [(str(other) if trains_with == "explicit" else "latest", [])]
+    assert record["attempts"][0]["resume"] == seen[0][0]
+    assert record["attempts"][1]["status"] == "completed"
+    assert record["attempts"][1]["resumed_from"] == "the checkpoint train() verified"
+
+
+def test_a_requeue_before_the_rollback_was_made_keeps_it_and_the_limit_says_how_to_continue(tmp_path, monkeypatch):
+    """resume=RUN/checkpoints/step-200 in a run with step-400, preempted before an attempt loaded step-200 (and set
+    step-400 aside): the requeue used to take 'latest' (step-400), the rollback lost without a word. The
+    requeue-limit message said "resubmit to continue", but the job's command pins resume=PATH and rolls back."""
+    run = tmp_path / "run"
+    back = _fake_checkpoint(run / "checkpoints" / "step-00000200")
+    _fake_checkpoint(run / "checkpoints" / "step-00000400")
+    (run / "resumed.json").write_text(json.dumps({"asked": str(back), "slurm_job": "41"}))  # another job's
+    seen, _, _ = _job_attempt(tmp_path, monkeypatch, [f"resume={back}"], restarts=1)
+    assert [resume for resume, _ in seen] == [str(back)]
+    seen, record, error = _job_attempt(tmp_path, monkeypatch, [f"resume={back}"], restarts=1, preempted=True,
+                                       max_requeues=1)
+    assert record["attempts"][-1]["status"] == "requeue-limit"
+    assert error.endswith(f"checkpoint kept: resubmit the same vkd-slurm command with resume=latest in place of "
+                          f"resume={back} (which would roll back to it again) to continue from the newest checkpoint")
 
 
 def test_dry_run_command_keeps_an_explicit_resume(tmp_path):

@@ -146,3 +146,78 @@ def test_one_to_two_processes_at_batch_size_1_reads_every_key_once_with_an_odd_r
                    "dealt to 2 x 1, batch 1: 3 batches per process; batches of up to 2 samples" in out
         assert read == expected  # every key of the epoch(s) once: none twice, none left out
         assert sorted({s for _, s, _ in rows}) == list(range(1, steps + 1))  # no step dropped or repeated
+
+
+# ------------------------------------------------------------------------------- the global batch, decided once
+def _cfg(accum: int, batch: int = 8):
+    from vkd_dist.config import Config
+
+    cfg = Config()
+    cfg.data.batch_size, cfg.optim.grad_accum = batch, accum
+    return cfg
+
+
+def _resume(saved: dict, world: int, accum: int) -> tuple:
+    """One resume on `world` processes with optim.grad_accum=`accum` on its command line: what it trains with and
+    the train_state.json fields its next checkpoint holds (as build_run sets them)."""
+    from vkd_dist.world_size import keep_global_batch
+
+    plan = keep_global_batch(_cfg(accum), saved, world)
+    return plan, {"world_size": world, "grad_accum": plan.grad_accum, "global_batch": plan.global_batch,
+                  "asked_grad_accum": plan.asked_grad_accum}
+
+
+def test_a_second_resume_on_the_same_new_world_size_keeps_the_global_batch():
+    """4 x 1 -> 2 (grad_accum 2) -> 2 again: the second resume compared the command line's grad_accum with the saved,
+    adjusted one, returned early on an equal world size, and went back to grad_accum 1 (the global batch halved)."""
+    first, saved = _resume({"world_size": 4, "grad_accum": 1, "global_batch": 32, "asked_grad_accum": 1}, 2, 1)
+    assert first.grad_accum == 2 and first.note == ("resumed on 2 process(es), saved on 4: optim.grad_accum 1 -> 2 "
+                                                    "keeps the global batch at 32 samples per step")
+    second, saved = _resume(saved, 2, 1)
+    assert (second.grad_accum, second.global_batch, second.note) == (2, 32, None)
+    third, _ = _resume(saved, 1, 1)  # 2 x 2 -> 1: grad_accum 4 keeps 32 (it went to 8)
+    assert third.grad_accum == 4 and third.note.endswith("optim.grad_accum 2 -> 4 keeps the global batch at 32 "
+                                                         "samples per step")
+    back, _ = _resume(saved, 4, 1)
+    assert back.grad_accum == 1 and "optim.grad_accum 2 -> 1 keeps the global batch at 32" in back.note
+
+
+def test_a_checkpoint_without_the_saved_ask_keeps_what_it_trained_with():
+    plan, _ = _resume({"world_size": 2, "grad_accum": 2}, 1, 2)  # written before the ask was saved
+    assert (plan.grad_accum, plan.global_batch) == (4, 32)
+
+
+def test_the_global_batch_message_says_what_happened():
+    """The conditions were inverted: "4 micro-batches do not divide over 1"; "changes from 32 to 32"."""
+    saved = {"world_size": 4, "grad_accum": 1, "global_batch": 32, "asked_grad_accum": 1}
+    odd, saved_odd = _resume(saved, 3, 1)
+    assert odd.grad_accum == 1 and odd.note == (
+        "resumed on 3 process(es), saved on 4: the global batch changes from 32 to 24 samples per step (32 samples "
+        "do not divide into batches of 8 over 3 process(es); optim.grad_accum=1); the lr schedule is by step and "
+        "optim.lr is not rescaled")
+    again, _ = _resume(saved_odd, 2, 1)  # the ask survives the odd world size: 2 processes keep 32 again
+    assert (again.grad_accum, again.global_batch) == (2, 32)
+    asked, saved_asked = _resume(saved, 2, 3)  # a new grad_accum on the command line is a new ask
+    assert asked.grad_accum == 3 and asked.note == (
+        "resumed on 2 process(es), saved on 4: optim.grad_accum=3 asked (was 1): the global batch changes from 32 to "
+        "48 samples per step; the lr schedule is by step and optim.lr is not rescaled")
+    assert _resume(saved_asked, 2, 3)[0].note is None and _resume(saved_asked, 1, 3)[0].grad_accum == 6
+    same, _ = _resume(saved, 2, 2)  # asked 2 on 2 processes: the same 32, nothing to say about the global batch
+    assert same.grad_accum == 2 and "changes from" not in (same.note or "")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # three trainer launches
+def test_a_second_resume_keeps_the_global_batch_in_every_step_of_the_ledger(tiny_data, tmp_path):
+    """2 processes x grad_accum 1 -> 1 process (grad_accum 2) -> 1 process again, end to end: every step of the
+    ledger holds 16 samples (the second resume used to go back to grad_accum 1: 8 a step)."""
+    run = tmp_path / "run"
+    common = {"train.test_at_end": "false", "optim.grad_accum": 1}
+    launch("ddp.yaml", 2, _overrides(tiny_data, run, **{"train.max_steps": 2, **common}))
+    first = launch("ddp.yaml", 1, _overrides(tiny_data, run, **{"train.max_steps": 3, "resume": "latest", **common}))
+    assert "optim.grad_accum 1 -> 2 keeps the global batch at 16 samples per step" in first.stdout + first.stderr
+    launch("ddp.yaml", 1, _overrides(tiny_data, run, **{"train.max_steps": 4, "resume": "latest", **common}))
+    per_step = Counter(step for path in ledger_files(run) for _, step, _ in read_ledger(path))
+    assert per_step == {1: 16, 2: 16, 3: 16, 4: 16}
+    saved = json.loads((run / "checkpoints" / "step-00000004" / "train_state.json").read_text())
+    assert (saved["world_size"], saved["grad_accum"], saved["global_batch"]) == (1, 2, 16)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from accelerate.utils import gather_object
 
-from vkd_dist import checkpoint, weights
+from vkd_dist import checkpoint, rank_buffers, weights
 from vkd_dist.commands import command, shown_path
 from vkd_dist.data.tokens import remove_token_tables
 from vkd_dist.distributed import param_digests
@@ -112,6 +112,12 @@ class Save(Periodic):
 
     def __call__(self, tick: Tick) -> None:
         run = self.run
+        # A stop where an uninterrupted run syncs no buffers (no validation, no regular checkpoint at this step):
+        # the checkpoint holds the synced model and each rank's own buffers, which the rank keeps.
+        own = (rank_buffers.own(run.accelerator, run.model)
+               if tick.stopping and not super().due(tick) and "Validate" not in run.state.deferred
+               and run.accelerator.num_processes > 1 and run.synced_step != tick.step else None)
+        synced_before = run.synced_step
         run.sync_buffers()
         run.state.data_offsets = gather_object([getattr(run.stream, "offsets", None)])  # collective: every rank's
         run.state.data_reads = gather_object([getattr(run.stream, "reads", None)])
@@ -119,7 +125,12 @@ class Save(Periodic):
         run.state.data_layout = layout(run.state.epoch).to_dict() if layout is not None else None
         if run.ledger is not None:
             run.ledger.flush()  # the rows of every step the checkpoint holds are on disk before it is
-        path = checkpoint.save(run.accelerator, run.run_dir, tick.step, vars(run.state), run.cfg.train.keep_last)
+        rank = run.accelerator.process_index
+        path = checkpoint.save(run.accelerator, run.run_dir, tick.step, vars(run.state), run.cfg.train.keep_last,
+                               also=(lambda ckpt: rank_buffers.write(ckpt, rank, own)) if own is not None else None)
+        if own is not None:  # training goes on (or resumes) from each rank's own buffers, as without the stop
+            rank_buffers.put_back(run.accelerator, run.model, own)
+            run.synced_step = synced_before
         self.result.checkpoints.append(str(path))
 
 

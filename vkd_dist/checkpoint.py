@@ -17,10 +17,9 @@ all ranks reach the same answer (the first problem in the manifest's file order)
 checkpoint; each (shared) file is read once rather than once per rank. A file written by another node is visible
 to every rank because the writer closed it before the save's barrier (NFS close-to-open; Lustre is coherent).
 
-A resume from a checkpoint older than the run's newest (an explicit `resume=PATH`, or `resume=latest` falling
-back from newer ones that do not verify) starts a new line: `set_aside_newer` moves the newer step-* directories
-into `checkpoints/abandoned-<step>-<UTC time>/`, which are kept, never deleted by retention and never read by
-`resume=latest`, so retention (the `keep_last` highest steps) and `latest` work on the run's current line only.
+A resume from a checkpoint older than the run's newest starts a new line: vkd_dist/lines.py sets the other line
+aside into `checkpoints/abandoned-<step>-<UTC time>/` (kept, never deleted by retention, never read by
+`resume=latest`); vkd_dist/resume.py decides, once for every rank, what a resume loads.
 
 A step's consolidated weights (`checkpoints/.consolidated-step-X/`, vkd_dist/weights.py) are outside every
 manifest and removed with their step. The exports (best/, final/) are vkd_dist/weights.py's too.
@@ -41,6 +40,7 @@ from typing import Any, Optional, TypeVar
 
 from accelerate.utils import broadcast_object_list, gather_object
 
+from vkd_dist.config import ConfigError
 from vkd_dist.fileio import atomic_write_text, fsync_path, fsync_tree, share_like_parent
 from vkd_dist.run_dir import RunDir
 
@@ -91,14 +91,6 @@ def latest(run_dir: str | Path) -> Optional[Path]:
     """The newest step-* directory, unverified (see `resolve` for the one a resume would load)."""
     dirs = _step_dirs(Path(run_dir))
     return dirs[-1] if dirs else None
-
-
-def candidate(run_dir: str | Path, which: Optional[str]) -> Optional[Path]:
-    """The checkpoint `resume=which` most likely loads, unverified: what the checks before any work read (which
-    run's config, which world size). Verifying it (hashing) is `resolve`'s job, once, when the run loads it."""
-    if which in (None, ""):
-        return None
-    return latest(run_dir) if which == "latest" else Path(which)
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -160,7 +152,7 @@ def verify(ckpt: str | Path, accelerator=None) -> Optional[str]:
     rank 0 reads the manifest and stats the files, every rank hashes a share, every rank gets the same answer."""
     ckpt = Path(ckpt)
     rank, ranks = _rank_of(accelerator)
-    plan = _on_main(accelerator, lambda: _verify_plan(ckpt))
+    plan = on_main(accelerator, lambda: _verify_plan(ckpt))
     if isinstance(plan, tuple):  # answered without hashing: cached, or a problem found by stat alone
         return plan[1]
     want = plan["hash"]
@@ -185,7 +177,8 @@ def _verify_plan(ckpt: Path) -> tuple[str, Optional[str]] | dict[str, Any]:
     the cache key. Files after the first problem found by stat are not hashed: they cannot be the first problem."""
     files = _files(ckpt)
     stats = [(p, p.stat()) for p in [*files.values(), ckpt / MANIFEST_FILE] if p.is_file()]
-    key = (str(ckpt.resolve()), *((str(p), st.st_size, st.st_mtime_ns) for p, st in stats))
+    # By file identity, not path: a checkpoint a rollback moved (vkd_dist/lines.py) is not hashed again.
+    key = tuple((p.relative_to(ckpt).as_posix(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for p, st in stats)
     if key in _verified:
         return "answer", _verified[key]
     manifest = ckpt / MANIFEST_FILE
@@ -220,7 +213,7 @@ def _verify_plan(ckpt: Path) -> tuple[str, Optional[str]] | dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- resume
-def _on_main(accelerator, fn: Callable[[], T]) -> T:
+def on_main(accelerator, fn: Callable[[], T]) -> T:
     """fn() on the main process only, its result (or its exception, raised on every rank) broadcast to all."""
     if accelerator is None or accelerator.num_processes == 1:
         return fn()
@@ -239,7 +232,7 @@ def _on_main(accelerator, fn: Callable[[], T]) -> T:
 
 def _newest_good(run_dir: Path, accelerator=None) -> Optional[Path]:
     """Collective with an `accelerator`: every rank verifies the same candidates (rank 0's listing) together."""
-    dirs, problems = _on_main(accelerator, lambda: _step_dirs(run_dir)), []
+    dirs, problems = on_main(accelerator, lambda: _step_dirs(run_dir)), []
     for path in reversed(dirs):
         problem = verify(path, accelerator)
         if problem is None:
@@ -260,73 +253,16 @@ def resolve(run_dir: str | Path, which: Optional[str], accelerator=None) -> Opti
     First (rank 0) a step left as `.old-step-X` by an interrupted re-save is put back (`_recover`)."""
     if which in (None, ""):
         return None
-    _on_main(accelerator, lambda: _recover(run_dir))
+    on_main(accelerator, lambda: _recover(run_dir))
     if which == "latest":
         return _newest_good(Path(run_dir), accelerator)
     path = Path(which)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
+    if not on_main(accelerator, lambda: (path / STATE_FILE).is_file()):  # rank 0's look, as for latest
+        raise ConfigError(f"resume={which}: {path}: not a checkpoint (no {STATE_FILE})")
     problem = verify(path, accelerator)
     if problem is not None:
         raise CheckpointError(f"resume={which}: not a complete checkpoint: {problem}")
     return path
-
-
-def set_aside_newer(run_dir: str | Path, ckpt: Optional[Path], accelerator=None) -> Optional[str]:
-    """Collective. After `resolve` chose `ckpt`: when the run has step-* directories newer than it (an explicit
-    resume of an older checkpoint, or resume=latest falling back from newer ones that do not verify), rank 0
-    moves them into one `checkpoints/abandoned-<step>-<UTC time>/`: kept, never deleted by retention, never read
-    by resume=latest, so that the saves from here on are the run's only line. Returns the one line to log (the
-    same on every rank), or None when nothing was newer."""
-    if ckpt is None:
-        return None
-    return _on_main(accelerator, lambda: _set_aside(Path(run_dir), Path(ckpt)))
-
-
-def _set_aside(run_dir: Path, ckpt: Path) -> Optional[str]:
-    root = run_dir / CKPT_DIR
-    if not root.is_dir():
-        return None
-    try:
-        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        number = _step_number(ckpt.name)
-        if number is None:
-            raise
-        step = number
-    _recover(run_dir)
-    newer = sorted(p for p in root.glob("step-*")
-                   if (n := _step_number(p.name)) is not None and n > step and p.resolve() != ckpt.resolve())
-    for prefix in (OLD, CONSOLIDATED, ".tmp-"):  # that line's superseded versions, caches, unfinished saves
-        for stale in root.glob(f"{prefix}step-*"):
-            if (n := _step_number(stale.name[len(prefix):])) is not None and n > step:
-                shutil.rmtree(stale, ignore_errors=True)
-    if not newer:
-        return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = root / f"{ABANDONED}{step:08d}-{stamp}"
-    suffix = 1
-    while dest.exists():  # two rollbacks within a second
-        suffix += 1
-        dest = root / f"{ABANDONED}{step:08d}-{stamp}-{suffix}"
-    dest.mkdir()
-    for path in newer:
-        os.replace(path, dest / path.name)
-    fsync_path(dest)
-    fsync_path(root)
-    return (f"rolled back to {ckpt.name}: {', '.join(p.name for p in newer)} moved to {CKPT_DIR}/{dest.name} "
-            "(kept; never deleted by retention)")
-
-
-def restore(accelerator, run_dir: str | Path, which: Optional[str]) -> tuple[Optional[Path], Optional[dict], list]:
-    """Collective: the checkpoint `resume=which` names (`resolve`: rank 0 verifies, every rank loads its choice),
-    with the run's newer checkpoints set aside when it is older (`set_aside_newer`), loaded. Returns it, its
-    train_state.json and the lines to log; (None, None, []) when there is nothing to resume."""
-    ckpt = resolve(run_dir, which, accelerator)
-    if ckpt is None:
-        return None, None, []
-    rolled_back = set_aside_newer(run_dir, ckpt, accelerator)  # kept aside, never deleted by retention
-    return ckpt, load(accelerator, ckpt), [rolled_back] if rolled_back else []
 
 
 def load(accelerator, path: Path) -> dict:
@@ -397,9 +333,11 @@ def _commit(tmp: Path, final: Path, files: dict[str, dict]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
+def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: int,
+         also: Optional[Callable[[Path], None]] = None) -> Path:
     """Collective: every rank must call. Returns the final checkpoint directory; raises CheckpointError on every
-    rank when any rank could not write its part (the previous checkpoints are then untouched)."""
+    rank when any rank could not write its part (the previous checkpoints are then untouched). `also(dir)`: more
+    files every rank writes into it beside Accelerate's state (listed and hashed with them)."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -407,7 +345,8 @@ def save(accelerator, run_dir: str | Path, step: int, state: dict, keep_last: in
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    _agreed(accelerator, final, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    _agreed(accelerator, final, lambda: (accelerator.save_state(str(tmp), safe_serialization=True),
+                                         also(tmp) if also is not None else None))
     # One process per node flushes what every rank on the node wrote (page caches are per node).
     _agreed(accelerator, final, lambda: fsync_tree(tmp), here=accelerator.is_local_main_process)
     sizes = _agreed(accelerator, final, lambda: _write_state(tmp, {**state, "step": step}),

@@ -52,6 +52,7 @@ CHECKS: tuple[Check, ...] = (
     text_init.check_config,  # objective.text_init
     init_from.check_config,  # model.init_from, model.init_modules
     structural.check_text_layers,
+    structural.check_overwrite,  # overwrite with resume
     pretrained.check_config,  # model.image_weights, model.text_encoder
     structural.check_paths,  # model.tokenizer, resume, run_dir, data.path, data.text_features
 )

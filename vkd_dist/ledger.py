@@ -2,7 +2,9 @@
 `epoch,step,key`, one row per training sample in the order the rank consumed it (sample keys only: no report
 text, no labels). A resume first drops every row after the checkpoint's step, on every rank's file (also those of
 ranks a smaller resumed run no longer has), so the ledger is what the run's optimizer steps consumed and
-exactly-once reading can be checked from outside, e.g. across a resume on another number of processes."""
+exactly-once reading can be checked from outside, e.g. across a resume on another number of processes. A rollback
+first moves the abandoned line's rows beside its checkpoints, and undoing it brings them back (`move_rows`, from
+vkd_dist/lines.py)."""
 
 from __future__ import annotations
 
@@ -32,13 +34,32 @@ def read_ledger(path: str | Path) -> list[tuple[int, int, str]]:
     return rows
 
 
+def _write(path: Path, rows: list[tuple[int, int, str]]) -> None:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([HEADER, *rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, out.getvalue())
+
+
 def truncate_after(run_dir: str | Path, step: int) -> None:
     """Keep the rows of steps <= `step` in every rank's file (one process: the main one, before any rank writes)."""
     for path in ledger_files(run_dir):
-        kept = [r for r in read_ledger(path) if r[1] <= step]
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows([HEADER, *kept])
-        atomic_write_text(path, out.getvalue())
+        _write(path, [r for r in read_ledger(path) if r[1] <= step])
+
+
+def move_rows(src_run: str | Path, dest_run: str | Path, moves) -> int:
+    """Every rank's rows for which `moves(step)` from src_run's ledger to the end of dest_run's (one process)."""
+    moved = 0
+    for path in ledger_files(src_run):
+        rows = read_ledger(path)
+        going = [r for r in rows if moves(r[1])]
+        if not going:
+            continue
+        dest = RunDir(dest_run).ledger_dir / path.name
+        _write(dest, [*(read_ledger(dest) if dest.is_file() else []), *going])
+        _write(path, [r for r in rows if not moves(r[1])])
+        moved += len(going)
+    return moved
 
 
 def open_ledger(run_dir: str | Path, accelerator, step: int) -> SampleLedger:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,18 +32,19 @@ class Prepared:
     notes: list = field(default_factory=list)
 
 
-def prepare_run(cfg: Config, accelerator=None, tokens: bool = True) -> Prepared:
+def prepare_run(cfg: Config, accelerator=None, tokens: bool = True, resumed: Optional[Path] = None) -> Prepared:
     """Everything a run needs from its data and its run directory before a model is built, in the order the
     checks guard the work: a resume onto another model shape is refused before anything is read or written; the
     kd teacher's text features are adopted before config.yaml records them; the data set (built if asked),
     labels.json (a resume onto other labels refused), config.yaml, the tokenizer and, with `tokens`, the training
-    split's token table."""
-    check_resume_config(cfg)
+    split's token table. `resumed`: the checkpoint the run resumes from (vkd_dist/resume.py decided it)."""
+    check_resume_config(cfg, resumed)
     notes = [adopted] if (adopted := adopt_teacher_text_features(cfg)) else []
     info = ensure_dataset(cfg, accelerator)
     record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
     if accelerator is None or accelerator.is_main_process:
-        save_config(with_absolute_paths(cfg), RunDir(cfg.run_dir).config_file)
+        # overwrite is never saved: a rerun must not overwrite
+        save_config(replace(with_absolute_paths(cfg), overwrite=False), RunDir(cfg.run_dir).config_file)
     tokenizer = resolve_tokenizer(cfg, info, accelerator)
     table = token_table(cfg, info, tokenizer, accelerator) if tokens else None
     warn_unscorable(info, cfg.data.val_split, notes.append)
@@ -213,11 +214,10 @@ def _model_shape(cfg: Config) -> dict:
     return {**model, "data.image_size": cfg.data.image_size, "objective.name": cfg.objective.name}
 
 
-def check_resume_config(cfg: Config) -> None:
-    """With `resume` (and a checkpoint to resume from), refuse a config that changes the model's shape against
-    the config.yaml of the run being resumed, naming each key with its old and new value. Before anything is
-    loaded or written; labels are compared by `record_run_labels` once the data set is read."""
-    ckpt = checkpoint.candidate(cfg.run_dir, cfg.resume)  # which run's config to compare with
+def check_resume_config(cfg: Config, ckpt: Optional[Path]) -> None:
+    """Resuming from `ckpt`, refuse a config that changes the model's shape against the config.yaml of the run
+    being resumed, naming each key with its old and new value. Before anything is loaded or written; labels are
+    compared by `record_run_labels` once the data set is read."""
     if ckpt is None:
         return
     if not (ckpt / checkpoint.STATE_FILE).is_file():

@@ -17,8 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from vkd_dist import checkpoint
+from vkd_dist import rank_buffers, resume
 from vkd_dist.build import build_model
+from vkd_dist.checkpoint import on_main
 from vkd_dist.config import Config
 from vkd_dist.data.augment import BatchAugment
 from vkd_dist.data.compose import ComposedStream, describe, train_stream
@@ -35,7 +36,6 @@ from vkd_dist.prepare import prepare_run
 from vkd_dist.run_dir import RunDir
 from vkd_dist.text_init import init_text_path
 from vkd_dist.tracking import LossWindow, RunLogger, Throughput
-from vkd_dist.world_size import keep_global_batch
 
 
 class BatchStream(Protocol):
@@ -57,6 +57,8 @@ class TrainState:
     data_layout: Optional[dict] = None  # how the epoch was dealt to ranks and workers (vkd_dist/data/rest.py)
     world_size: int = 0  # processes and accumulation that wrote it: a resume on another number keeps the global batch
     grad_accum: int = 0
+    global_batch: int = 0  # samples per step the run asked for, and the grad_accum it was asked with (world_size.py)
+    asked_grad_accum: int = 0
     deferred: list = field(default_factory=list)  # actions a stop put off past its checkpoint (vkd_dist/actions.py)
     best_metric: Optional[str] = None  # the train.select_metric that best_value was measured with
     best_value: Optional[float] = None
@@ -80,6 +82,7 @@ class TrainResult:
     test: Optional[dict] = None
     run_dir: str = ""
     checkpoints: list = field(default_factory=list)
+    resumed_from: Optional[str] = None  # the checkpoint the run loaded (verified), None for a fresh start
 
 
 @dataclass
@@ -101,14 +104,17 @@ class Run:
     window: LossWindow = field(default_factory=LossWindow)  # the loss terms since the last train line
     skipped_by_worker: dict = field(default_factory=dict)  # data workers' counts of skipped corrupt samples
     ledger: Optional[SampleLedger] = None  # logging.sample_ledger
+    resumed_from: Optional[str] = None  # the checkpoint loaded (verified)
+    own_buffers: bool = False  # each rank resumed its own buffers (vkd_dist/rank_buffers.py): they are not synced
 
     def __post_init__(self) -> None:
         self.batches = epochs(self.stream, self.state.epoch, self.state.batch_in_epoch)
         # Any non-finite loss since the last check, kept on the device: reading it makes the host wait.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
         self.checked_step = self.state.step
-        # Buffers are equal on every rank at step 0 (the same initial weights) and in a checkpoint (saved synced).
-        self.synced_step = self.state.step
+        # Buffers are equal on every rank at step 0 (the same initial weights) and in a checkpoint (saved synced),
+        # unless each rank resumed its own.
+        self.synced_step = -1 if self.own_buffers else self.state.step
 
     @property
     def run_dir(self) -> Path:
@@ -175,10 +181,10 @@ def seed_per_rank(cfg: Config, accelerator: Accelerator) -> None:
 
 def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
     restrict_access(cfg.run_dir, cfg.data.shared_group)  # before anything is written: owner-only (or the group's)
-    rescaled = keep_global_batch(cfg)  # a resume on another number of processes: before the accelerator reads it
     accelerator = build_accelerator(cfg)
+    decision = resume.decide(cfg, accelerator)  # the run directory, the checkpoint, grad_accum: one answer, all ranks
     set_seed(cfg.train.seed, device_specific=False, deterministic=cfg.train.deterministic)
-    prepared = prepare_run(cfg, accelerator, tokens=stream is None)  # data set, labels, config.yaml, tokenizer
+    prepared = prepare_run(cfg, accelerator, tokens=stream is None, resumed=decision.ckpt)
     info, tokenizer = prepared.info, prepared.tokenizer
     model = build_model(cfg, len(tokenizer), num_labels=len(info.labels))
     init_text_path(model, cfg, info.labels)  # objective.text_init: the report path from a text_only run
@@ -197,21 +203,25 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
                               accelerator.num_processes, cfg.train.seed, prepared.tokens,
                               get_objective(cfg.objective.name).learns_from)
     state = TrainState(best_metric=cfg.train.select_metric)
-    ckpt, saved, notes = checkpoint.restore(accelerator, cfg.run_dir, cfg.resume)
-    moved = None
-    if saved is not None:
+    ckpt, saved, notes, best_kept = resume.restore(accelerator, cfg, decision)
+    moved, own_buffers = None, False
+    if ckpt is not None and saved is not None:
         state = TrainState.from_saved(saved, cfg.train.select_metric)
+        own_buffers = rank_buffers.restore(accelerator, model, ckpt, state.world_size)
+        if not best_kept:  # the continued line's best/ was replaced by the other line's: its next validation exports
+            state.best_value = None
         # exact even when samples were skipped: each worker's raw position
         if isinstance(stream, (TrainStream, ComposedStream)):
             state.epoch, state.batch_in_epoch, moved = stream.resume(
                 state.epoch, state.batch_in_epoch, state.data_offsets, state.data_reads, state.data_layout,
-                shared=partial(checkpoint._on_main, accelerator))  # the shards' headers read once, on rank 0
+                shared=partial(on_main, accelerator))  # the shards' headers read once, on rank 0
     state.world_size, state.grad_accum = accelerator.num_processes, cfg.optim.grad_accum
+    state.global_batch, state.asked_grad_accum = decision.batch.global_batch, decision.batch.asked_grad_accum
     ledger = open_ledger(cfg.run_dir, accelerator, state.step) if cfg.logging.sample_ledger else None
     log = RunLogger(cfg, accelerator.is_main_process, cfg.train.max_steps, state.step)
     if ckpt is not None:
         log.info(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
-    for line in (*notes, rescaled, moved):
+    for line in (*decision.notes, *notes, moved):
         if line:
             log.info(line)
     log.info(f"run {cfg.run_dir} | objective {cfg.objective.name} | {accelerator.strategy.name} over "
@@ -226,4 +236,4 @@ def build_run(cfg: Config, stream: Optional[BatchStream] = None) -> Run:
         log.info(note)
     augment = BatchAugment(cfg.data, cfg.train.seed, accelerator.process_index)
     return Run(cfg, accelerator, info, tokenizer, model, objective, optimizer, schedule, stream, augment, log,
-               state, ledger=ledger)
+               state, ledger=ledger, resumed_from=str(ckpt) if ckpt is not None else None, own_buffers=own_buffers)

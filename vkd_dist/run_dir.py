@@ -14,6 +14,8 @@ writes a run (training, checkpoints, evaluation, export, comparison, the SLURM l
     RUN/ledger/rank-R.csv      the sample ledger (logging.sample_ledger)
     RUN/slurm_job.json         the SLURM launcher's record of the job; RUN/submitit/ is submitit's folder
     RUN/train.log              the console output, where a launcher keeps it (the study does)
+    RUN/resumed.json           the last explicit resume=PATH: the checkpoint it loaded, the SLURM job that asked
+    RUN.previous-<UTC time>/   a run that `overwrite=true` moved aside whole (beside RUN, itself a run directory)
 
 Reports are never written here in clear text; RUN/tokens/ holds their token ids (see docs/data.md).
 """
@@ -21,6 +23,8 @@ Reports are never written here in clear text; RUN/tokens/ holds their token ids 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -46,6 +50,7 @@ class RunDir:
     SLURM_JOB = "slurm_job.json"
     SUBMITIT = "submitit"
     TRAIN_LOG = "train.log"
+    RESUMED = "resumed.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -127,7 +132,36 @@ class RunDir:
     def submitit_dir(self) -> Path:
         return self.path / self.SUBMITIT
 
+    @property
+    def resumed_file(self) -> Path:
+        return self.path / self.RESUMED
+
     # --------------------------------------------------------------------------- what it says
+    def held(self) -> list[str]:
+        """What of a run this directory holds (config.yaml, checkpoints, exports, test metrics): a new run here
+        would mix with it. Empty for a new directory, or one holding only a launcher's log or SLURM record."""
+        checkpoints = self.checkpoints_dir
+        found = [self.CONFIG] if self.config_file.is_file() else []
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            found.append(f"{self.CHECKPOINTS}/")
+        found += [f"{name}/" for name in EXPORTS if (self.path / name).exists()]
+        return found + ([self.TEST_METRICS] if self.test_metrics_file.is_file() else [])
+
+    def move_aside(self) -> Path:
+        """Move the whole directory to a sibling `NAME.previous-<UTC time>` (kept: itself a run directory) and
+        make `self.path` a new empty directory with the same mode. One process only. Returns where it went."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.path.with_name(f"{self.path.name}.previous-{stamp}")
+        suffix = 1
+        while dest.exists():  # two within a second
+            suffix += 1
+            dest = self.path.with_name(f"{self.path.name}.previous-{stamp}-{suffix}")
+        mode = self.path.stat().st_mode
+        os.replace(self.path, dest)
+        self.path.mkdir()
+        os.chmod(self.path, mode & 0o7777)
+        return dest
+
     def is_run(self) -> bool:
         return self.config_file.is_file()
 

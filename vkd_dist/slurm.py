@@ -6,9 +6,9 @@ Shape of a job (`launchers/slurm.py` is a thin wrapper around `main()` here):
   `srun --kill-on-bad-exit=1` starts one task per GPU, each running `TrainJob` (pickled under RUN/submitit).
 - `TrainJob` exports RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, tells Accelerate the strategy the way its
   launch config would (vkd_dist.strategy.accelerate_env: the shipped DeepSpeed JSON, or fsdp2.yaml's settings),
-  sets `resume` (an explicit one on the first attempt, else `latest`: vkd_dist.slurm_env.attempt_resume) and calls
-  `vkd_dist.train.train(cfg, stop)`. `--strategy` (default: the config's dist.strategy, else ddp) and dist.strategy
-  must agree: checked before queueing and again in the job.
+  sets `resume` (an explicit one until an attempt has loaded it, else `latest`: vkd_dist.slurm_env.attempt_resume)
+  and calls `vkd_dist.train.train(cfg, stop)`. `--strategy` (default: the config's dist.strategy, else ddp) and
+  dist.strategy must agree: checked before queueing and again in the job.
 - Signals: `stop` (a `StopRequest`) owns SIGTERM/SIGUSR1/SIGUSR2 for the whole run, so submitit's own handler
   (which would checkpoint from inside a signal handler, mid-step) never fires during training. The training loop
   lets all ranks agree at a step boundary, writes one atomic checkpoint and returns `preempted=True`.
@@ -294,15 +294,24 @@ def _stop_request():
     return StopRequest(install=True)  # records the signals that arrived: USR1/USR2 -> requeue; TERM alone -> don't
 
 
-def _resume_from(run_dir: Path, resume: Optional[str]) -> str:
-    """The checkpoint the attempt will resume from, verified as train() will verify it ("": a fresh start).
-    Single-process (no process group yet); a checkpoint that does not verify is recorded, train() raises."""
-    from vkd_dist import checkpoint
-
+def _resume_made(run_dir: Path, requested: Optional[str], job_id: str) -> bool:
+    """Whether this job's explicit resume=PATH was loaded already, by an earlier attempt (RUN/resumed.json,
+    vkd_dist/resume.py: record_resume). Read from the file, never by hashing a checkpoint: train() verifies, every
+    rank hashing a share."""
+    if not requested or requested == "latest":
+        return False
     try:
-        return str(checkpoint.resolve(run_dir, resume) or "")
-    except (OSError, checkpoint.CheckpointError) as exc:
-        return f"not usable: {exc}"
+        made = json.loads(RunDir(run_dir).resumed_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return made.get("asked") == str(Path(requested).resolve()) and made.get("slurm_job") == str(job_id)
+
+
+def _continue_hint(requested: Optional[str]) -> str:
+    if requested and requested != "latest":
+        return (f"resubmit the same vkd-slurm command with resume=latest in place of resume={requested} (which would "
+                "roll back to it again) to continue from the newest checkpoint")
+    return "resubmit the same vkd-slurm command to continue from the newest checkpoint (it resumes with resume=latest)"
 
 
 def _update_job_file(run_dir: Path, **entry: Any) -> None:
@@ -334,7 +343,6 @@ class TrainJob:
         dist = export_distributed_env(self.master_port, self.cpu)
         restarts = restart_count(os.environ)
 
-        from vkd_dist import checkpoint
         from vkd_dist.configure import load_config
         from vkd_dist.train import train
 
@@ -345,13 +353,14 @@ class TrainJob:
         clear_strategy_env()
         os.environ.update(accelerate_env(strategy.name, cfg.dist.offload_optimizer))
         run_dir = Path(cfg.run_dir)
-        cfg.resume = attempt_resume(cfg.resume, restarts, checkpoint.latest(run_dir) is not None)
+        asked = cfg.resume
+        cfg.resume = attempt_resume(asked, restarts, _resume_made(run_dir, asked, job.job_id))
         rank = int(dist["RANK"])
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="running",
                              world_size=int(dist["WORLD_SIZE"]), master=f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']}",
-                             resume_from=_resume_from(run_dir, cfg.resume))
+                             resume=cfg.resume)  # train() verifies it, every rank hashing a share
             print(f"[vkd-slurm] job {job.job_id} attempt {restarts + 1} | world {dist['WORLD_SIZE']} | master "
                   f"{dist['MASTER_ADDR']}:{dist['MASTER_PORT']} | strategy {self.strategy} | run {run_dir}", flush=True)
 
@@ -361,9 +370,10 @@ class TrainJob:
         summary = {"step": result.step, "preempted": result.preempted, "val": result.val, "test": result.test,
                    "run_dir": result.run_dir, "checkpoints": result.checkpoints, "job_id": job.job_id,
                    "restarts": restarts}
+        ended = {"job_id": job.job_id, "restarts": restarts, "step": result.step, "resumed_from": result.resumed_from}
         if not result.preempted:
             if rank == 0:
-                _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="completed", step=result.step)
+                _update_job_file(run_dir, status="completed", **ended)
             return summary
 
         # -- preempted: one consistent checkpoint exists; requeue (rank 0) and leave without a result ---------
@@ -371,20 +381,20 @@ class TrainJob:
         if rank != 0:
             sys.exit(0)  # SystemExit: submitit writes no result file for this task
         if not on_slurm:
-            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="preempted", step=result.step)
+            _update_job_file(run_dir, status="preempted", **ended)
             print(f"[vkd-slurm] preempted at step {result.step}; not on SLURM, so no requeue: rerun the same "
                   "command with resume=latest to resume", flush=True)
             return summary
         if not requeue_signal:
-            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="terminated", step=result.step)
+            _update_job_file(run_dir, status="terminated", **ended)
             raise RuntimeError(f"job {job.job_id} got SIGTERM (cancelled, or preempted with PreemptMode=REQUEUE, "
                                f"which requeues by itself); checkpointed at step {result.step}, not requeued")
         if restarts >= self.max_requeues:
-            _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="requeue-limit", step=result.step)
+            _update_job_file(run_dir, status="requeue-limit", **ended)
             raise RuntimeError(f"job {job.job_id} was preempted/timed out at step {result.step} and has already been "
-                               f"requeued {restarts} time(s) (max_requeues={self.max_requeues}); checkpoint kept, "
-                               f"resubmit to continue")
-        _update_job_file(run_dir, job_id=job.job_id, restarts=restarts, status="requeued", step=result.step)
+                               f"requeued {restarts} time(s) (max_requeues={self.max_requeues}); checkpoint kept: "
+                               f"{_continue_hint(asked)}")
+        _update_job_file(run_dir, status="requeued", **ended)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue terminates this job: finish the call first
         proc = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
@@ -454,7 +464,7 @@ def training_command(spec: LaunchSpec) -> str:
     args += spec.overrides + ([] if resumes else ["resume=latest"])
     world = spec.nodes * spec.tasks_per_node
     command = " ".join(shlex.quote(a) for a in args)
-    requeued = "; a requeued attempt with resume=latest" if spec.resume else ""
+    requeued = "; a requeued attempt with resume=latest once an attempt has loaded PATH" if spec.resume else ""
     return (f"# per task (x{world}: {spec.nodes} node(s) x {spec.tasks_per_node}), with RANK/LOCAL_RANK/WORLD_SIZE="
             f"{world}/MASTER_ADDR=<first node>/MASTER_PORT from submitit{requeued}:\n{env} {command}")
 

@@ -113,12 +113,13 @@ def restart_count(env: Mapping[str, str]) -> int:
         return 0
 
 
-def attempt_resume(requested: Optional[str], restarts: int, run_has_checkpoint: bool) -> str:
+def attempt_resume(requested: Optional[str], restarts: int, made: bool) -> str:
     """The `resume` an attempt of a SLURM job trains with. The first attempt honours an explicit resume=PATH; a
-    requeued one continues the run from its own newest checkpoint ('latest'), or from PATH again while the run
-    has no checkpoint yet (preempted before its first save). Without an explicit one: 'latest' (a fresh start
-    when there is none)."""
-    if not requested or requested == "latest" or (restarts > 0 and run_has_checkpoint):
+    requeued one continues the run from its own newest checkpoint ('latest') once that resume was made (`made`:
+    the run's RUN/resumed.json names PATH and this job, written when the checkpoint was loaded and its line set
+    aside), and from PATH again until then: preempted before that, 'latest' would be the line PATH rolls back
+    from. Without an explicit one: 'latest' (a fresh start when there is none)."""
+    if not requested or requested == "latest" or (restarts > 0 and made):
         return "latest"
     return requested
 

@@ -40,7 +40,7 @@ def loop(run: Run, stop: StopRequest) -> TrainResult:
     from vkd_dist.step import train_step
 
     state, max_steps = run.state, run.cfg.train.max_steps
-    result = TrainResult(step=state.step, run_dir=run.cfg.run_dir)
+    result = TrainResult(step=state.step, run_dir=run.cfg.run_dir, resumed_from=run.resumed_from)
     actions = periodic_actions(run, result)
     run_deferred(run, actions)  # a validation the last attempt's stop put off
     run.model.train()

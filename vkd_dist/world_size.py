@@ -1,21 +1,24 @@
 """Resuming a run on another number of processes than it was saved on.
 
-- The global batch (batch_size x grad_accum x processes) stays what it was when grad_accum can make it so; the
-  run says in one line how grad_accum changed, or, where it cannot, how the global batch changed (the lr schedule
-  is a function of the step and optim.lr is not rescaled).
+- The global batch (batch_size x grad_accum x processes) stays the one the run asked for when grad_accum can make
+  it so; the run says in one line how grad_accum changed, or, where it cannot, how the global batch changed (the
+  lr schedule is a function of the step and optim.lr is not rescaled). The ask is saved in every checkpoint
+  (`global_batch`, `asked_grad_accum`), so a second resume compares with it, not with an adjusted grad_accum:
+  4 processes x 1 -> 2 x 2 -> 2 x 2 again, and 2 x 2 -> 1 x 4. A grad_accum changed on the command line is a
+  new ask.
 - DDP and FSDP2 load the model and optimizer on any number of processes (one full copy; DCP reshards). DeepSpeed
   ZeRO's per-rank optimizer shards load only on the number that wrote them: such a resume is refused in one line.
 - The data: vkd_dist/data/rest.py reads the rest of the interrupted epoch exactly once.
+
+Decided from the checkpoint a resume loads (verified, the same on every rank: vkd_dist/resume.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vkd_dist import checkpoint
 from vkd_dist.config import ConfigError
 from vkd_dist.strategy import resolve
 
@@ -23,47 +26,51 @@ if TYPE_CHECKING:
     from vkd_dist.config import Config
 
 
-def launched_world() -> int:
-    """The number of processes of this launch, known before the process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass
+class GlobalBatch:
+    """What a run trains with: grad_accum, and the ask it keeps (saved in every checkpoint)."""
+
+    grad_accum: int
+    global_batch: int  # samples per optimizer step the run asked for
+    asked_grad_accum: int  # optim.grad_accum as the run was (last) asked to train with
+    note: Optional[str] = None  # the line to log when something changed
 
 
-def _saved_state(cfg: Config) -> tuple[Optional[Path], Optional[dict]]:
-    """The checkpoint a resume would most likely load and its train_state.json (unverified: `checkpoint.resolve`
-    checks it, and names what is wrong)."""
-    ckpt = checkpoint.candidate(cfg.run_dir, cfg.resume)
-    try:
-        return ckpt, json.loads((ckpt / checkpoint.STATE_FILE).read_text()) if ckpt is not None else None
-    except (OSError, ValueError):
-        return ckpt, None
+def fresh(cfg: Config, world: int) -> GlobalBatch:
+    return GlobalBatch(cfg.optim.grad_accum, cfg.data.batch_size * cfg.optim.grad_accum * world, cfg.optim.grad_accum)
 
 
-def keep_global_batch(cfg: Config, world: Optional[int] = None) -> Optional[str]:
-    """Before the accelerator is built: on a resume at another number of processes, refuse what the strategy
-    cannot load there, and set optim.grad_accum so the global batch stays the same; returns the line to log (None
-    when nothing changed)."""
-    ckpt, saved = _saved_state(cfg)
+def keep_global_batch(cfg: Config, saved: Optional[dict], world: int, ckpt: Optional[Path] = None) -> GlobalBatch:
+    """The grad_accum a run on `world` processes trains with, resuming from `saved` (a train_state.json; None: a
+    fresh start). Refuses what the strategy cannot load on another number of processes."""
     if not saved or not saved.get("world_size"):
-        return None
-    world = world or launched_world()
+        return fresh(cfg, world)
     old_world, old_accum = int(saved["world_size"]), int(saved.get("grad_accum") or 1)
-    if old_world == world:
-        return None
-    strategy = resolve(cfg)
-    if strategy.deepspeed:
+    batch, asked = cfg.data.batch_size, cfg.optim.grad_accum
+    if old_world != world and resolve(cfg).deepspeed:
         raise ConfigError(
-            f"resume={ckpt}: written by {old_world} process(es) under {strategy.name}, whose ZeRO optimizer shards "
-            f"load only on {old_world}; resume on {old_world} process(es) (DeepSpeed's universal checkpoint, "
+            f"resume={ckpt}: written by {old_world} process(es) under {resolve(cfg).name}, whose ZeRO optimizer "
+            f"shards load only on {old_world}; resume on {old_world} process(es) (DeepSpeed's universal checkpoint, "
             "python -m deepspeed.checkpoint.ds_to_universal, converts them, but this trainer does not load that "
             "format yet)")
-    per_step = old_world * old_accum  # micro-batches per optimizer step, all ranks together
-    batch = cfg.data.batch_size
-    if cfg.optim.grad_accum == old_accum and per_step % world == 0:
-        cfg.optim.grad_accum = per_step // world
-        return (f"resumed on {world} process(es), saved on {old_world}: optim.grad_accum {old_accum} -> "
-                f"{cfg.optim.grad_accum} keeps the global batch at {per_step * batch} samples per step")
-    new = world * cfg.optim.grad_accum * batch
-    return (f"resumed on {world} process(es), saved on {old_world}: the global batch changes from "
-            f"{per_step * batch} to {new} samples per step (optim.grad_accum={cfg.optim.grad_accum}"
-            f"{'' if per_step % world else f'; {per_step} micro-batches do not divide over {world}'}); the lr "
-            "schedule is by step and optim.lr is not rescaled")
+    # Checkpoints written before the ask was saved: what they trained with was the ask.
+    saved_ask = int(saved.get("asked_grad_accum") or old_accum)
+    target = int(saved.get("global_batch") or old_world * old_accum * batch)
+    was = old_world * old_accum * batch  # what the saved run trained with
+    where = f"resumed on {world} process(es), saved on {old_world}"
+    if asked != saved_ask:  # a new ask on the command line: it wins
+        now = world * asked * batch
+        note = None if now == was else (f"{where}: optim.grad_accum={asked} asked (was {saved_ask}): the global batch "
+                                        f"changes from {was} to {now} samples per step; the lr schedule is by step "
+                                        "and optim.lr is not rescaled")
+        return GlobalBatch(asked, now, asked, note)
+    if target % (world * batch) == 0:
+        accum = target // (world * batch)
+        note = None if accum == old_accum else (f"{where}: optim.grad_accum {old_accum} -> {accum} keeps the global "
+                                                f"batch at {target} samples per step")
+        return GlobalBatch(accum, target, asked, note)
+    now = world * asked * batch
+    return GlobalBatch(asked, target, asked,
+                       f"{where}: the global batch changes from {target} to {now} samples per step ({target} "
+                       f"samples do not divide into batches of {batch} over {world} process(es); "
+                       f"optim.grad_accum={asked}); the lr schedule is by step and optim.lr is not rescaled")

@@ -120,6 +120,12 @@ def check_text_layers(cfg: Config) -> None:
         raise ConfigError("model.text_trainable_layers must be >= 0 or null")
 
 
+def check_overwrite(cfg: Config) -> None:
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError(f"overwrite=true starts a new run (the old one moved aside) and resume={cfg.resume} "
+                          "continues one: pass one of them")
+
+
 def _check_writable(key: str, path: str | Path) -> None:
     """`path` is, or can be made, a directory this process writes to; nothing is created here."""
     target = Path(path).absolute()
@@ -150,7 +156,7 @@ Check = Callable[[Config], None]
 
 # In the order vkd_dist.configure.CHECKS runs them (there, with the components' checks between them).
 STRUCTURAL: tuple[Check, ...] = (check_choices, check_bounds, check_betas, check_in_chans, check_teacher_path,
-                                 check_text_layers, check_paths)
+                                 check_text_layers, check_overwrite, check_paths)
 
 
 def check_structure(cfg: Config) -> None:

@@ -203,6 +203,9 @@ class LoggingConfig:
 class Config:
     run_dir: str = "runs/default"
     resume: Optional[str] = None  # None | latest | a checkpoint directory
+    # A new run in a run_dir that holds another run: move that run aside whole (kept as RUN.previous-<UTC time>)
+    # instead of refusing. Never recorded in config.yaml.
+    overwrite: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
