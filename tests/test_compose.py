@@ -13,6 +13,7 @@ from vkd_dist.data.pipeline import TrainStream, train_loader
 from vkd_dist.data.schema import read_dataset
 from vkd_dist.data.tokens import build_wordpiece_tokenizer, report_texts
 from vkd_dist.ledger import ledger_files, read_ledger
+from vkd_dist.prepare import prepare_run
 from vkd_dist.train import train
 
 
@@ -103,7 +104,7 @@ def test_a_composed_stream_resumes_exactly_across_the_unlabelled_streams_epochs(
         second.resume(0, 1, [plain.offsets], [plain.reads], plain.layout(0).to_dict())
 
 
-def test_every_study_labelled_or_a_null_share_reads_the_ordinary_stream(tiny_data, tenth, tokenizer):
+def test_every_study_labelled_or_a_null_share_reads_the_ordinary_stream(tiny_data, tenth, tokenizer, tmp_path):
     fully = read_dataset(tiny_data)
     for learns in (LABELLED, MIXED, PAIRED):
         s = train_stream(fully, "train", _cfg(num_workers=0), tokenizer, 0, 1, 3, None, learns)
@@ -115,8 +116,13 @@ def test_every_study_labelled_or_a_null_share_reads_the_ordinary_stream(tiny_dat
     assert isinstance(train_stream(partial, "train", _cfg(), tokenizer, 0, 1, 3, None, PAIRED), TrainStream)
     with pytest.raises(ConfigError, match="data.labelled_share=0.05 of data.batch_size=8 rounds to no labelled"):
         train_stream(partial, "train", _cfg(labelled_share=0.05), tokenizer, 0, 1, 3, None, MIXED)
+    share = {"data.labelled_share": 0.05}
     with pytest.raises(ConfigError, match="data.labelled_share=0.05 of data.batch_size=8 rounds to no labelled"):
-        load_config(overrides=tiny_overrides(tenth, tenth / "run", **{"data.labelled_share": 0.05}))  # up front
+        prepare_run(load_config(overrides=tiny_overrides(tenth, tenth / "run", **share)), None)  # before any work
+    assert not (tenth / "run" / "config.yaml").exists()
+    fully_run = tmp_path / "fully-run"  # every study labelled: the share never applies, so no refusal
+    prepare_run(load_config(overrides=tiny_overrides(tiny_data, fully_run, **share)), None)
+    assert (fully_run / "config.yaml").is_file()
     with pytest.raises(ConfigError, match=r"data.labelled_share=0.0 must be in \(0, 1\] or null"):
         load_config(overrides=tiny_overrides(tenth, tenth / "run", **{"data.labelled_share": 0}))
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from vkd_dist import checkpoint
 from vkd_dist.config import Config, ConfigError, did_you_mean, no_dataset, save_config, to_dict
+from vkd_dist.data.compose import labelled_per_batch
 from vkd_dist.data.schema import DatasetInfo, read_dataset
 from vkd_dist.data.tokens import TokenTable, build_token_table, build_wordpiece_tokenizer, load_tokenizer, report_texts
 from vkd_dist.fileio import atomic_write_text
@@ -41,6 +42,9 @@ def prepare_run(cfg: Config, accelerator=None, tokens: bool = True, resumed: Opt
     check_resume_config(cfg, resumed)
     notes = [adopted] if (adopted := adopt_teacher_text_features(cfg)) else []
     info = ensure_dataset(cfg, accelerator)
+    # a share that leaves no labelled study per batch matters only where some studies are unlabelled
+    labelled_per_batch(get_objective(cfg.objective.name).learns_from, cfg.data,
+                       info.num_unlabelled(cfg.data.train_split))
     record_run_labels(cfg, info, accelerator)  # before config.yaml: a refused resume leaves the run as it was
     if accelerator is None or accelerator.is_main_process:
         # overwrite is never saved: a rerun must not overwrite

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from vkd_dist.config import ConfigError, not_allowed
-from vkd_dist.data.compose import labelled_per_batch
 
 if TYPE_CHECKING:
     import torch
@@ -42,17 +41,14 @@ RECIPES = {"vkd_distil": "configs/recipes/vkd_distil.yaml, after the text_only r
 
 
 def check_config(cfg: Config) -> None:
-    """objective.name is a registered objective (asked at validation time: tests register their own), and
-    data.labelled_share leaves its batches at least one labelled study."""
+    """objective.name is a registered objective (asked at validation time: tests register their own). Whether
+    data.labelled_share leaves a batch a labelled study depends on the data set: prepare_run asks."""
     name = cfg.objective.name
     if name in RECIPES and name not in objective_names():
         raise ConfigError(f"objective.name={name!r} is not an objective but a setting of vkd: select it with "
                           f"--config {RECIPES[name]}")
     if name not in objective_names():
         raise not_allowed("objective.name", name, objective_names())
-    share = cfg.data.labelled_share
-    if share is not None and 0 < share <= 1:  # outside: the bounds check's (vkd_dist/config/checks.py) to say
-        labelled_per_batch(get_objective(name).learns_from, cfg.data, num_unlabelled=1)
 
 
 def check_teacher(cfg: Config) -> None:
