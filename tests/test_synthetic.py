@@ -136,6 +136,24 @@ def test_label_fraction_drops_labels_of_training_studies_only_nested_and_seeded(
     assert _digest(tmp_path / "again") == digests["f0.1"] and again["splits"] == tenth["splits"]
 
 
+def test_label_seed_draws_another_labelled_subset_of_the_same_studies(tmp_path):
+    from conftest import read_shards
+
+    small = dict(image_size=32, samples_per_shard=16, workers=1, progress=False, seed=2, label_fraction=0.25)
+    base = build_synthetic(tmp_path / "base", 40, 8, 8, **small)
+    same = build_synthetic(tmp_path / "same", 40, 8, 8, label_seed=2, **small)  # the corpus seed, said aloud
+    other = build_synthetic(tmp_path / "other", 40, 8, 8, label_seed=5, **small)
+    assert _digest(tmp_path / "same") == _digest(tmp_path / "base") and "label_seed" not in base["params"]
+    assert other["params"]["label_seed"] == 5 and other["splits"]["train"]["num_labelled"] == 10
+    a, b = read_shards(tmp_path / "base", "train"), read_shards(tmp_path / "other", "train")
+    keep = {n: {k for k, s in d.items() if s["meta"].get("labelled", True)} for n, d in (("base", a), ("other", b))}
+    assert len(keep["base"]) == len(keep["other"]) == 10 and keep["base"] != keep["other"]
+    assert all(b[k]["image"] == a[k]["image"] and b[k]["text"] == a[k]["text"] for k in a)  # the same studies
+    digests = {n: _digest(tmp_path / n) for n in ("base", "other")}
+    assert {k: v for k, v in digests["base"].items() if not k.startswith("train")} == \
+           {k: v for k, v in digests["other"].items() if not k.startswith("train")}
+
+
 def test_label_fraction_is_checked(tmp_path, capsys):
     import pytest
 

@@ -38,6 +38,9 @@ def _add_synthetic(sub) -> None:
                    help="fraction of training studies that keep their labels (0 < F <= 1); the others keep image "
                         "and report but have no labels at all (reports for every study, labels for few). A seeded, "
                         "nested choice; val and test keep every label")
+    p.add_argument("--label-seed", type=int, default=None,
+                   help="seed of which training studies keep their labels (default: --seed): another labelled "
+                        "subset of the same images and reports")
     t = p.add_argument_group("the observation testbed (vkd_dist/data/testbed.py; docs/data.md)")
     t.add_argument("--testbed", action="store_true",
                    help="a true finding state draws the image and a radiologist's report observes it with the rates "
@@ -57,7 +60,7 @@ def _add_synthetic(sub) -> None:
 
 
 KNOBS = ("num_train", "num_val", "num_test", "image_size", "seed", "lesion_contrast", "noise", "label_noise",
-         "prevalence_scale", "label_fraction", "testbed", "miss_rate", "false_rate", "hedge_rate", "gold_fraction")
+         "prevalence_scale", "label_fraction", "label_seed", "testbed", "miss_rate", "false_rate", "hedge_rate", "gold_fraction")
 
 
 def _run_synthetic(args) -> int:

@@ -17,12 +17,16 @@ from benchmarks.bench import REPO
 from benchmarks.study.grid import (
     RELABELLED,
     StudyError,
+    base_arm,
+    corpus_knobs,
     cell_key,
     cell_overrides,
     cells_of,
     corpus_path,
+    per_seed_subset,
     run_rel,
     runs_of,
+    setting,
 )
 from vkd_dist.fileio import atomic_write_text
 from vkd_dist.run_dir import RunDir
@@ -37,20 +41,24 @@ class Interrupted(Exception):
 
 # ------------------------------------------------------------------------------------------ running cells
 def build_corpora(grid: dict, out: Path) -> None:
+    """Each regime's corpus (one per seed where seeds have their own labelled subsets) and, for a relabelled arm,
+    its copy with every training report labelled (built from the first seed's: the subset does not matter)."""
     from vkd_dist.data.relabel import label_corpus
     from vkd_dist.data.testbed import build_corpus, rates_line
 
-    for name, knobs in grid["regimes"].items():
-        path = corpus_path(out, name)
-        if not (path / "dataset.json").is_file():
-            t0 = time.time()
-            meta = build_corpus(path, knobs)
-            rates = f"; {rates_line(meta)}" if knobs.get("testbed") else ""
-            print(f"[study] corpus {name}: built in {time.time() - t0:.0f} s ({path}){rates}", flush=True)
-        for arm in (a for a in grid["arms"] if a in RELABELLED):
+    for name in grid["regimes"]:
+        seeds = grid["seeds"] if per_seed_subset(grid, name) else grid["seeds"][:1]
+        for seed in seeds:
+            path = corpus_path(out, name, seed=seed, grid=grid)
+            if not (path / "dataset.json").is_file():
+                t0, knobs = time.time(), corpus_knobs(grid, name, seed)
+                meta = build_corpus(path, knobs)
+                rates = f"; {rates_line(meta)}" if knobs.get("testbed") else ""
+                print(f"[study] corpus {name}: built in {time.time() - t0:.0f} s ({path}){rates}", flush=True)
+        for arm in dict.fromkeys(base_arm(a) for a in grid["arms"] if base_arm(a) in RELABELLED):
             labelled = corpus_path(out, name, arm)
             if not (labelled / "dataset.json").is_file():
-                label_corpus(path, labelled)
+                label_corpus(corpus_path(out, name, seed=seeds[0], grid=grid), labelled)
                 print(f"[study] corpus {name}: every training report labelled by the report labeller ({labelled})",
                       flush=True)
 
@@ -65,21 +73,34 @@ def log_tail(log_path: Path, marker: str) -> str:
     return "\n".join(lines[-TAIL_LINES:])
 
 
-def read_metrics(run_dir: Path, since: float = 0.0) -> dict:
-    """Test macro AUROC (RUN/test_metrics.json, written after `since`) and best/'s validation macro AUROC."""
+def read_metrics(run_dir: Path, since: float = 0.0, test: bool = True) -> dict:
+    """Test macro AUROC (RUN/test_metrics.json, written after `since`; None where the cell has no test pass, as a
+    tuning pilot's) and best/'s validation macro AUROC."""
+    out = {"test_macro_auroc": None, "test_macro_auroc_ci": None, "test_checkpoint": None,
+           "best_val_macro_auroc": None, "best_step": None}
     path = RunDir(run_dir).test_metrics_file
-    if not path.is_file() or path.stat().st_mtime < since:
-        raise ValueError("no test_metrics.json from this run: it stopped before its test pass")
-    test = json.loads(path.read_text())
-    if not isinstance(test.get("macro_auroc"), float):
-        raise ValueError("test_metrics.json has no macro_auroc")
-    out = {"test_macro_auroc": test["macro_auroc"], "test_macro_auroc_ci": test.get("macro_auroc_ci"),
-           "test_checkpoint": test.get("checkpoint"), "best_val_macro_auroc": None, "best_step": None}
+    if test:
+        if not path.is_file() or path.stat().st_mtime < since:
+            raise ValueError("no test_metrics.json from this run: it stopped before its test pass")
+        metrics = json.loads(path.read_text())
+        if not isinstance(metrics.get("macro_auroc"), float):
+            raise ValueError("test_metrics.json has no macro_auroc")
+        out.update(test_macro_auroc=metrics["macro_auroc"], test_macro_auroc_ci=metrics.get("macro_auroc_ci"),
+                   test_checkpoint=metrics.get("checkpoint"))
     meta = RunDir(run_dir).export_meta("best")
     if meta.is_file():
         best = json.loads(meta.read_text())
         out["best_val_macro_auroc"], out["best_step"] = best.get("val", {}).get("macro_auroc"), best.get("step")
+    elif not test:
+        raise ValueError("no best/ from this run: it never evaluated on validation")
     return out
+
+
+def score_text(cell: dict) -> str:
+    """What a finished cell scored: its test macro AUROC, or (a pilot's) best/'s validation one."""
+    if cell.get("test_macro_auroc") is not None:
+        return f"test macro AUROC {cell['test_macro_auroc']:.3f}"
+    return f"val macro AUROC {cell['best_val_macro_auroc']:.3f} (best/; no test pass)"
 
 
 def error_line(error: Optional[str]) -> str:
@@ -117,7 +138,8 @@ def run_cell(grid: dict, out: Path, regime: str, arm: str, seed: int) -> dict:
     try:
         if code != 0:
             raise ValueError(f"exit code {code}")
-        record.update(read_metrics(run_dir, since=started - 1), status="ok")
+        tested = setting(grid, grid["arms"][arm], "train.test_at_end") is not False
+        record.update(read_metrics(run_dir, since=started - 1, test=tested), status="ok")
     except (ValueError, OSError) as exc:
         record.update(status="failed", error=f"{exc}\n{log_tail(RunDir(run_dir).train_log, marker)}")
     return record
@@ -131,6 +153,7 @@ def load_study(path: Path) -> Optional[dict]:
         for knobs in [study["grid"]["base"], *study["grid"]["regimes"].values()]:  # before label_fraction
             knobs.setdefault("label_fraction", 1.0)
         study["grid"].setdefault("policy_control", [])
+        study["grid"].setdefault("label_subsets", "shared")  # before per-seed labelled subsets
     except (ValueError, KeyError, TypeError) as exc:
         raise StudyError(f"{path}: not a study file ({exc}); start another --out") from None
     return study
@@ -159,7 +182,7 @@ def run_cells(grid: dict, out: Path, study: dict) -> bool:
         head = f"[study] {i}/{len(todo)} {key}"
         old = study["cells"].get(key, {})
         if old.get("status") == "ok":
-            print(f"{head}: skipped (done: test macro AUROC {old['test_macro_auroc']:.3f})", flush=True)
+            print(f"{head}: skipped (done: {score_text(old)})", flush=True)
             continue
         cell = {"regime": regime, "arm": arm, "seed": seed, "run_dir": run_rel(regime, arm, seed),
                 "attempts": old.get("attempts", 0) + 1, "status": "running"}
@@ -185,7 +208,7 @@ def run_cells(grid: dict, out: Path, study: dict) -> bool:
             return False
         write_study(out, study)
         if cell["status"] == "ok":
-            print(f"{head}: test macro AUROC {cell['test_macro_auroc']:.3f} ({cell['seconds']:.0f} s)", flush=True)
+            print(f"{head}: {score_text(cell)} ({cell['seconds']:.0f} s)", flush=True)
         else:
             print(f"{head}: failed, {error_line(cell['error'])} ({cell['seconds']:.0f} s); "
                   f"log: {RunDir(out / cell['run_dir']).train_log}", flush=True)

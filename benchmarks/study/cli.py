@@ -69,6 +69,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.study.cells import (
     _interrupt,
@@ -110,6 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--arm", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="define (and add) an arm: overrides on the base config")
     ap.add_argument("--seeds", type=int, help=f"train.seed 0..N-1 (default {SEEDS})")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds FIRST..FIRST+N-1 (a tuning pilot's seed is one the table does not use)")
+    ap.add_argument("--tuned", metavar="TUNED_JSON",
+                    help="a finished tuning pilot's OUT/tuned.json (python -m benchmarks.study.tune): each arm it "
+                    "tuned runs with its best trial's settings")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every cell, e.g. train.max_steps=300 (an arm's own keys win)")
     ap.add_argument("--corpus", action="append", default=[], metavar="KEY=VALUE",
@@ -153,18 +159,34 @@ def study_main(args: argparse.Namespace) -> int:
             for cell in held["cells"].values():  # the run directories are the source: re-read what they hold
                 if cell.get("status") == "ok":
                     try:
-                        cell.update(read_metrics(out / cell["run_dir"]))
+                        cell.update(read_metrics(out / cell["run_dir"], test=cell.get("test_macro_auroc") is not None))
                     except (ValueError, OSError) as exc:  # moved or removed: what study.json holds stands
                         print(f"[study] {cell['run_dir']}: {exc}; keeping the recorded metrics", file=sys.stderr)
             if "budget" not in held:
                 held.update(resolve(held["grid"], out))
             print(report(held, out, args.bootstrap or held.get("bootstrap") or 1000, force=True))
         return 0
-    grid = build_grid(args)
+    study, finished = train_grid(out, build_grid(args), held)
+    if not finished:
+        return 130
+    with lock(out):
+        print(report(study, out, args.bootstrap or study.get("bootstrap") or 1000, force=False))
+    failed = [k for k, c in study["cells"].items() if c["status"] != "ok"]
+    if failed:
+        print(f"[study] {len(failed)} cell(s) failed ({', '.join(failed)}); the same command retries them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_grid(out: Path, grid: dict, held: Optional[dict]) -> tuple[dict, bool]:
+    """Every cell of the grid not done yet (the corpora first), under OUT's lock; (the study, False when
+    interrupted). A held study.json must hold the same grid."""
     if held is not None:
+        grid["label_subsets"] = held["grid"]["label_subsets"]  # a study keeps the subsets it began with
         diff = grid_difference(held["grid"], grid)
         if diff:
-            raise StudyError(f"{path} holds another grid: {'; '.join(diff)}; start another --out")
+            raise StudyError(f"{out / 'study.json'} holds another grid: {'; '.join(diff)}; start another --out")
     with lock(out):
         study = held or {"format": 1, "grid": grid, "cells": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          **provenance()}
@@ -177,18 +199,9 @@ def study_main(args: argparse.Namespace) -> int:
         build_corpora(grid, out)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            finished = run_cells(grid, out, study)
+            return study, run_cells(grid, out, study)
         finally:
             signal.signal(signal.SIGTERM, previous)
-        if not finished:
-            return 130
-        print(report(study, out, args.bootstrap or study.get("bootstrap") or 1000, force=False))
-        failed = [k for k, c in study["cells"].items() if c["status"] != "ok"]
-        if failed:
-            print(f"[study] {len(failed)} cell(s) failed ({', '.join(failed)}); the same command retries them",
-                  file=sys.stderr)
-            return 1
-    return 0
 
 
 def main(argv=None) -> int:

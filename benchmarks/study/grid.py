@@ -46,6 +46,7 @@ ARMS: dict[str, list[str]] = {  # name -> key=value overrides on the base config
     "contrastive_probe": ["objective.name=image_only", "model.init_from=@contrastive_pre", "model.freeze_image=true"],
 }
 RELABELLED = ("labeller",)  # arms reading DATA/<regime>-labeller: `vkd-data label` of the train split
+TRIAL = re.compile(r"(.+)\.t\d+")  # a tuning trial of an arm (benchmarks/study/tune.py): ARM.t<K>
 DEFAULT_ARMS = ["vkd", "vkd_paper", "image_only", "text_only", "kd"]  # the full grid's
 BASELINE = "image_only"  # what every image-inference arm is compared with
 RUN_REF = re.compile(r"@([A-Za-z0-9_.-]+)")  # KEY=@ARM: the path of ARM's run of the same regime and seed
@@ -241,6 +242,33 @@ def check_policy(grid: dict) -> None:
                                  f"{arm} with --policy-control {arm}")
 
 
+def load_tuned(path: str) -> dict:
+    """OUT/tuned.json of a finished tuning pilot (benchmarks/study/tune.py)."""
+    try:
+        tuned = json.loads(Path(path).read_text())
+        arms, seeds = tuned["arms"], tuned["seeds"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StudyError(f"--tuned {path}: not a tuning result ({exc}); it is OUT/tuned.json of "
+                         "`python -m benchmarks.study.tune`") from None
+    unfinished = [a for a, t in arms.items() if not t.get("complete")]
+    if unfinished:
+        raise StudyError(f"--tuned {path}: the pilot of {', '.join(unfinished)} has not finished every trial; "
+                         "run its command again") from None
+    return tuned
+
+
+def apply_tuned(tuned: dict, known: dict, seeds: list, path: str) -> dict:
+    """Each tuned arm's overrides with its best trial's appended (they win); the pilot's seeds (and so its labelled
+    subsets) may not be the table's."""
+    shared = sorted(set(tuned["seeds"]) & set(seeds))
+    if shared:
+        raise StudyError(f"--tuned {path}: the pilot trained seed {shared[0]} (and its labelled subset), which this "
+                         "study would score again; tuning never sees the final table's seeds: use --first-seed or "
+                         "another pilot seed")
+    return {name: [*overrides, *tuned["arms"][name]["best"]["overrides"]] if name in tuned["arms"] else overrides
+            for name, overrides in known.items()}
+
+
 def preset_of(args: argparse.Namespace) -> dict:
     return QUICK if args.quick else EVIDENCE if args.evidence else {}
 
@@ -258,11 +286,13 @@ def build_grid(args: argparse.Namespace) -> dict:
         raise StudyError(f"--arms: unknown arm {unknown[0]!r} (known: {', '.join(known)}; define one with --arm)")
     settings = [*preset.get("set", []), *args.set]
     check_overrides(settings, "--set", arm=False)
-    seeds = args.seeds if args.seeds is not None else preset.get("seeds", SEEDS)
-    if seeds < 1:
-        raise StudyError("--seeds must be at least 1")
+    seeds, first = args.seeds if args.seeds is not None else preset.get("seeds", SEEDS), getattr(args, "first_seed", 0)
+    if seeds < 1 or first < 0:
+        raise StudyError("--seeds must be at least 1" if seeds < 1 else "--first-seed must be 0 or more")
+    tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else None
     grid: dict[str, Any] = {"config": args.config, "config_yaml": config_layers(args.config), "base": base,
-                            "regimes": {}, "arms": {}, "seeds": list(range(seeds)), "set": settings}
+                            "regimes": {}, "arms": {}, "seeds": list(range(first, first + seeds)), "set": settings,
+                            "label_subsets": "per_seed"}
     for name in args.regimes.split(",") if args.regimes else preset.get("regimes") or default_regimes(base):
         if name.strip():
             regime, knobs = parse_regime(name.strip(), base)
@@ -287,6 +317,10 @@ def build_grid(args: argparse.Namespace) -> dict:
             add(source, (*chain, name))
         grid["arms"].setdefault(name, known[name])
 
+    if tuned is not None:
+        known = apply_tuned(tuned, known, grid["seeds"], args.tuned)
+        grid["tuned"] = {"from": str(args.tuned), "regime": tuned["regime"], "seeds": tuned["seeds"],
+                         "arms": {a: t["best"]["overrides"] for a, t in tuned["arms"].items() if a in known}}
     for name in dict.fromkeys(names):
         add(name, ())
     unknown = [a for a in args.policy_control if a not in grid["arms"]]
@@ -357,16 +391,44 @@ def run_rel(regime: str, arm: str, seed: int) -> str:
     return f"runs/{regime}/{arm}/seed{seed}"
 
 
-def corpus_path(out: Path, regime: str, arm: Optional[str] = None) -> Path:
-    return out / "data" / (f"{regime}-labeller" if arm in RELABELLED else regime)
+def base_arm(arm: str) -> str:
+    """The arm a tuning trial ARM.t<K> is a setting of; any other arm is its own."""
+    trial = TRIAL.fullmatch(arm)
+    return trial.group(1) if trial else arm
+
+
+def per_seed_subset(grid: dict, regime: str) -> bool:
+    """Whether each seed of the regime trains on its own labelled subset (label_seed = the seed): where some
+    training studies lose their labels (or get the truth) and the study draws subsets per seed (studies from before
+    per-seed subsets share data seed 0's)."""
+    knobs = grid["regimes"][regime]
+    partial = knobs["label_fraction"] < 1 or (knobs.get("testbed") and knobs.get("gold_fraction", 0) > 0)
+    return bool(partial) and grid.get("label_subsets") == "per_seed"
+
+
+def corpus_path(out: Path, regime: str, arm: Optional[str] = None, seed: Optional[int] = None,
+                grid: Optional[dict] = None) -> Path:
+    """DATA/<regime>; DATA/<regime>-subset<seed> where each seed has its own labelled subset; DATA/<regime>-labeller
+    for a relabelled arm (every training report labelled: the same for every subset)."""
+    if arm is not None and base_arm(arm) in RELABELLED:
+        return out / "data" / f"{regime}-labeller"
+    if grid is not None and seed is not None and per_seed_subset(grid, regime):
+        return out / "data" / f"{regime}-subset{seed}"
+    return out / "data" / regime
+
+
+def corpus_knobs(grid: dict, regime: str, seed: int) -> dict:
+    """The regime's corpus knobs for this seed's cells (its label_seed where subsets are per seed)."""
+    knobs = dict(grid["regimes"][regime])
+    return {**knobs, "label_seed": seed} if per_seed_subset(grid, regime) else knobs
 
 
 def cell_overrides(grid: dict, out: Path, regime: str, arm: str, seed: int) -> list[str]:
     """--set, then the arm's own keys (they win), then the study's per-cell keys."""
-    knobs, runs = grid["regimes"][regime], runs_of(grid, grid["arms"][arm])
+    runs = runs_of(grid, grid["arms"][arm])
     own = [i for i in [*grid["set"], *grid["arms"][arm]] if override_key(i, "") not in runs]  # KEY=@ARM: below
-    return [*own, f"data.path={corpus_path(out, regime, arm).resolve()}", "data.build_synthetic=false",
-            *(f"data.synthetic.{k}={v}" for k, v in knobs.items()), f"train.seed={seed}",
+    return [*own, f"data.path={corpus_path(out, regime, arm, seed, grid).resolve()}", "data.build_synthetic=false",
+            *(f"data.synthetic.{k}={v}" for k, v in corpus_knobs(grid, regime, seed).items()), f"train.seed={seed}",
             f"run_dir={(out / run_rel(regime, arm, seed)).resolve()}", "resume=latest",
             *(f"{key}={(out / run_rel(regime, source, seed)).resolve()}" for key, source in runs.items())]
 

@@ -10,9 +10,10 @@ Everything is drawn from numpy generators seeded by (seed, split, index): same a
 
 `label_fraction` F < 1 builds the regime users live in, reports for every study and labels for few: in the
 training split a seeded random 1 - F of the studies keep their image and report but lose every label (written as
-unlabelled studies, see vkd_dist/data/schema.py). Which studies keep labels is one permutation seeded by `seed`,
-so a smaller F's labelled studies are a subset of a larger F's, and the images and reports are those of the
-fully labelled corpus. Validation and test are unchanged.
+unlabelled studies, see vkd_dist/data/schema.py). Which studies keep labels is one permutation seeded by
+`label_seed` (default: `seed`), so a smaller F's labelled studies are a subset of a larger F's, another
+`label_seed` draws another subset of the same studies, and the images and reports are those of the fully labelled
+corpus. Validation and test are unchanged.
 """
 
 from __future__ import annotations
@@ -422,21 +423,23 @@ def normalise_whitespace(text: str) -> str:
 
 def build_synthetic(out: str | Path, num_train: int, num_val: int, num_test: int, *, image_size: int = 256,
                     seed: int = 0, lesion_contrast: float = 1.0, noise: float = 1.0, label_noise: float = 0.05,
-                    prevalence_scale: float = 1.0, label_fraction: float = 1.0, samples_per_shard: int = 250,
-                    workers: int = 0, fmt: str = "jpg", progress: bool = True) -> dict:
+                    prevalence_scale: float = 1.0, label_fraction: float = 1.0, label_seed: Optional[int] = None,
+                    samples_per_shard: int = 250, workers: int = 0, fmt: str = "jpg", progress: bool = True) -> dict:
     """Generate the corpus into `out` (shards + dataset.json). Returns the dataset.json contents."""
     params = asdict(SyntheticParams(image_size, seed, lesion_contrast, noise, label_noise, prevalence_scale, fmt))
-    labelled = labelled_indices(num_train, label_fraction, seed)
+    labelled = labelled_indices(num_train, label_fraction, seed if label_seed is None else label_seed)
     return write_corpus(out, {"train": num_train, "val": num_val, "test": num_test}, params, make_record,
                         lambda split, i: split != "train" or label_fraction == 1 or i in labelled,
-                        label_fraction, samples_per_shard=samples_per_shard, workers=workers, progress=progress)
+                        label_fraction, samples_per_shard=samples_per_shard, workers=workers, progress=progress,
+                        label_seed=label_seed)
 
 
 def write_corpus(out: str | Path, counts: dict[str, int], params: dict, make: Callable[[tuple], Record],
                  role: Callable[[str, int], Any], label_fraction: float, *, samples_per_shard: int, workers: int,
-                 progress: bool, extra: Optional[dict] = None) -> dict:
+                 progress: bool, extra: Optional[dict] = None, label_seed: Optional[int] = None) -> dict:
     """The splits' shards from jobs (split, index, params, role(split, index)) and dataset.json. `extra` joins
-    `params` where the corpus differs from the default one (in the fingerprint and dataset.json)."""
+    `params` where the corpus differs from the default one (in the fingerprint and dataset.json); `label_seed`
+    (the labelled subset's seed, where it is not the corpus seed) joins them where it changes the labels."""
     import os
 
     out = Path(out)
@@ -444,12 +447,14 @@ def write_corpus(out: str | Path, counts: dict[str, int], params: dict, make: Ca
     results = {}
     for split in SPLITS:
         partial_labels = split == "train" and label_fraction < 1
+        subset = {"label_fraction": label_fraction, **({} if label_seed is None else {"label_seed": label_seed})}
         jobs = [(split, i, params, role(split, i)) for i in range(counts[split])]
         # The fraction enters the fingerprint only where it changes shards: fully labelled ones stay as cached.
-        fingerprint = {**params, **(extra or {}), **({"label_fraction": label_fraction} if partial_labels else {})}
+        fingerprint = {**params, **(extra or {}), **(subset if partial_labels else {})}
         results[split] = write_split(out, split, jobs, make, samples_per_shard=samples_per_shard,
                                      workers=workers, fmt=params["fmt"], progress=progress,
                                      fingerprint=json.dumps(fingerprint, sort_keys=True))
     sizes = {f"num_{split}": n for split, n in counts.items()}
     return finish_dataset(out, results, {**params, **sizes, "label_fraction": label_fraction,
+                                         **({} if label_seed is None else {"label_seed": label_seed}),
                                          "samples_per_shard": samples_per_shard, **(extra or {})}, source="synthetic")

@@ -176,8 +176,9 @@ def make_record(job: tuple) -> Record:
 
 
 def roles(num_train: int, label_fraction: float, gold_fraction: float, seed: int):
-    """(split, index) -> role: val and test the truth; in train, labelled_indices' nested choice keeps labels, and
-    the first gold_fraction of that same order gets the truth (a subset of the labelled studies)."""
+    """(split, index) -> role: val and test the truth; in train, labelled_indices' nested choice (seeded by `seed`,
+    the labelled subset's seed) keeps labels, and the first gold_fraction of that same order gets the truth (a
+    subset of the labelled studies)."""
     labelled = labelled_indices(num_train, label_fraction, seed)
     gold = labelled_indices(num_train, label_fraction * gold_fraction, seed) if gold_fraction > 0 else set()
 
@@ -192,16 +193,17 @@ def roles(num_train: int, label_fraction: float, gold_fraction: float, seed: int
 def build_testbed(out: str | Path, num_train: int, num_val: int, num_test: int, *,
                   testbed: ObservationParams = ObservationParams(), image_size: int = 256, seed: int = 0,
                   lesion_contrast: float = 1.0, noise: float = 1.0, prevalence_scale: float = 1.0,
-                  label_fraction: float = 1.0, samples_per_shard: int = 250, workers: int = 0, fmt: str = "jpg",
-                  progress: bool = True) -> dict:
+                  label_fraction: float = 1.0, label_seed: Optional[int] = None, samples_per_shard: int = 250,
+                  workers: int = 0, fmt: str = "jpg", progress: bool = True) -> dict:
     """The testbed corpus in `out`; dataset.json's params hold `testbed` (the rates) and `labeller_vs_truth` (the
     labeller's reading of the test reports scored against the truth, see read_rates)."""
     params = asdict(SyntheticParams(image_size, seed, lesion_contrast, noise, 0.0, prevalence_scale, fmt))
     params["testbed"] = asdict(testbed)
     labeller()  # before the writers fork
+    subset_seed = seed if label_seed is None else label_seed
     meta = write_corpus(out, {"train": num_train, "val": num_val, "test": num_test}, params, make_record,
-                        roles(num_train, label_fraction, testbed.gold_fraction, seed), label_fraction,
-                        samples_per_shard=samples_per_shard, workers=workers, progress=progress)
+                        roles(num_train, label_fraction, testbed.gold_fraction, subset_seed), label_fraction,
+                        samples_per_shard=samples_per_shard, workers=workers, progress=progress, label_seed=label_seed)
     shards = [Path(out) / "test" / s["name"] for s in meta["splits"]["test"]["shards"]]
     meta["params"]["labeller_vs_truth"] = read_rates(_metas(shards))
     atomic_write_text(Path(out) / "dataset.json", json.dumps(meta, indent=2))
@@ -252,7 +254,7 @@ def build_corpus(out: str | Path, knobs: dict, **options) -> dict:
     sizes = (knobs["num_train"], knobs["num_val"], knobs["num_test"])
     options = {"progress": False, **options}
     options.update({k: knobs[k] for k in ("image_size", "seed", "lesion_contrast", "noise", "prevalence_scale",
-                                          "label_fraction") if k in knobs})
+                                          "label_fraction", "label_seed") if k in knobs})
     if not knobs.get("testbed"):
         return synthetic.build_synthetic(out, *sizes, label_noise=knobs.get("label_noise", 0.05), **options)
     rates = ObservationParams(**{k: knobs[k] for k in ObservationParams.__dataclass_fields__ if k in knobs})
