@@ -141,7 +141,7 @@ def test_label_seed_draws_another_labelled_subset_of_the_same_studies(tmp_path):
 
     small = dict(image_size=32, samples_per_shard=16, workers=1, progress=False, seed=2, label_fraction=0.25)
     base = build_synthetic(tmp_path / "base", 40, 8, 8, **small)
-    same = build_synthetic(tmp_path / "same", 40, 8, 8, label_seed=2, **small)  # the corpus seed, said aloud
+    build_synthetic(tmp_path / "same", 40, 8, 8, label_seed=2, **small)  # the corpus seed, said aloud
     other = build_synthetic(tmp_path / "other", 40, 8, 8, label_seed=5, **small)
     assert _digest(tmp_path / "same") == _digest(tmp_path / "base") and "label_seed" not in base["params"]
     assert other["params"]["label_seed"] == 5 and other["splits"]["train"]["num_labelled"] == 10

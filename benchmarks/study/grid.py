@@ -246,7 +246,8 @@ def load_tuned(path: str) -> dict:
     """OUT/tuned.json of a finished tuning pilot (benchmarks/study/tune.py)."""
     try:
         tuned = json.loads(Path(path).read_text())
-        arms, seeds = tuned["arms"], tuned["seeds"]
+        arms = tuned["arms"]
+        tuned["seeds"], tuned["regime"]  # noqa: B018 (present, or not a tuning result)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StudyError(f"--tuned {path}: not a tuning result ({exc}); it is OUT/tuned.json of "
                          "`python -m benchmarks.study.tune`") from None

@@ -40,9 +40,10 @@ SPACES: dict[str, dict[str, list]] = {
     "kd_u": {**LR, **SHARE, "objective.kd_temperature": [1, 2, 4], "objective.kd_alpha": [0.25, 0.5, 0.75]},
     "pseudo": {**LR, **SHARE},
     "contrastive": {**LR, "model.freeze_image": [False, True]},
-    "vkd": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3, 1.0], "objective.prior_bce_weight": [0.5, 1.0, 2.0]},
-    "vkd_distil": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3], "objective.predictive_weight": [1.0, 2.0, 4.0, 8.0],
-                   "objective.distil_on": ["all", "unlabelled"]},
+    "vkd": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3, 1.0],
+            "objective.prior_bce_weight": [0.5, 1.0, 2.0]},
+    "vkd_distil": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3],
+                   "objective.predictive_weight": [1.0, 2.0, 4.0, 8.0], "objective.distil_on": ["all", "unlabelled"]},
 }
 SPACES["vkd_distil_u"] = {k: v for k, v in SPACES["vkd_distil"].items() if k != "objective.distil_on"}
 TRIALS = 8
