@@ -246,12 +246,13 @@ def load_tuned(path: str) -> dict:
     """OUT/tuned.json of a finished tuning pilot (benchmarks/study/tune.py)."""
     try:
         tuned = json.loads(Path(path).read_text())
-        arms = tuned["arms"]
-        tuned["seeds"], tuned["regime"]  # noqa: B018 (present, or not a tuning result)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StudyError(f"--tuned {path}: not a tuning result ({exc}); it is OUT/tuned.json of "
-                         "`python -m benchmarks.study.tune`") from None
-    unfinished = [a for a, t in arms.items() if not t.get("complete")]
+        missing = [key for key in ("arms", "seeds", "regime") if key not in tuned]
+    except (OSError, ValueError, TypeError) as exc:
+        missing, tuned = [str(exc)], {}
+    if missing:
+        raise StudyError(f"--tuned {path}: not a tuning result (no {missing[0]}); it is OUT/tuned.json of "
+                         "`python -m benchmarks.study.tune`")
+    unfinished = [a for a, t in tuned["arms"].items() if not t.get("complete")]
     if unfinished:
         raise StudyError(f"--tuned {path}: the pilot of {', '.join(unfinished)} has not finished every trial; "
                          "run its command again") from None
