@@ -227,11 +227,14 @@ def test_a_regime_under_two_names_is_refused():
         "label_fraction"] == 1.0  # off a base that --corpus moved, labels1 is a regime of its own
 
 
-def test_the_label_fraction_reaches_the_cells_and_the_corpus(tmp_path, monkeypatch):
-    grid = _grid("--regimes", "labels0.25,n2000", "--arms", "image_only", "--seeds", "1")
-    items = study.cell_overrides(grid, tmp_path, "labels0.25", "image_only", 0)
+def test_the_label_fraction_reaches_the_cells_and_each_seed_has_its_own_labelled_subset(tmp_path, monkeypatch):
+    grid = _grid("--regimes", "labels0.25,n2000", "--arms", "image_only", "--seeds", "2")
+    items = study.cell_overrides(grid, tmp_path, "labels0.25", "image_only", 1)
     assert "data.synthetic.label_fraction=0.25" in items and "data.synthetic.num_train=2000" in items
-    assert "data.synthetic.label_fraction=1.0" in study.cell_overrides(grid, tmp_path, "n2000", "image_only", 0)
+    assert "data.synthetic.label_seed=1" in items and f"data.path={tmp_path.resolve()}/data/labels0.25-subset1" in items
+    full = study.cell_overrides(grid, tmp_path, "n2000", "image_only", 1)  # every label: one corpus for all seeds
+    assert "data.synthetic.label_fraction=1.0" in full and not any("label_seed" in i for i in full)
+    assert f"data.path={tmp_path.resolve()}/data/n2000" in full
     calls = {}
 
     def fake_build(out, num_train, num_val, num_test, **kw):
@@ -241,9 +244,25 @@ def test_the_label_fraction_reaches_the_cells_and_the_corpus(tmp_path, monkeypat
 
     monkeypatch.setattr(vkd_dist.data.synthetic, "build_synthetic", fake_build)
     study.build_corpora(grid, tmp_path)
-    assert calls["labels0.25"] == (2000, 400, 1000, {"image_size": 128, "seed": 0, "lesion_contrast": 1.0,
-                                                     "label_noise": 0.05, "label_fraction": 0.25, "progress": False})
-    assert calls["n2000"][3]["label_fraction"] == 1.0
+    assert sorted(calls) == ["labels0.25-subset0", "labels0.25-subset1", "n2000"]
+    assert calls["labels0.25-subset1"] == (2000, 400, 1000, {
+        "image_size": 128, "seed": 0, "lesion_contrast": 1.0, "label_noise": 0.05, "label_fraction": 0.25,
+        "label_seed": 1, "progress": False})
+    assert calls["n2000"][3]["label_fraction"] == 1.0 and "label_seed" not in calls["n2000"][3]
+    later = _grid("--regimes", "labels0.25", "--arms", "image_only", "--seeds", "2", "--first-seed", "100")
+    assert later["seeds"] == [100, 101]
+    assert "data.synthetic.label_seed=101" in study.cell_overrides(later, tmp_path, "labels0.25", "image_only", 101)
+
+
+def test_a_study_begun_with_one_shared_labelled_subset_keeps_it(tmp_path):
+    grid = _grid("--regimes", "labels0.25", "--arms", "image_only", "--seeds", "2")
+    old = json.loads(json.dumps(grid))
+    del old["label_subsets"]  # a study.json from before per-seed subsets
+    (tmp_path / "study.json").write_text(json.dumps({"grid": old, "cells": {}}))
+    held = study.load_study(tmp_path / "study.json")["grid"]
+    assert held["label_subsets"] == "shared"
+    items = study.cell_overrides(held, tmp_path, "labels0.25", "image_only", 1)
+    assert f"data.path={tmp_path.resolve()}/data/labels0.25" in items and not any("label_seed" in i for i in items)
 
 
 NEG = "neg=data.missing=negative"
@@ -498,8 +517,8 @@ def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpor
     items = study.cell_overrides(grid, tmp_path, "testbed0.1", "labeller", 0)
     assert f"data.path={tmp_path.resolve()}/data/testbed0.1-labeller" in items and "objective.name=image_only" in items
     assert "data.synthetic.testbed=True" in items and "data.synthetic.label_fraction=0.1" in items
-    assert f"data.path={tmp_path.resolve()}/data/labels0.1" in study.cell_overrides(grid, tmp_path, "labels0.1",
-                                                                                   "image_only", 0)
+    assert f"data.path={tmp_path.resolve()}/data/labels0.1-subset0" in study.cell_overrides(grid, tmp_path,
+                                                                                           "labels0.1", "image_only", 0)
     assert read_config(None, items, checks=()).data.synthetic.testbed is True  # each key is a config key, typed
     gold = _grid("--regimes", "testbed0.1", "--arms", "image_only", "--corpus", "gold_fraction=1")
     assert "data.synthetic.gold_fraction=1.0" in study.cell_overrides(gold, tmp_path, "testbed0.1", "image_only", 0)
@@ -515,8 +534,10 @@ def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpor
                                                              "present": 1, "absent": 1, "mentioned": 1}}})
     monkeypatch.setattr(vkd_dist.data.relabel, "label_corpus", lambda src, out: labelled.append((src.name, out.name)))
     study.build_corpora(grid, tmp_path)
-    assert [name for name, _ in built] == ["testbed0.1", "testbed1", "labels0.1"]
-    assert labelled == [(r, f"{r}-labeller") for r in ("testbed0.1", "testbed1", "labels0.1")]
+    assert [name for name, _ in built] == ["testbed0.1-subset0", "testbed1", "labels0.1-subset0"]
+    assert built[0][1]["label_seed"] == 0 and "label_seed" not in built[1][1]
+    assert labelled == [(s, f"{r}-labeller") for s, r in (("testbed0.1-subset0", "testbed0.1"),
+                                                           ("testbed1", "testbed1"), ("labels0.1-subset0", "labels0.1"))]
 
 
 def test_a_testbed_regime_is_not_a_point_of_the_label_fraction_plot(tmp_path, monkeypatch):
