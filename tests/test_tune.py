@@ -91,18 +91,21 @@ def test_the_table_runs_each_arm_at_its_best_trial_and_never_on_the_pilot_seed(p
     path = tmp_path / "pilot" / "tuned.json"
     best = json.loads(path.read_text())["arms"]
     grid = study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "image_only,kd,vkd",
-                                              "--seeds", "2", "--tuned", str(path)]))
+                                              "--seeds", "2", "--set", "train.max_steps=300", "--tuned", str(path)]))
     assert grid["arms"]["kd"] == [*study.ARMS["kd"], *best["kd"]["best"]["overrides"]]
     assert grid["arms"]["vkd"] == study.ARMS["vkd"] and grid["arms"]["text_only"] == study.ARMS["text_only"]
     assert grid["tuned"]["arms"]["image_only"] == best["image_only"]["best"]["overrides"]
     with pytest.raises(study.StudyError, match="the pilot trained seed 100"):
-        study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--seeds", "2",
-                                           "--first-seed", "99", "--tuned", str(path)]))
+        study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--seeds", "2", "--set",
+                                           "train.max_steps=300", "--first-seed", "99", "--tuned", str(path)]))
+    with pytest.raises(study.StudyError, match="the pilot trained at train.max_steps=300, this study at 600"):
+        study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--tuned", str(path)]))
     unfinished = json.loads(path.read_text())
     unfinished["arms"]["kd"]["complete"] = False
     path.write_text(json.dumps(unfinished))
     with pytest.raises(study.StudyError, match="the pilot of kd has not finished every trial"):
-        study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--tuned", str(path)]))
+        study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--set", "train.max_steps=300",
+                                           "--tuned", str(path)]))
     path.write_text("{}")
     with pytest.raises(study.StudyError, match="not a tuning result"):
         study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--tuned", str(path)]))

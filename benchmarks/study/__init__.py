@@ -8,7 +8,8 @@ results -> cells -> grid, results -> plots:
     plots.py    the figures: test macro AUROC against one corpus knob
     seed_stats.py  docs/evidence.md's published comparisons re-derived at seed level (`python -m
                 benchmarks.study.seed_stats`; standalone, on vkd_dist.stats)
-    cli.py      the command: arguments, the lock, main
+    cli.py      the command: arguments, the lock, main; train_grid (the corpora and every cell not done yet)
+    tune.py     the tuning pilot (`python -m benchmarks.study.tune`): each arm's trials as one study, tuned.json
 
 The names below are the package's interface. Patch a function where it is looked up: run_cell in cells,
 comparisons in results."""

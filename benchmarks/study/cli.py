@@ -12,7 +12,8 @@ Grid. Regimes are settings of the synthetic corpus (vkd_dist/data/synthetic.py),
 around a base (BASE_REGIME, CORPUS): `n<N>` sets num_train, `noise<p>` label_noise, `contrast<c>`
 lesion_contrast, `labels<F>` label_fraction (0 < F <= 1: a seeded 1 - F of the training studies keep image and
 report but have no labels; the labelled subsets are nested, the images and reports those of the fully labelled
-corpus; `labels1` is the base), the other knobs staying at the base (`--corpus key=value` moves the base or the
+corpus; each seed k trains on its own labelled subset, label_seed k, built into OUT/data/<regime>-subset<k>;
+`labels1` is the base), the other knobs staying at the base (`--corpus key=value` moves the base or the
 split sizes; two names for one corpus are refused). The full grid is n500, n2000 (the base), n8000, noise0.2,
 contrast0.5, contrast0.25, with 400 validation and 1,000 test studies each and data seed 0, so every arm and seed
 of a regime is scored on the same test samples (the comparisons are paired). Each regime's corpus is built once
@@ -20,7 +21,11 @@ into OUT/data/<regime>. `testbed<F>` is the observation testbed (vkd_dist/data/t
 radiologist's report of it with error rates, training labels read off the report, test labels the truth) with F of
 the training studies labelled; `--corpus` sets its rates (miss_rate, false_rate, hedge_rate, gold_fraction). The
 `labeller` arm trains image_only on OUT/data/<regime>-labeller, the regime's corpus with every training report
-labelled by the report labeller (`vkd-data label`). Seeds are train.seed=0..N-1.
+labelled by the report labeller (`vkd-data label`). Seeds are train.seed=0..N-1 (--first-seed K: K..K+N-1).
+
+Tuning. `python -m benchmarks.study.tune` (tune.py) gives every competing arm the same validation budget on a pilot
+seed and labelled subset; `--tuned OUT/tuned.json` then runs each arm it tuned at its best trial's settings (the
+grid records them), and refuses a grid that would train the pilot's seed.
 
 Arms are the ARMS table: key=value overrides on the base config (configs/default.yaml, or --config). The full
 grid runs DEFAULT_ARMS (vkd, vkd_paper, image_only, text_only, kd); the VKD variants vkd_mean, vkd_sep, vkd_reg,

@@ -320,6 +320,11 @@ def build_grid(args: argparse.Namespace) -> dict:
         grid["arms"].setdefault(name, known[name])
 
     if tuned is not None:
+        pilot = {"config_yaml": grid["config_yaml"], "set": tuned.get("set", [])}
+        for key in BUDGET_KEYS:  # a setting tuned at another budget is not the same setting
+            if setting(pilot, [], key) != setting(grid, [], key):
+                raise StudyError(f"--tuned {args.tuned}: the pilot trained at {key}={setting(pilot, [], key)}, this "
+                                 f"study at {setting(grid, [], key)}; tune at the table's budget")
         known = apply_tuned(tuned, known, grid["seeds"], args.tuned)
         grid["tuned"] = {"from": str(args.tuned), "regime": tuned["regime"], "seeds": tuned["seeds"],
                          "arms": {a: t["best"]["overrides"] for a, t in tuned["arms"].items() if a in known}}
