@@ -536,8 +536,8 @@ def test_the_testbed_regimes_and_the_labeller_arm_reach_the_cells_and_the_corpor
     study.build_corpora(grid, tmp_path)
     assert [name for name, _ in built] == ["testbed0.1-subset0", "testbed1", "labels0.1-subset0"]
     assert built[0][1]["label_seed"] == 0 and "label_seed" not in built[1][1]
-    assert labelled == [(s, f"{r}-labeller") for s, r in (("testbed0.1-subset0", "testbed0.1"),
-                                                           ("testbed1", "testbed1"), ("labels0.1-subset0", "labels0.1"))]
+    sources = {"testbed0.1": "testbed0.1-subset0", "testbed1": "testbed1", "labels0.1": "labels0.1-subset0"}
+    assert labelled == [(source, f"{regime}-labeller") for regime, source in sources.items()]
 
 
 def test_a_testbed_regime_is_not_a_point_of_the_label_fraction_plot(tmp_path, monkeypatch):
