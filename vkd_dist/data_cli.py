@@ -60,7 +60,8 @@ def _add_synthetic(sub) -> None:
 
 
 KNOBS = ("num_train", "num_val", "num_test", "image_size", "seed", "lesion_contrast", "noise", "label_noise",
-         "prevalence_scale", "label_fraction", "label_seed", "testbed", "miss_rate", "false_rate", "hedge_rate", "gold_fraction")
+         "prevalence_scale", "label_fraction", "label_seed", "testbed", "miss_rate", "false_rate", "hedge_rate",
+         "gold_fraction")
 
 
 def _run_synthetic(args) -> int:

@@ -33,7 +33,7 @@ class SyntheticConfig:
     prevalence_scale: float = 1.0
     # < 1: a seeded 1 - F of the training studies have a report but no labels (vkd_dist/data/synthetic.py)
     label_fraction: float = 1.0
-    label_seed: Optional[int] = None  # the seed of which studies keep labels (null: `seed`): another subset, same images
+    label_seed: Optional[int] = None  # seed of which studies keep labels (null: `seed`): another subset, same images
     # true: the observation testbed (vkd_dist/data/testbed.py): a true state draws the image, a radiologist's report
     # observes it with these error rates, training labels are the report labeller's reading (or, for a gold share
     # of the labelled studies, the truth), validation and test labels the truth; label_noise is not used
