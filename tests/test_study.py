@@ -451,8 +451,8 @@ def test_the_table_shows_the_seed_aware_delta_and_the_test_noise_only_one(tmp_pa
     from vkd_dist.metrics import Predictions
 
     grid = _grid("--regimes", "labels0.1", "--arms", "image_only,vkd", "--seeds", "3")
-    (tmp_path / "data" / "labels0.1").mkdir(parents=True)
-    (tmp_path / "data" / "labels0.1" / "dataset.json").write_text(json.dumps(
+    (tmp_path / "data" / "labels0.1-subset0").mkdir(parents=True)  # the first seed's: what the comparison reads
+    (tmp_path / "data" / "labels0.1-subset0" / "dataset.json").write_text(json.dumps(
         {"schema_version": SCHEMA_VERSION, "labels": ["L0", "L1"], "splits": {"test": {}}}))
     rng = np.random.default_rng(0)
     y = (rng.random((1500, 2)) < 0.3).astype(np.float32)

@@ -25,20 +25,35 @@ def test_every_arm_gets_the_same_number_of_distinct_trials_of_real_keys(arm):
 
     trials = tune.trials_of(arm, tune.TRIALS, [])
     assert len(trials) == tune.TRIALS and trials[0] == [] and trials == tune.trials_of(arm, tune.TRIALS, [])
-    assert len({tuple(t) for t in trials}) == tune.TRIALS  # distinct, and none repeats the arm as defined
-    defined = [study.grid.setting({"config_yaml": study.grid.config_layers(None), "set": []}, study.ARMS[arm], k)
-               for k in tune.SPACES[arm]]
+    assert len({tuple(t) for t in trials}) == tune.TRIALS  # distinct
+    own = [i for i in study.ARMS[arm] if "=@" not in i]  # KEY=@ARM: another run's path, set per cell
+    keys = list(tune.SPACES[arm])
+
+    def values(cfg):
+        return [eval(f"cfg.{k}", {"cfg": cfg}) for k in keys]  # noqa: S307 (dotted config keys, ours)
+
+    defined = values(read_config(None, own, checks=()))  # schema defaults and configs/default.yaml
     for trial in trials[1:]:
-        assert [t.partition("=")[0] for t in trial] == list(tune.SPACES[arm])
-        assert [tune.text(v) for v in defined] != [t.partition("=")[2] for t in trial]
-        own = [i for i in study.ARMS[arm] if "=@" not in i]  # KEY=@ARM: another run's path, set per cell
-        cfg = read_config(None, [*own, *trial], checks=())
-        assert cfg.optim.lr == float(trial[0].partition("=")[2])
+        assert [t.partition("=")[0] for t in trial] == keys
+        assert values(read_config(None, [*own, *trial], checks=())) != defined  # none repeats the arm as defined
+
+
+def test_every_trial_differs_from_the_arm_as_defined_however_many_there_are():
+    space = tune.space_of("pseudo")
+    n = 1
+    for values in space.values():
+        n *= len(values)
+    trials = tune.trials_of("pseudo", n, [])  # the whole space but the defined point, besides trial 0
+    assert len({tuple(t) for t in trials}) == n
+    assert ["optim.lr=0.001", "optim.weight_decay=0.05", "data.labelled_share=0.5"] not in trials
+    with pytest.raises(study.StudyError, match=f"fewer than --trials {n + 1} - 1"):
+        tune.trials_of("pseudo", n + 1, [])
+    assert "data.labelled_share" not in tune.space_of("kd", every_label=True)  # no batch is composed there
 
 
 def test_a_space_smaller_than_the_trials_is_refused(monkeypatch):
     monkeypatch.setitem(tune.SPACES, "image_only", {"optim.lr": [1e-3, 2e-3]})
-    with pytest.raises(study.StudyError, match="fewer than --trials 8"):
+    with pytest.raises(study.StudyError, match="holds 1 settings besides the arm as defined, fewer than --trials 8"):
         tune.trials_of("image_only", 8, [])
 
 
@@ -90,16 +105,20 @@ def test_the_table_runs_each_arm_at_its_best_trial_and_never_on_the_pilot_seed(p
     assert tune.main(argv) == 0
     path = tmp_path / "pilot" / "tuned.json"
     best = json.loads(path.read_text())["arms"]
-    grid = study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "image_only,kd,vkd",
+    grid = study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "image_only,kd,contrastive",
                                               "--seeds", "2", "--set", "train.max_steps=300", "--tuned", str(path)]))
     assert grid["arms"]["kd"] == [*study.ARMS["kd"], *best["kd"]["best"]["overrides"]]
-    assert grid["arms"]["vkd"] == study.ARMS["vkd"] and grid["arms"]["text_only"] == study.ARMS["text_only"]
+    assert grid["arms"]["text_only"] == study.ARMS["text_only"]  # the teachers run as defined
+    assert grid["arms"]["contrastive_pre"] == study.ARMS["contrastive_pre"]
     assert grid["tuned"]["arms"]["image_only"] == best["image_only"]["best"]["overrides"]
     with pytest.raises(study.StudyError, match="the pilot trained seed 100"):
         study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--seeds", "2", "--set",
                                            "train.max_steps=300", "--first-seed", "99", "--tuned", str(path)]))
     with pytest.raises(study.StudyError, match="the pilot trained at train.max_steps=300, this study at 600"):
         study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd", "--tuned", str(path)]))
+    with pytest.raises(study.StudyError, match="arm vkd has a search space .* but the pilot did not tune it"):
+        study.build_grid(study.parse_args(["--regimes", "testbed0.1", "--arms", "kd,vkd", "--set",
+                                           "train.max_steps=300", "--tuned", str(path)]))
     unfinished = json.loads(path.read_text())
     unfinished["arms"]["kd"]["complete"] = False
     path.write_text(json.dumps(unfinished))

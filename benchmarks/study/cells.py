@@ -91,8 +91,8 @@ def read_metrics(run_dir: Path, since: float = 0.0, test: bool = True) -> dict:
     if meta.is_file():
         best = json.loads(meta.read_text())
         out["best_val_macro_auroc"], out["best_step"] = best.get("val", {}).get("macro_auroc"), best.get("step")
-    elif not test:
-        raise ValueError("no best/ from this run: it never evaluated on validation")
+    if not test and out["best_val_macro_auroc"] is None:
+        raise ValueError("no validation macro AUROC in best/meta.json: the run never evaluated on validation")
     return out
 
 

@@ -45,6 +45,23 @@ ARMS: dict[str, list[str]] = {  # name -> key=value overrides on the base config
     "contrastive": ["objective.name=image_only", "model.init_from=@contrastive_pre"],
     "contrastive_probe": ["objective.name=image_only", "model.init_from=@contrastive_pre", "model.freeze_image=true"],
 }
+# What the tuning pilot (benchmarks/study/tune.py) searches for each arm it tunes: the keys the arm is sensitive to.
+LR = {"optim.lr": [2e-4, 5e-4, 1e-3, 2e-3], "optim.weight_decay": [0.0, 0.05, 0.2]}
+SHARE = {"data.labelled_share": [0.25, 0.5, 0.75]}  # objectives that read unlabelled studies too
+SPACES: dict[str, dict[str, list]] = {
+    "image_only": LR,
+    "labeller": LR,
+    "kd": {**LR, **SHARE, "objective.kd_temperature": [1, 2, 4], "objective.kd_alpha": [0.25, 0.5, 0.75],
+           "objective.distil_on": ["all", "unlabelled"]},
+    "kd_u": {**LR, **SHARE, "objective.kd_temperature": [1, 2, 4], "objective.kd_alpha": [0.25, 0.5, 0.75]},
+    "pseudo": {**LR, **SHARE},
+    "contrastive": {**LR, "model.freeze_image": [False, True]},
+    "vkd": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3, 1.0],
+            "objective.prior_bce_weight": [0.5, 1.0, 2.0]},
+    "vkd_distil": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3],
+                   "objective.predictive_weight": [1.0, 2.0, 4.0, 8.0], "objective.distil_on": ["all", "unlabelled"]},
+}
+SPACES["vkd_distil_u"] = {k: v for k, v in SPACES["vkd_distil"].items() if k != "objective.distil_on"}
 RELABELLED = ("labeller",)  # arms reading DATA/<regime>-labeller: `vkd-data label` of the train split
 TRIAL = re.compile(r"(.+)\.t\d+")  # a tuning trial of an arm (benchmarks/study/tune.py): ARM.t<K>
 DEFAULT_ARMS = ["vkd", "vkd_paper", "image_only", "text_only", "kd"]  # the full grid's
@@ -246,12 +263,16 @@ def load_tuned(path: str) -> dict:
     """OUT/tuned.json of a finished tuning pilot (benchmarks/study/tune.py)."""
     try:
         tuned = json.loads(Path(path).read_text())
-        missing = [key for key in ("arms", "seeds", "regime") if key not in tuned]
-    except (OSError, ValueError, TypeError) as exc:
-        missing, tuned = [str(exc)], {}
-    if missing:
-        raise StudyError(f"--tuned {path}: not a tuning result (no {missing[0]}); it is OUT/tuned.json of "
-                         "`python -m benchmarks.study.tune`")
+    except OSError as exc:
+        raise StudyError(f"--tuned {path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise StudyError(f"--tuned {path}: not JSON ({exc})") from None
+    shapes = {"arms": dict, "seeds": list, "regime": str}
+    wrong = [k for k, kind in shapes.items() if not isinstance(tuned, dict) or not isinstance(tuned.get(k), kind)]
+    if wrong or not all(isinstance(t, dict) and isinstance(t.get("best"), (dict, type(None)))
+                        for t in tuned["arms"].values()):
+        raise StudyError(f"--tuned {path}: not a tuning result ({'no ' + wrong[0] if wrong else 'an arm without best'}"
+                         "); it is OUT/tuned.json of `python -m benchmarks.study.tune`")
     unfinished = [a for a, t in tuned["arms"].items() if not t.get("complete")]
     if unfinished:
         raise StudyError(f"--tuned {path}: the pilot of {', '.join(unfinished)} has not finished every trial; "
@@ -269,6 +290,14 @@ def apply_tuned(tuned: dict, known: dict, seeds: list, path: str) -> dict:
                          "another pilot seed")
     return {name: [*overrides, *tuned["arms"][name]["best"]["overrides"]] if name in tuned["arms"] else overrides
             for name, overrides in known.items()}
+
+
+def check_all_tuned(tuned: dict, names: list[str], path: str) -> None:
+    """Every arm of the table that has a search space was tuned: one tuned and one untuned arm are not compared."""
+    untuned = [a for a in names if a in SPACES and a not in tuned["arms"]]
+    if untuned:
+        raise StudyError(f"--tuned {path}: arm {untuned[0]} has a search space (SPACES) but the pilot did not tune "
+                         "it; every competing arm gets the same tuning budget: tune it too, or leave it out")
 
 
 def preset_of(args: argparse.Namespace) -> dict:
@@ -320,11 +349,12 @@ def build_grid(args: argparse.Namespace) -> dict:
         grid["arms"].setdefault(name, known[name])
 
     if tuned is not None:
-        pilot = {"config_yaml": grid["config_yaml"], "set": tuned.get("set", [])}
+        pilot = {"config_yaml": config_layers(tuned.get("config")), "set": tuned.get("set", [])}
         for key in BUDGET_KEYS:  # a setting tuned at another budget is not the same setting
             if setting(pilot, [], key) != setting(grid, [], key):
                 raise StudyError(f"--tuned {args.tuned}: the pilot trained at {key}={setting(pilot, [], key)}, this "
                                  f"study at {setting(grid, [], key)}; tune at the table's budget")
+        check_all_tuned(tuned, names, args.tuned)
         known = apply_tuned(tuned, known, grid["seeds"], args.tuned)
         grid["tuned"] = {"from": str(args.tuned), "regime": tuned["regime"], "seeds": tuned["seeds"],
                          "arms": {a: t["best"]["overrides"] for a, t in tuned["arms"].items() if a in known}}

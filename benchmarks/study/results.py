@@ -16,6 +16,7 @@ from benchmarks.study.grid import (
     budget_text,
     cell_key,
     cells_of,
+    corpus_path,
     override_key,
     runs_of,
     setting,
@@ -101,7 +102,8 @@ def comparisons(study: dict, out: Path, n_boot: int, force: bool) -> list[dict]:
                 from vkd_dist.compare import compare
 
                 r = compare([str(out / c["run_dir"]) for c in cells], [str(out / c["run_dir"]) for c in base],
-                            str((out / "data" / regime).resolve()), "test", CHECKPOINT, n_boot=n_boot)
+                            str(corpus_path(out, regime, seed=grid["seeds"][0], grid=grid).resolve()), "test",
+                            CHECKPOINT, n_boot=n_boot)  # every labelled subset shares the test split
             except Exception as exc:  # one comparison must not lose the others
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 result.append(entry)

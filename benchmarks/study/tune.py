@@ -27,25 +27,18 @@ from typing import Any, Optional
 
 from benchmarks.study.cells import load_study
 from benchmarks.study.cli import train_grid
-from benchmarks.study.grid import ARMS, StudyError, build_grid, cell_key, config_layers, setting
+from benchmarks.study.grid import (
+    ARMS,
+    RUN_REF,
+    SPACES,
+    StudyError,
+    build_grid,
+    cell_key,
+    parse_corpus,
+    parse_regime,
+)
 from vkd_dist.fileio import atomic_write_text
 
-LR = {"optim.lr": [2e-4, 5e-4, 1e-3, 2e-3], "optim.weight_decay": [0.0, 0.05, 0.2]}
-SHARE = {"data.labelled_share": [0.25, 0.5, 0.75]}  # objectives that read unlabelled studies too
-SPACES: dict[str, dict[str, list]] = {
-    "image_only": LR,
-    "labeller": LR,
-    "kd": {**LR, **SHARE, "objective.kd_temperature": [1, 2, 4], "objective.kd_alpha": [0.25, 0.5, 0.75],
-           "objective.distil_on": ["all", "unlabelled"]},
-    "kd_u": {**LR, **SHARE, "objective.kd_temperature": [1, 2, 4], "objective.kd_alpha": [0.25, 0.5, 0.75]},
-    "pseudo": {**LR, **SHARE},
-    "contrastive": {**LR, "model.freeze_image": [False, True]},
-    "vkd": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3, 1.0],
-            "objective.prior_bce_weight": [0.5, 1.0, 2.0]},
-    "vkd_distil": {**LR, **SHARE, "objective.beta": [0.03, 0.1, 0.3],
-                   "objective.predictive_weight": [1.0, 2.0, 4.0, 8.0], "objective.distil_on": ["all", "unlabelled"]},
-}
-SPACES["vkd_distil_u"] = {k: v for k, v in SPACES["vkd_distil"].items() if k != "objective.distil_on"}
 TRIALS = 8
 PILOT_SEED = 100  # a seed the table (seeds 0..4) does not use
 
@@ -54,32 +47,61 @@ def text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def trials_of(arm: str, n: int, set_: list[str], config: Optional[str] = None) -> list[list[str]]:
+def space_of(arm: str, every_label: bool = False) -> dict[str, list]:
+    """The arm's search space; where every training study is labelled, without data.labelled_share (no batch is
+    composed there, so its trials would be the same run)."""
+    return {k: v for k, v in SPACES[arm].items() if not (every_label and k == "data.labelled_share")}
+
+
+def defined_values(arm: str, keys: list[str], set_: list[str], config: Optional[str]) -> tuple:
+    """What the arm already says for each key: the trainer's typed config (schema defaults, YAML, --set, the arm)."""
+    from vkd_dist.config import read_config
+
+    own = [i for i in [*set_, *ARMS[arm]] if not RUN_REF.fullmatch(i.partition("=")[2].strip())]  # paths: per cell
+    cfg = read_config(config, own, checks=())
+    values = []
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        values.append(node)
+    return tuple(values)
+
+
+def trials_of(arm: str, n: int, set_: list[str], config: Optional[str] = None,
+              every_label: bool = False) -> list[list[str]]:
     """The arm's n trials as override lists: [] (the arm as defined), then n - 1 distinct points of its space that
     differ from what the arm already says (its effective settings, --set included)."""
-    space = SPACES[arm]
-    grid = {"config_yaml": config_layers(config), "set": set_}
-    defined = tuple(text(setting(grid, ARMS[arm], key)) for key in space)
-    points = [p for p in itertools.product(*(list(map(text, v)) for v in space.values())) if p != defined]
+    space = space_of(arm, every_label)
+    defined = defined_values(arm, list(space), set_, config)
+    points = [p for p in itertools.product(*space.values()) if p != defined]
     if len(points) < n - 1:
-        raise StudyError(f"arm {arm}: its space has {len(points) + 1} settings, fewer than --trials {n}")
+        raise StudyError(f"arm {arm}: its space holds {len(points)} settings besides the arm as defined, fewer than "
+                         f"--trials {n} - 1")
     draws = random.Random(f"tune:{arm}").sample(points, n - 1)
-    return [[], *([f"{k}={v}" for k, v in zip(space, p)] for p in draws)]
+    return [[], *([f"{k}={text(v)}" for k, v in zip(space, p)] for p in draws)]
 
 
-def trial_arms(arms: list[str], n: int, set_: list[str], config: Optional[str]) -> dict[str, list[str]]:
+def trial_arms(arms: list[str], n: int, set_: list[str], config: Optional[str],
+               every_label: bool) -> dict[str, list[str]]:
     """ARM.t<K> -> that trial's full overrides (the arm's, then the trial's)."""
     return {f"{arm}.t{k}": [*ARMS[arm], *trial] for arm in arms
-            for k, trial in enumerate(trials_of(arm, n, set_, config))}
+            for k, trial in enumerate(trials_of(arm, n, set_, config, every_label))}
+
+
+def every_label(knobs: dict) -> bool:
+    """Whether every training study of the regime is labelled (so no batch is composed)."""
+    return knobs["label_fraction"] == 1
 
 
 def summarise(study: dict, arms: list[str], n: int, regime: str, seed: int) -> dict:
     """tuned.json: per arm, every trial (its own overrides, status, validation score) and the best finished one."""
+    grid = study["grid"]
     out: dict[str, Any] = {"regime": regime, "seeds": [seed], "trials": n, "budget": study.get("budget"),
-                           "set": study["grid"]["set"], "commit": study.get("commit"), "arms": {}}
+                           "config": grid["config"], "set": grid["set"], "commit": study.get("commit"), "arms": {}}
     for arm in arms:
         rows = []
-        for k, trial in enumerate(trials_of(arm, n, study["grid"]["set"], study["grid"]["config"])):
+        for k, trial in enumerate(trials_of(arm, n, grid["set"], grid["config"], every_label(grid["regimes"][regime]))):
             cell = study["cells"].get(cell_key(regime, f"{arm}.t{k}", seed), {})
             rows.append({"trial": k, "overrides": trial, "status": cell.get("status", "not run"),
                          "val_macro_auroc": cell.get("best_val_macro_auroc"), "best_step": cell.get("best_step")})
@@ -126,16 +148,16 @@ def tune_main(args: argparse.Namespace) -> int:
                          f"{', '.join(SPACES)})")
     if args.trials < 1:
         raise StudyError("--trials must be at least 1")
+    if args.seed < 0:
+        raise StudyError("--seed must be 0 or more")
     settings = [*args.set, "train.test_at_end=false"]  # a pilot never reads the test split
-    trials = trial_arms(arms, args.trials, settings, args.config)
+    regime, knobs = parse_regime(args.regime, parse_corpus(args.corpus))
+    trials = trial_arms(arms, args.trials, settings, args.config, every_label(knobs))
     grid = build_grid(argparse.Namespace(
         config=args.config, corpus=args.corpus, arm=[f"{name}={','.join(o)}" for name, o in trials.items()],
         arms=",".join(trials), set=settings, seeds=1, first_seed=args.seed, regimes=args.regime, policy_control=[],
         quick=False, evidence=False, tuned=None))
-    if len(grid["regimes"]) != 1:
-        raise StudyError(f"--regime {args.regime}: tune on one regime")
     study, finished = train_grid(args.out, grid, load_study(args.out / "study.json"))
-    regime = next(iter(grid["regimes"]))
     tuned = summarise(study, arms, args.trials, regime, args.seed)
     atomic_write_text(args.out / "tuned.json", json.dumps(tuned, indent=1))
     atomic_write_text(args.out / "tuned.md", markdown(tuned))

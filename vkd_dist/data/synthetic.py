@@ -446,7 +446,8 @@ def write_corpus(out: str | Path, counts: dict[str, int], params: dict, make: Ca
     workers = workers or (os.cpu_count() or 1)
     results = {}
     for split in SPLITS:
-        partial_labels = split == "train" and label_fraction < 1
+        # a label_seed said aloud changes the train split where anything in it is a subset (a testbed's gold too)
+        partial_labels = split == "train" and (label_fraction < 1 or label_seed is not None)
         subset = {"label_fraction": label_fraction, **({} if label_seed is None else {"label_seed": label_seed})}
         jobs = [(split, i, params, role(split, i)) for i in range(counts[split])]
         # The fraction enters the fingerprint only where it changes shards: fully labelled ones stay as cached.
