@@ -2,11 +2,11 @@
 
     python -m benchmarks.figures                       # read what is here, fall back to the records, write the page
     python -m benchmarks.figures --record              # ... and store what was read as the new records
-    python -m benchmarks.figures --default-run runs/default --study runs/study-evidence --bench bench.json \
-        --gpu-bench gpu.json --suite-log suite.log
+    python -m benchmarks.figures --default-run runs/default --study runs/study-evidence --pilot runs/evidence-pilot \
+        --bench bench.json --gpu-bench gpu.json --suite-log suite.log
 
 Each figure is read from its result file when that file is here (the default run's test_metrics.json, the
-evidence study's study.json, the throughput benchmark's JSON, the log of a test-suite run); otherwise from its
+evidence study's study.json, the tuning pilot's tuned.json, the throughput benchmark's JSON, the log of a test-suite run); otherwise from its
 checked-in record, docs/figures/<name>.json, which holds the value with the date, commit, machine and command of
 its measurement. The page says which of the two each row came from. `--record` writes the figures read from
 result files into their records, so that the page can be generated again on a machine without them."""
@@ -84,6 +84,21 @@ def read_evidence(out: Path) -> dict:
     return {"value": value, "path": out / "study.json"}
 
 
+def read_tuning_pilot(out: Path) -> dict:
+    """OUT/tuned.json of `python -m benchmarks.study.tune`: each arm's best validation macro AUROC and its trial."""
+    tuned = json.loads((out / "tuned.json").read_text())
+    arms = []
+    for arm, entry in tuned["arms"].items():
+        best = entry.get("best")
+        if not entry.get("complete") or best is None:
+            raise KeyError(f"{out / 'tuned.json'}: the pilot of {arm} has not finished every trial")
+        arms.append(f"{arm} {best['val_macro_auroc']:.3f} (trial {best['trial']})")
+    value = (f"{tuned['regime']}, seed {', '.join(map(str, tuned['seeds']))}, {tuned['trials']} trials per arm, best "
+             f"validation macro AUROC: " + ", ".join(arms))
+    commit = tuned.get("commit")
+    return {"value": value, "path": out / "tuned.json", "commit": f"{commit[:7]} (the pilot's code)" if commit else None}
+
+
 def read_throughput(path: Path) -> dict:
     """The throughput benchmark's --json: end-to-end samples/s with its data wait, the trainer against the bare
     loop; the machine it records."""
@@ -125,6 +140,11 @@ FIGURES = (
            "macro AUROC against image_only, 95 % CI over seeds and test patients",
            "python -m benchmarks.study --evidence",
            read_evidence, "--study"),
+    Figure("tuning_pilot", "the tuning pilot: every competing arm's best of the same number of trials, on "
+           "validation, on a seed and labelled subset the table does not use",
+           "python -m benchmarks.study.tune --out runs/evidence-pilot --regime testbed0.1 --seed 100 --trials 8 "
+           "--arms image_only,labeller,kd,pseudo,contrastive,vkd,vkd_distil --set train.max_steps=300 "
+           "--set train.eval_every=100 --set train.ckpt_every=300", read_tuning_pilot, "--pilot"),
     Figure("throughput_cpu", "training throughput, CPU (the default config, one thread)",
            ".venv/bin/python benchmarks/throughput.py --threads 1 --json bench.json", read_throughput, "--bench"),
     Figure("throughput_gpu", "training throughput, GPU (ViT-B/16 + a BERT-base-sized text encoder, 224 px, "
@@ -213,7 +233,8 @@ def write_records(rows: list[dict], records: Path = RECORDS) -> list[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.figures", description=__doc__.split("\n\n")[0])
-    defaults = {"default_run": "runs/default", "evidence": "runs/study-evidence", "throughput_cpu": "bench.json",
+    defaults = {"default_run": "runs/default", "evidence": "runs/study-evidence",
+                "tuning_pilot": "runs/evidence-pilot", "throughput_cpu": "bench.json",
                 "throughput_gpu": "gpu.json"}  # where each command above leaves its result; the suite's log: none
     for fig in FIGURES:
         ap.add_argument(fig.flag, dest=fig.name, default=defaults.get(fig.name),

@@ -29,6 +29,11 @@ def _results(tmp_path: Path) -> dict[str, Path]:
     (study / "study.json").write_text(json.dumps({"comparisons": [
         cmp("labels0.1", "vkd_distil", 0.0721, 0.0604, 0.0838), cmp("n2000", "vkd_distil", -0.0243, -0.0351, -0.0129),
         cmp("n2000", "vkd", -0.0262, -0.0371, -0.0158), {"regime": "n2000", "arm": "kd", "skipped": "no run"}]}))
+    pilot = tmp_path / "pilot"
+    pilot.mkdir()
+    (pilot / "tuned.json").write_text(json.dumps({"regime": "testbed0.1", "seeds": [100], "trials": 8, "arms": {
+        arm: {"complete": True, "best": {"trial": k, "val_macro_auroc": v}}
+        for arm, k, v in (("image_only", 0, 0.6641), ("kd", 5, 0.6894))}}))
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"machine": {"cpu": "AMD EPYC 7B13", "cpus": 2}, "end_to_end_samples_s": 104.2,
                                  "end_to_end_data_wait_frac": 0.009, "ratios": {"trainer_vs_bare_loop": 0.987}}))
@@ -38,7 +43,8 @@ def _results(tmp_path: Path) -> dict[str, Path]:
     log = tmp_path / "suite.log"
     log.write_text("....\n= 3 failed in 2.0s =\n....\n"
                    "==== 525 passed, 5 skipped, 3 warnings in 979.61s (0:16:19) ====\n")
-    return {"default_run": run, "evidence": study, "throughput_cpu": bench, "throughput_gpu": gpu, "suite": log}
+    return {"default_run": run, "evidence": study, "tuning_pilot": pilot, "throughput_cpu": bench,
+            "throughput_gpu": gpu, "suite": log}
 
 
 def test_every_figure_is_read_from_its_result_file(tmp_path):
@@ -47,6 +53,8 @@ def test_every_figure_is_read_from_its_result_file(tmp_path):
     assert rows["evidence"]["value"] == (
         "labels0.1 (5 seeds): vkd_distil - image_only +0.072 [+0.060, +0.084], p = 0.002; n2000: vkd_distil "
         "-0.024 [-0.035, -0.013], p = 0.002, vkd (the default) -0.026 [-0.037, -0.016], p = 0.002")
+    assert rows["tuning_pilot"]["value"] == ("testbed0.1, seed 100, 8 trials per arm, best validation macro AUROC: "
+                                             "image_only 0.664 (trial 0), kd 0.689 (trial 5)")
     assert rows["throughput_cpu"]["value"] == "end-to-end 104 samples/s, data wait 0.9 %; trainer / bare loop 0.99"
     assert rows["throughput_cpu"]["machine"] == "AMD EPYC 7B13, 2 cores"  # the benchmark's own record of it
     assert rows["throughput_gpu"]["value"] == "end-to-end 401 samples/s, data wait 0.2 %"
