@@ -6,9 +6,9 @@
         --bench bench.json --gpu-bench gpu.json --suite-log suite.log
 
 Each figure is read from its result file when that file is here (the default run's test_metrics.json, the
-evidence study's study.json, the tuning pilot's tuned.json, the throughput benchmark's JSON, the log of a test-suite run); otherwise from its
-checked-in record, docs/figures/<name>.json, which holds the value with the date, commit, machine and command of
-its measurement. The page says which of the two each row came from. `--record` writes the figures read from
+evidence study's study.json, the tuning pilot's tuned.json, the throughput benchmark's JSON, the log of a
+test-suite run); otherwise from its checked-in record, docs/figures/<name>.json, which holds the value with the
+date, commit, machine and command of its measurement. The page says which of the two each row came from. `--record` writes the figures read from
 result files into their records, so that the page can be generated again on a machine without them."""
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def read_tuning_pilot(out: Path) -> dict:
     value = (f"{tuned['regime']}, seed {', '.join(map(str, tuned['seeds']))}, {tuned['trials']} trials per arm, best "
              f"validation macro AUROC: " + ", ".join(arms))
     commit = tuned.get("commit")
-    return {"value": value, "path": out / "tuned.json", "commit": f"{commit[:7]} (the pilot's code)" if commit else None}
+    return {"value": value, "path": out / "tuned.json",
+            "commit": f"{commit[:7]} (the pilot's code)" if commit else None}
 
 
 def read_throughput(path: Path) -> dict:
