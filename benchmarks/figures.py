@@ -5,11 +5,11 @@
     python -m benchmarks.figures --default-run runs/default --study runs/study-evidence --pilot runs/evidence-pilot \
         --bench bench.json --gpu-bench gpu.json --suite-log suite.log
 
-Each figure is read from its result file when that file is here (the default run's test_metrics.json, the
-evidence study's study.json, the tuning pilot's tuned.json, the throughput benchmark's JSON, the log of a
-test-suite run); otherwise from its checked-in record, docs/figures/<name>.json, which holds the value with the
-date, commit, machine and command of its measurement. The page says which of the two each row came from. `--record` writes the figures read from
-result files into their records, so that the page can be generated again on a machine without them."""
+Each figure is read from its result file when that file is here (the default run's test_metrics.json, the evidence
+study's study.json, the tuning pilot's tuned.json, the throughput benchmark's JSON, the log of a test-suite run);
+otherwise from its checked-in record, docs/figures/<name>.json, which holds the value with the date, commit, machine
+and command of its measurement. The page says which of the two each row came from. `--record` writes the figures
+read from result files into their records, so that the page can be generated again on a machine without them."""
 
 from __future__ import annotations
 
