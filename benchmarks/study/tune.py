@@ -56,16 +56,11 @@ def space_of(arm: str, every_label: bool = False) -> dict[str, list]:
 def defined_values(arm: str, keys: list[str], set_: list[str], config: Optional[str]) -> tuple:
     """What the arm already says for each key: the trainer's typed config (schema defaults, YAML, --set, the arm)."""
     from vkd_dist.config import read_config
+    from vkd_dist.config.checks import value_at
 
     own = [i for i in [*set_, *ARMS[arm]] if not RUN_REF.fullmatch(i.partition("=")[2].strip())]  # paths: per cell
     cfg = read_config(config, own, checks=())
-    values = []
-    for key in keys:
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        values.append(node)
-    return tuple(values)
+    return tuple(value_at(cfg, key) for key in keys)
 
 
 def trials_of(arm: str, n: int, set_: list[str], config: Optional[str] = None,

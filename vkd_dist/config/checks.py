@@ -62,7 +62,7 @@ OPEN_BELOW: dict[str, tuple[float, float]] = {
 }
 
 
-def _get(cfg: Config, dotted: str) -> Any:
+def value_at(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
@@ -71,24 +71,24 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def check_choices(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise not_allowed(key, _get(cfg, key), allowed)
+        if value_at(cfg, key) not in allowed:
+            raise not_allowed(key, value_at(cfg, key), allowed)
 
 
 def check_bounds(cfg: Config) -> None:
     for key in POSITIVE:
-        value = _get(cfg, key)
+        value = value_at(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value!r} must be positive")
     for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+        if value_at(cfg, key) < 0:
+            raise ConfigError(f"{key}={value_at(cfg, key)!r} must be >= 0")
     for key, (low, high, high_ok) in INTERVALS.items():
-        value = _get(cfg, key)
+        value = value_at(cfg, key)
         if not (low <= value <= high if high_ok else low <= value < high):
             raise ConfigError(f"{key}={value!r} must be in [{low:g}, {high:g}{']' if high_ok else ')'}")
     for key, (low, high) in OPEN_BELOW.items():
-        value = _get(cfg, key)
+        value = value_at(cfg, key)
         if value is not None and not low < value <= high:
             raise ConfigError(f"{key}={value!r} must be in ({low:g}, {high:g}] or null")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
