@@ -10,6 +10,8 @@ results -> cells -> grid, results -> plots:
                 benchmarks.study.seed_stats`; standalone, on vkd_dist.stats)
     cli.py      the command: arguments, the lock, main; train_grid (the corpora and every cell not done yet)
     tune.py     the tuning pilot (`python -m benchmarks.study.tune`): each arm's trials as one study, tuned.json
+    verdict.py  the bars a finished study meets or not, and the ranking (`python -m benchmarks.study.verdict`;
+                reads study.json after the report)
 
 The names below are the package's interface. Patch a function where it is looked up: run_cell in cells,
 comparisons in results."""
