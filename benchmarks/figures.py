@@ -84,6 +84,22 @@ def read_evidence(out: Path) -> dict:
     return {"value": value, "path": out / "study.json"}
 
 
+def read_verdict(out: Path) -> dict:
+    """OUT/study.json of the evidence table (docs/evidence.md): benchmarks.study.verdict's two bars, the best arm
+    (chosen on validation) against image_only with a tenth of the labels and the default with all of them."""
+    from benchmarks.study.verdict import delta_text, verdict
+
+    v = verdict(json.loads((out / "study.json").read_text()), "testbed0.1", "testbed1")
+    b, d = v["best"], v["default"]
+    closed = "" if b["closed"] is None else f", {100 * b['closed']:.0f} % of the gap to every label"
+    value = (f"{v['scarce']} ({b['seeds']} seeds): {b['arm']} (best on validation) - image_only {delta_text(b)}"
+             f"{closed}: bar {'met' if b['met'] else 'not met'}")
+    if d["met"] is not None:
+        value += (f"; {v['full']}: {d['arm']} (the default) - image_only {delta_text(d)}: non-inferiority "
+                  f"{'met' if d['met'] else 'not met'}")
+    return {"value": value, "path": out / "study.json"}
+
+
 def read_tuning_pilot(out: Path) -> dict:
     """OUT/tuned.json of `python -m benchmarks.study.tune`: each arm's best validation macro AUROC and its trial."""
     tuned = json.loads((out / "tuned.json").read_text())

@@ -84,3 +84,13 @@ def test_the_command_prints_the_bars_and_says_which_are_met(tmp_path, capsys):
     assert "Non-inferiority (delta >= -0.005, CI lower end >= -0.015): **not met**" in text
     assert main(["--out", str(tmp_path / "nowhere")]) == 2
     assert "study.json" in capsys.readouterr().err
+
+
+def test_the_figures_page_reads_both_bars_off_the_study(tmp_path):
+    from benchmarks.figures import read_verdict
+
+    (tmp_path / "study.json").write_text(json.dumps(_typical(best_delta=0.05, vkd_full=(-0.02, -0.03, -0.01))))
+    assert read_verdict(tmp_path)["value"] == (
+        "testbed0.1 (5 seeds): labeller (best on validation) - image_only +0.050 [+0.020, +0.090], p = 0.01, 50 % "
+        "of the gap to every label: bar not met; testbed1: vkd (the default) - image_only -0.020 [-0.030, -0.010], "
+        "p = 0.01: non-inferiority not met")
