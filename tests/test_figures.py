@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import figures
 from conftest import REPO
+from test_verdict import _typical  # a study.json whose bars are hand-computed there
 
 
 def _results(tmp_path: Path) -> dict[str, Path]:
@@ -29,6 +30,9 @@ def _results(tmp_path: Path) -> dict[str, Path]:
     (study / "study.json").write_text(json.dumps({"comparisons": [
         cmp("labels0.1", "vkd_distil", 0.0721, 0.0604, 0.0838), cmp("n2000", "vkd_distil", -0.0243, -0.0351, -0.0129),
         cmp("n2000", "vkd", -0.0262, -0.0371, -0.0158), {"regime": "n2000", "arm": "kd", "skipped": "no run"}]}))
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "study.json").write_text(json.dumps(_typical(best_delta=0.05, vkd_full=(-0.02, -0.03, -0.01))))
     pilot = tmp_path / "pilot"
     pilot.mkdir()
     (pilot / "tuned.json").write_text(json.dumps({"regime": "testbed0.1", "seeds": [100], "trials": 8, "arms": {
@@ -43,7 +47,7 @@ def _results(tmp_path: Path) -> dict[str, Path]:
     log = tmp_path / "suite.log"
     log.write_text("....\n= 3 failed in 2.0s =\n....\n"
                    "==== 525 passed, 5 skipped, 3 warnings in 979.61s (0:16:19) ====\n")
-    return {"default_run": run, "evidence": study, "tuning_pilot": pilot, "throughput_cpu": bench,
+    return {"default_run": run, "evidence": study, "verdict": table, "tuning_pilot": pilot, "throughput_cpu": bench,
             "throughput_gpu": gpu, "suite": log}
 
 
@@ -53,6 +57,7 @@ def test_every_figure_is_read_from_its_result_file(tmp_path):
     assert rows["evidence"]["value"] == (
         "labels0.1 (5 seeds): vkd_distil - image_only +0.072 [+0.060, +0.084], p = 0.002; n2000: vkd_distil "
         "-0.024 [-0.035, -0.013], p = 0.002, vkd (the default) -0.026 [-0.037, -0.016], p = 0.002")
+    assert rows["verdict"]["value"].startswith("testbed0.1 (5 seeds): labeller (best on validation) - image_only")
     assert rows["tuning_pilot"]["value"] == ("testbed0.1, seed 100, 8 trials per arm, best validation macro AUROC: "
                                              "image_only 0.664 (trial 0), kd 0.689 (trial 5)")
     assert rows["throughput_cpu"]["value"] == "end-to-end 104 samples/s, data wait 0.9 %; trainer / bare loop 0.99"

@@ -129,6 +129,9 @@ def markdown(v: dict) -> str:
                      f"Non-inferiority (delta >= {NONINFERIOR_DELTA}, CI lower end >= {NONINFERIOR_LOWER}): "
                      f"{_met(d['met'])}.")
     for regime, rows in v["ranking"].items():
+        if not rows:
+            lines.append(f"- **{regime}**: no finished cell yet.")
+            continue
         ranked = ", ".join(f"{r['arm']}{' (reads the report)' if r['reads_report'] else ''} {r['mean']:.3f}"
                            + (f" {_ci(r['ci95'], signed=False)}" if r["ci95"] else "") for r in rows)
         lines.append(f"- **{regime}**, by mean test macro AUROC [95 % t-interval over seeds]: {ranked}.")
