@@ -259,9 +259,10 @@ def write_records(rows: list[dict], records: Path = RECORDS) -> list[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.figures", description=__doc__.split("\n\n")[0])
+    # where each command above leaves its result; the suite's log: none
     defaults = {"default_run": "runs/default", "evidence": "runs/study-evidence",
-                "verdict": "runs/evidence-observed", "tuning_pilot": "runs/evidence-pilot", "throughput_cpu": "bench.json",
-                "throughput_gpu": "gpu.json"}  # where each command above leaves its result; the suite's log: none
+                "verdict": "runs/evidence-observed", "tuning_pilot": "runs/evidence-pilot",
+                "throughput_cpu": "bench.json", "throughput_gpu": "gpu.json"}
     for fig in FIGURES:
         ap.add_argument(fig.flag, dest=fig.name, default=defaults.get(fig.name),
                         help=f"result file or directory of: {fig.what}")

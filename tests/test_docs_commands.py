@@ -1,9 +1,10 @@
 """The commands of docs/partial-labels.md run as printed, in order, on made-up studies: a CSV manifest and a
-MIMIC-CXR-JPG tree with labels for some studies, the teacher and the recommended recipe, the image-only
-baseline, the comparison, the export and predictions. Two changes, both here: the MIMIC paths (`/data/...`)
-point at the made-up tree, and each training command gets configs/tiny.yaml's overrides appended (a
-seconds-long model), so the page's own keys are overridden only where tiny.yaml sets them.
-scripts/check_docs_commands.sh runs this file, and the README's Quick start as printed, in a fresh clone."""
+MIMIC-CXR-JPG tree with labels for some studies, the report labeller and the recommended recipe, the image-only
+baseline, the comparison, the export and predictions, then VKD's teacher and recipe and their comparison. Two
+changes, both here: the MIMIC paths (`/data/...`) point at the made-up tree, and each training command gets
+configs/tiny.yaml's overrides appended (a seconds-long model), so the page's own keys are overridden only where
+tiny.yaml sets them. scripts/check_docs_commands.sh runs this file, and the README's Quick start as printed, in a
+fresh clone."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def _mimic_tree(root: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VKD_DOCS_COMMANDS") != "1",
-                    reason="about 2 minutes (three training runs): scripts/check_docs_commands.sh runs it "
+                    reason="about 2 minutes (four training runs): scripts/check_docs_commands.sh runs it "
                            "(VKD_DOCS_COMMANDS=1)")
 def test_every_command_of_the_partial_labels_page_runs(tmp_path):
     from vkd_dist.config import overrides_from_yaml
@@ -120,9 +121,10 @@ def test_every_command_of_the_partial_labels_page_runs(tmp_path):
            "OMP_NUM_THREADS": "1"}
     tiny = [*overrides_from_yaml(TINY_CONFIG), "train.bootstrap_resamples=50"]
     commands = page_commands(PAGE.read_text(encoding="utf-8"))
-    assert [c[0] for c in commands] == [".venv/bin/vkd-data", ".venv/bin/vkd-data", ".venv/bin/accelerate",
+    assert [c[0] for c in commands] == [".venv/bin/vkd-data", ".venv/bin/vkd-data", ".venv/bin/vkd-data",
                                         ".venv/bin/accelerate", ".venv/bin/accelerate", ".venv/bin/vkd-compare",
-                                        ".venv/bin/vkd-export", ".venv/bin/vkd-predict"]
+                                        ".venv/bin/vkd-export", ".venv/bin/vkd-predict", ".venv/bin/accelerate",
+                                        ".venv/bin/accelerate", ".venv/bin/vkd-compare"]
     outputs = []
     for argv in commands:
         argv = [a.replace("/data/", f"{tmp_path / 'mimic'}/") for a in argv]
@@ -134,10 +136,15 @@ def test_every_command_of_the_partial_labels_page_runs(tmp_path):
     assert re.search(r"train: \d+ samples in \d+ shards \(\d+ without labels\)", outputs[0]), outputs[0]
     mimic = json.loads((ws / "data" / "mimic" / "dataset.json").read_text())
     assert mimic["splits"]["train"]["num_unlabelled"] == 4 and mimic["rejects"] == 0
-    config = yaml.safe_load((ws / "runs" / "distil" / "config.yaml").read_text())
+    labelled = json.loads((ws / "data" / "mine-labelled" / "dataset.json").read_text())
+    assert labelled["splits"]["train"]["num_unlabelled"] == 0  # the labeller labelled every training study
+    config = yaml.safe_load((ws / "runs" / "labelled" / "config.yaml").read_text())
+    assert config["objective"]["name"] == "image_only" and str(config["data"]["path"]).endswith("data/mine-labelled")
+    assert json.loads((ws / "compare.json").read_text())
+    config = yaml.safe_load((ws / "runs" / "distil" / "config.yaml").read_text())  # VKD, to compare (section 5)
     assert str(config["objective"]["text_init"]).endswith("runs/teacher")
     assert config["objective"]["predictive_weight"] == 4.0 and config["model"]["image_head"] == "separate"
-    assert json.loads((ws / "compare.json").read_text())
+    assert json.loads((ws / "compare_vkd.json").read_text())
     with open(ws / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 48 and not any(r["error"] for r in rows)

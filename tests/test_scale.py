@@ -257,8 +257,9 @@ def test_deepspeed_zero3_trains_the_image_only_baseline(tiny_data, tmp_path):
 
 # --------------------------------------------------------------------------- recipes
 # the cluster recipes; the CPU-sized ones run here as shipped: tests/test_pretrained.py trains paper_vkd_cpu.yaml,
-# tests/test_docs_commands.py the label-scarce pair vkd_distil_teacher.yaml and vkd_distil.yaml (docs/partial-labels.md)
-CPU_RECIPES = ("paper_vkd_cpu", "vkd_distil", "vkd_distil_teacher")
+# tests/test_docs_commands.py the label-scarce ones, labeller.yaml and the pair vkd_distil_teacher.yaml and
+# vkd_distil.yaml (docs/partial-labels.md)
+CPU_RECIPES = ("paper_vkd_cpu", "labeller", "vkd_distil", "vkd_distil_teacher")
 RECIPES = sorted(p for p in (REPO / "configs" / "recipes").glob("*.yaml") if p.stem not in CPU_RECIPES)
 LOCAL_PATH_KEYS = ("data.path", "model.text_encoder", "model.image_weights", "model.tokenizer")
 
