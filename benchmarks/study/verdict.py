@@ -149,10 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         study = json.loads(path.read_text())
         v = verdict(study, args.scarce, args.full)
-    except (OSError, ValueError) as exc:
-        print(f"verdict: {path}: {exc}", file=sys.stderr)
-        return 2
-    except VerdictError as exc:
+    except (OSError, ValueError, VerdictError) as exc:
         print(f"verdict: {path}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(v, indent=2) if args.json else markdown(v))
