@@ -42,52 +42,39 @@ class Figure:
 
 
 # ------------------------------------------------------------------------------------------- result files
-def _ci(lo: float, hi: float, signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"[{f.format(lo)}, {f.format(hi)}]"
-
-
 def read_default_run(run: Path) -> dict:
     """RUN/test_metrics.json: the test macro AUROC with its patient-bootstrap CI, and the macro ECE."""
+    from benchmarks.study.results import ci_text
+
     m = json.loads((run / "test_metrics.json").read_text())
     ci = m.get("macro_auroc_ci")
-    value = f"{m['macro_auroc']:.3f}" + (f", 95 % CI {_ci(*ci)}" if ci else "")
+    value = f"{m['macro_auroc']:.3f}" + (f", 95 % CI {ci_text(ci)}" if ci else "")
     labels = m.get("macro_labels")
     if labels:
         value += f" over {len(labels)} labels"
     return {"value": f"{value}; macro ECE {m['macro_ece']:.2f}", "path": run / "test_metrics.json"}
 
 
-def _comparison(study: dict, regime: str, arm: str, baseline: str = "image_only") -> dict:
-    for c in study.get("comparisons", []):
-        if c["regime"] == regime and c["arm"] == arm and c.get("baseline", baseline) == baseline and "delta" in c:
-            return c
-    raise KeyError(f"study.json has no comparison of {arm} with {baseline} in regime {regime}")
-
-
-def _delta(c: dict) -> str:
-    p = c.get("p_value")
-    rel = "<" if c.get("p_value_is_bound") else "="  # below the bootstrap's resolution, p is only bounded
-    tail = f", p {rel} {p:.3f}" if p is not None else ""
-    return f"{c['delta']:+.3f} {_ci(c['ci'][0], c['ci'][1], signed=True)}{tail}"
-
-
 def read_evidence(out: Path) -> dict:
     """OUT/study.json of `python -m benchmarks.study --evidence`: vkd_distil against image_only with a tenth of
     the labels and with all of them, and the default vkd with all of them."""
+    from benchmarks.study.results import delta_text
+    from benchmarks.study.verdict import comparison
+
     study = json.loads((out / "study.json").read_text())
-    scarce = _comparison(study, "labels0.1", "vkd_distil")
-    full, vkd = _comparison(study, "n2000", "vkd_distil"), _comparison(study, "n2000", "vkd")
+    scarce = comparison(study, "labels0.1", "vkd_distil")
+    full, vkd = comparison(study, "n2000", "vkd_distil"), comparison(study, "n2000", "vkd")
     seeds = len(scarce.get("seeds_a", []))
-    value = (f"labels0.1 ({seeds} seeds): vkd_distil - image_only {_delta(scarce)}; n2000: vkd_distil "
-             f"{_delta(full)}, vkd (the default) {_delta(vkd)}")
+    value = (f"labels0.1 ({seeds} seeds): vkd_distil - image_only {delta_text(scarce)}; n2000: vkd_distil "
+             f"{delta_text(full)}, vkd (the default) {delta_text(vkd)}")
     return {"value": value, "path": out / "study.json"}
 
 
 def read_verdict(out: Path) -> dict:
     """OUT/study.json of the evidence table (docs/evidence.md): benchmarks.study.verdict's two bars, the best arm
     (chosen on validation) against image_only with a tenth of the labels and the default with all of them."""
-    from benchmarks.study.verdict import delta_text, verdict
+    from benchmarks.study.results import delta_text
+    from benchmarks.study.verdict import verdict
 
     v = verdict(json.loads((out / "study.json").read_text()), "testbed0.1", "testbed1")
     b, d = v["best"], v["default"]

@@ -103,6 +103,18 @@ def test_neither_result_nor_record_is_an_error_naming_both(tmp_path, capsys):
         figures.gather({}, records=tmp_path / "bad")
 
 
+def test_an_unfinished_table_is_a_one_line_error_naming_what_it_lacks(tmp_path, capsys):
+    sources = _results(tmp_path)
+    study = json.loads((sources["verdict"] / "study.json").read_text())
+    study["summaries"] = [s for s in study["summaries"] if s["regime"] != "testbed1"]  # still training
+    (sources["verdict"] / "study.json").write_text(json.dumps(study))
+    args = ["--records", str(tmp_path / "none"), "--out", str(tmp_path / "f.md")]
+    args += [f for fig in figures.FIGURES for f in (fig.flag, str(sources[fig.name]))]
+    assert figures.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no finished image_only cell in regime testbed1" in err and "Traceback" not in err
+
+
 def test_the_checked_in_page_is_the_generators_and_the_readme_quotes_it():
     """docs/figures.md is what the records give today, and every record's value stands in README.md."""
     rows = figures.gather({}, records=figures.RECORDS)

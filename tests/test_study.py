@@ -479,9 +479,9 @@ def test_the_table_shows_the_seed_aware_delta_and_the_test_noise_only_one(tmp_pa
     md = (tmp_path / "study.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| labels0.1 | vkd |"))
     headline, noise = row.split(" | ")[-2:]
-    assert headline == f"{cmp['delta']:+.3f} [{cmp['ci'][0]:+.3f}, {cmp['ci'][1]:+.3f}] p = {cmp['p_value']:.3g}"
+    assert headline == f"{cmp['delta']:+.3f} [{cmp['ci'][0]:+.3f}, {cmp['ci'][1]:+.3f}], p = {cmp['p_value']:.3g}"
     assert noise == f"{cmp['delta']:+.3f} [{cmp['test_noise_only']['ci'][0]:+.3f}, " \
-        f"{cmp['test_noise_only']['ci'][1]:+.3f}] p < {2 / 201:.3g} |"
+        f"{cmp['test_noise_only']['ci'][1]:+.3f}], p < {2 / 201:.3g} |"
     assert "test-set noise only" in md and "over seeds and test patients" in md.replace("\n", " ")
     old = {k: v for k, v in cmp.items() if k not in ("test_noise_only", "interval")}  # from before the headline
     fake["comparisons"] = [old]

@@ -119,10 +119,17 @@ def _f(v: Optional[float], signed: bool = False) -> str:
     return "n/a" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
 
 
-def _delta(delta: float, ci: list, p_value: float, is_bound: bool) -> str:
+def ci_text(ci: list, signed: bool = False) -> str:
+    return f"[{_f(ci[0], signed)}, {_f(ci[1], signed)}]"
+
+
+def delta_text(c: dict) -> str:
+    """`+0.047 [+0.013, +0.081], p = 0.0192` from a comparison's delta, ci, p_value and p_value_is_bound: the one
+    format of a delta in the study's table, its verdict and the figures that quote them."""
     from vkd_dist.compare import p_text
 
-    return f"{_f(delta, True)} [{_f(ci[0], True)}, {_f(ci[1], True)}] {p_text(p_value, is_bound)}"
+    bound = c.get("p_value_is_bound", False)  # a study.json from before the bound was recorded printed an equality
+    return f"{_f(c['delta'], True)} {ci_text(c['ci'], True)}, {p_text(c['p_value'], bound)}"
 
 
 def markdown(study: dict, out: Path) -> tuple[str, str]:
@@ -132,7 +139,7 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
              "| delta vs image_only [95% CI over seeds and test patients] p | test-set noise only [95% CI] p |",
              "|---|---|---|---|---|---|---|"]
     for s in study["summaries"]:
-        ci = f" [{_f(s['ci95'][0])}, {_f(s['ci95'][1])}]" if s["ci95"] else ""
+        ci = f" {ci_text(s['ci95'])}" if s["ci95"] else ""
         n = f"{s['n_ok']}" + (f" ({s['n_failed']} failed)" if s["n_failed"] else "")
         c = cmp.get((s["regime"], s["arm"]))
         noise = ""
@@ -145,12 +152,12 @@ def markdown(study: dict, out: Path) -> tuple[str, str]:
         elif c["delta"] is None or c["ci"] is None:
             delta = "undefined (a macro label lacks a class)"
         else:
-            delta = _delta(c["delta"], c["ci"], c["p_value"], c["p_value_is_bound"])
+            delta = delta_text(c)
             if c["interval"] != "seeds and test patients":
                 delta += " (test-set noise only: fewer than 2 seeds)"
             else:
                 t = c["test_noise_only"]
-                noise = _delta(c["delta"], t["ci"], t["p_value"], t["p_value_is_bound"])
+                noise = delta_text({**t, "delta": c["delta"]})
         lines.append(f"| {s['regime']} | {s['arm']} | {_f(s['best_val_macro_auroc_mean'])} | {_f(s['mean'])}{ci} "
                      f"| {n} | {delta} | {noise} |")
     notes = [f"- {c['regime']} {c['arm']} vs {BASELINE}: not compared: {c.get('skipped') or c.get('error')}"

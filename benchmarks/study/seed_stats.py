@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from benchmarks.study.results import ci_text
 from vkd_dist.stats import seed_and_patient_interval, t_interval
 
 SEEDS = 5
@@ -95,19 +96,15 @@ def derive(c: Published) -> dict:
     return {"delta": delta, "method": method, "seeds_only": seeds_only, "headline": headline}
 
 
-def _ci(ci) -> str:
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
 def table(rows: list[Published] = PUBLISHED) -> str:
     lines = ["| study | regime | a - b | delta | over seeds and test patients: 95 % CI, p | seeds only: 95 % CI, p "
              "| test-set noise only (measured): 95 % CI, p | seeds counted by |", "|---|---|---|---|---|---|---|---|"]
     for c in rows:
         d = derive(c)
         head, seeds = d["headline"], d["seeds_only"]
-        lines.append(f"| {c.study} | `{c.regime}` | {c.a} - {c.b} | {d['delta']:+.3f} | {_ci(head['ci'])}, "
-                     f"p = {head['p_value']:.2g} | {_ci(seeds['ci'])}, p = {seeds['p_value']:.2g} "
-                     f"| {_ci(c.noise_ci)}, {c.noise_p} | {d['method']} |")
+        lines.append(f"| {c.study} | `{c.regime}` | {c.a} - {c.b} | {d['delta']:+.3f} | {ci_text(head['ci'], True)}, "
+                     f"p = {head['p_value']:.2g} | {ci_text(seeds['ci'], True)}, p = {seeds['p_value']:.2g} "
+                     f"| {ci_text(c.noise_ci, True)}, {c.noise_p} | {d['method']} |")
     return "\n".join(lines)
 
 

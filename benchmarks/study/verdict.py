@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.study.grid import BASELINE
+from benchmarks.study.results import ci_text, delta_text
 
 DEFAULT_ARM = "vkd"  # the embedded default (configs/default.yaml)
 SUPERIOR, CLOSED = 0.03, 0.60  # the scarce regime's bar: delta >= 0.03, CI above 0, >= 60 % of the gap closed
 NONINFERIOR_DELTA, NONINFERIOR_LOWER = -0.005, -0.015  # every label: delta >= -0.005, CI lower end >= -0.015
 
 
-class VerdictError(Exception):
+class VerdictError(ValueError):
     """The study lacks what the verdict reads: one line, exit 2."""
 
 
@@ -41,7 +42,8 @@ def _summary(study: dict, regime: str, arm: str) -> dict:
     raise VerdictError(f"no finished {arm} cell in regime {regime} (run the study, then its report)")
 
 
-def _comparison(study: dict, regime: str, arm: str) -> dict:
+def comparison(study: dict, regime: str, arm: str) -> dict:
+    """The study's comparison of `arm` with image_only in `regime`, with its delta and CI."""
     for c in study.get("comparisons", []):
         if c["regime"] == regime and c["arm"] == arm and c.get("delta") is not None and c.get("ci") is not None:
             return c
@@ -80,13 +82,13 @@ def verdict(study: dict, scarce: str, full: str) -> dict:
         return v
 
     best = max(arms, key=val)
-    b = _compared(_comparison(study, scarce, best))
+    b = _compared(comparison(study, scarce, best))
     closed = b["delta"] / gap if gap > 0 else None
     b.update(arm=best, val_macro_auroc=val(best), closed=closed,
              met=b["delta"] >= SUPERIOR and b["ci"][0] > 0 and closed is not None and closed >= CLOSED)
     d: dict[str, Any] = {"arm": DEFAULT_ARM, "met": None}
     if DEFAULT_ARM in arms:
-        d.update(_compared(_comparison(study, full, DEFAULT_ARM)))
+        d.update(_compared(comparison(study, full, DEFAULT_ARM)))
         d["met"] = d["delta"] >= NONINFERIOR_DELTA and d["ci"][0] >= NONINFERIOR_LOWER
     ranking = {}
     for regime in study["grid"]["regimes"]:
@@ -95,17 +97,6 @@ def verdict(study: dict, scarce: str, full: str) -> dict:
                             "reads_report": s["reads_report"]} for s in sorted(rows, key=lambda s: -s["mean"])]
     return {"scarce": scarce, "full": full, "baseline_scarce": base_scarce, "baseline_full": base_full, "gap": gap,
             "best": b, "default": d, "ranking": ranking}
-
-
-def _ci(ci: list, signed: bool = True) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"[{f.format(ci[0])}, {f.format(ci[1])}]"
-
-
-def delta_text(c: dict) -> str:
-    from vkd_dist.compare import p_text
-
-    return f"{c['delta']:+.3f} {_ci(c['ci'])}, {p_text(c['p_value'], c['p_value_is_bound'])}"
 
 
 def _met(ok: Optional[bool]) -> str:
@@ -133,7 +124,7 @@ def markdown(v: dict) -> str:
             lines.append(f"- **{regime}**: no finished cell yet.")
             continue
         ranked = ", ".join(f"{r['arm']}{' (reads the report)' if r['reads_report'] else ''} {r['mean']:.3f}"
-                           + (f" {_ci(r['ci95'], signed=False)}" if r["ci95"] else "") for r in rows)
+                           + (f" {ci_text(r['ci95'])}" if r["ci95"] else "") for r in rows)
         lines.append(f"- **{regime}**, by mean test macro AUROC [95 % t-interval over seeds]: {ranked}.")
     return "\n".join(lines)
 
@@ -149,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         study = json.loads(path.read_text())
         v = verdict(study, args.scarce, args.full)
-    except (OSError, ValueError, VerdictError) as exc:
+    except (OSError, ValueError) as exc:  # VerdictError is a ValueError
         print(f"verdict: {path}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(v, indent=2) if args.json else markdown(v))
