@@ -1,13 +1,14 @@
 """The study (`python -m benchmarks.study`): objectives ("arms") x seeds x data regimes, every cell a real training
 run. Its manual is cli.py's docstring (`python -m benchmarks.study --help`). The parts import downward, cli ->
-results -> cells -> grid, results -> plots:
+results -> cells -> grid, results -> plots; verdict and seed_stats take results' delta_text / ci_text, the one
+format of a delta and its interval:
 
     grid.py     the regimes, arms and presets; the grid, its checks, each cell's overrides and budget
     cells.py    the corpora, one training run per cell, study.json
     results.py  summaries, paired comparisons, study.md
     plots.py    the figures: test macro AUROC against one corpus knob
     seed_stats.py  docs/evidence.md's published comparisons re-derived at seed level (`python -m
-                benchmarks.study.seed_stats`; standalone, on vkd_dist.stats)
+                benchmarks.study.seed_stats`; on vkd_dist.stats, no study.json)
     cli.py      the command: arguments, the lock, main; train_grid (the corpora and every cell not done yet)
     tune.py     the tuning pilot (`python -m benchmarks.study.tune`): each arm's trials as one study, tuned.json
     verdict.py  the bars a finished study meets or not, and the ranking (`python -m benchmarks.study.verdict`;
